@@ -1,0 +1,171 @@
+"""Typed configuration loaded from YAML and validated once, at the edge.
+
+Every loader raises `ConfigError` whose message names the file and the offending field, so a hospital
+IT team reading a failed start-up sees what to fix without reading code.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from braing3n_core.labels import Modality
+from braing3n_core.presets import PRESETS
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unparsable or invalid; the message names the file."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitConfig(StrictModel):
+    """Subject-level split: every session and modality of a subject lands in the same split."""
+
+    seed: int = 0
+    train: float = Field(0.7, ge=0.0, le=1.0)
+    val: float = Field(0.15, ge=0.0, le=1.0)
+    test: float = Field(0.15, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> "SplitConfig":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1.0, got {total:.4f}")
+        if self.train <= 0.0:
+            raise ValueError("train fraction must be positive")
+        return self
+
+
+class SitePrivacyConfig(StrictModel):
+    """Site-side differential privacy. Filled in by the privacy work; off by default."""
+
+    enabled: bool = False
+
+
+_DEVICE_PATTERN = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+_SITE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+class SiteConfig(StrictModel):
+    """One hospital: where its BIDS dataset lives and how it is used."""
+
+    site_id: str
+    data_root: Path
+    modalities: tuple[Modality, ...] = tuple(Modality)
+    split: SplitConfig = SplitConfig()
+    device: str = "cpu"
+    cache_dir: Path | None = None
+    privacy: SitePrivacyConfig = SitePrivacyConfig()
+    source_file: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("site_id")
+    @classmethod
+    def _site_id_is_a_name(cls, value: str) -> str:
+        if not _SITE_ID_PATTERN.match(value):
+            raise ValueError(f"{value!r} must be letters, digits, '-' or '_' (it names folders and metrics)")
+        return value
+
+    @field_validator("modalities", mode="before")
+    @classmethod
+    def _modalities_known(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            known = {m.value for m in Modality}
+            unknown = [v for v in value if v not in known and not isinstance(v, Modality)]
+            if unknown:
+                raise ValueError(f"unknown modalities {unknown}; known: {sorted(known)}")
+            if not value:
+                raise ValueError("at least one modality is required")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, value: str) -> str:
+        if not _DEVICE_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not a device; use cpu, cuda, cuda:N or auto")
+        return value
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        """Preprocessed-volume and token caches live on the site's own disk, beside its data."""
+        return self.cache_dir if self.cache_dir is not None else self.data_root / "derivatives" / "braing3n-cache"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "SiteConfig":
+        path = Path(path)
+        raw = _read_yaml_mapping(path)
+        base = path.parent.resolve()
+        for key in ("data_root", "cache_dir"):
+            if isinstance(raw.get(key), str):
+                raw[key] = str((base / raw[key]).resolve()) if not Path(raw[key]).is_absolute() else raw[key]
+        config = _validate(cls, raw, path)
+        return config.model_copy(update={"source_file": path.resolve()})
+
+    def to_yaml_dict(self, relative_to: Path | None = None) -> dict[str, Any]:
+        """Plain mapping for writing a site YAML; paths relative to `relative_to` when given."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        if relative_to is not None:
+            for key in ("data_root", "cache_dir"):
+                if key in data:
+                    data[key] = _relative_path(Path(data[key]), relative_to)
+        return data
+
+
+def _relative_path(path: Path, base: Path) -> str:
+    try:
+        import os
+
+        return os.path.relpath(path.resolve(), base.resolve())
+    except ValueError:  # different drives on Windows
+        return str(path)
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def _validate(model: type[BaseModel], raw: dict[str, Any], path: Path) -> Any:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+            message = item["msg"].removeprefix("Value error, ")
+            if item["type"] == "extra_forbidden":
+                message = "unknown setting (check its spelling)"
+            problems.append(f"  {where}: {message}")
+        raise ConfigError(f"{path}: invalid {model.__name__}:\n" + "\n".join(problems)) from None
+
+
+def load_site_configs(paths: list[str | Path]) -> list[SiteConfig]:
+    """Load several site YAML files; site ids must be unique across the federation."""
+    configs = [SiteConfig.from_yaml(p) for p in paths]
+    seen: dict[str, Path | None] = {}
+    for config in configs:
+        if config.site_id in seen:
+            raise ConfigError(
+                f"{config.source_file}: site_id {config.site_id!r} is also used by {seen[config.site_id]}"
+            )
+        seen[config.site_id] = config.source_file
+    return configs
+
+
+def check_preset_name(name: str) -> str:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return name

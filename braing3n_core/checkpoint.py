@@ -1,0 +1,169 @@
+"""Checkpoints: safetensors weights + a JSON manifest beside them, written atomically.
+
+A checkpoint is the pair `<stem>.safetensors` + `<stem>.json`. The weights file is written first (temp
+file + rename), the manifest second; the manifest records the weights file's sha256 and is the commit
+marker, so a crash between the two leaves an orphan weights file that loaders ignore, never a
+half-written checkpoint that loads. Nothing is pickled: optimizer state is flattened into named tensors
+plus JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = "braing3n-checkpoint/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match its manifest; the message names the file."""
+
+
+@dataclass
+class Checkpoint:
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    def sub_state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Tensors under `prefix.` with the prefix removed (e.g. `model.`, `optim.`)."""
+        cut = len(prefix) + 1
+        return {k[cut:]: v for k, v in self.tensors.items() if k.startswith(prefix + ".")}
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Content hash of named tensors, independent of file layout (used to verify frozen weights)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_checkpoint(stem: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
+    """Write `<stem>.safetensors` then `<stem>.json`; returns the manifest path."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    weights = stem.with_suffix(".safetensors")
+    contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(dir=stem.parent, prefix=f".{weights.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(contiguous, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, weights)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    manifest = {
+        "format": FORMAT,
+        "weights": weights.name,
+        "weights_sha256": file_sha256(weights),
+        "tensors_sha256": tensors_sha256(contiguous),
+        "meta": dict(meta),
+    }
+    manifest_path = stem.with_suffix(".json")
+    atomic_write_json(manifest_path, manifest)
+    return manifest_path
+
+
+def load_checkpoint(path: Path | str, map_location: str = "cpu") -> Checkpoint:
+    """Load from a stem, a `.json` manifest or a `.safetensors` path; verifies the weights hash."""
+    path = Path(path)
+    manifest_path = path.with_suffix(".json") if path.suffix in (".safetensors", "") else path
+    if path.suffix == "" and not manifest_path.exists():
+        manifest_path = Path(str(path) + ".json")
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{manifest_path}: checkpoint manifest not found (incomplete or missing checkpoint)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{manifest_path}: manifest is not valid JSON: {error}") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{manifest_path}: unknown checkpoint format {manifest.get('format')!r}")
+    weights = manifest_path.parent / manifest["weights"]
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: weights file named by {manifest_path.name} is missing")
+    actual = file_sha256(weights)
+    if actual != manifest["weights_sha256"]:
+        raise CheckpointError(f"{weights}: sha256 {actual[:12]}… does not match its manifest ({manifest['weights_sha256'][:12]}…)")
+    tensors = load_file(str(weights), device=map_location)
+    return Checkpoint(tensors=tensors, meta=manifest.get("meta", {}), path=manifest_path)
+
+
+def list_checkpoints(directory: Path, prefix: str = "") -> list[Path]:
+    """Complete checkpoints (those with a manifest) in `directory`, oldest name first."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob(f"{prefix}*.json") if p.with_suffix(".safetensors").is_file())
+
+
+def latest_checkpoint(directory: Path, prefix: str = "") -> Path | None:
+    found = list_checkpoints(directory, prefix)
+    return found[-1] if found else None
+
+
+# --- optimizer state without pickling -------------------------------------------------------------
+
+
+def flatten_optimizer_state(state: Mapping[str, Any], prefix: str = "optim") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split `optimizer.state_dict()` into named tensors and a JSON-able remainder."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, param_state in state["state"].items():
+        for name, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}.{param_id}.{name}"] = value
+            else:
+                scalars.setdefault(str(param_id), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], prefix: str = "optim") -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if not key.startswith(prefix + "."):
+            continue
+        param_id, name = key[len(prefix) + 1 :].split(".", 1)
+        state.setdefault(int(param_id), {})[name] = value
+    for param_id, values in meta.get("scalars", {}).items():
+        state.setdefault(int(param_id), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}

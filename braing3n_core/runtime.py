@@ -1,0 +1,65 @@
+"""Where and how tensors run: device from config, bf16 autocast on CUDA, thread count, seeds."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+from typing import Iterator
+
+import numpy as np
+import torch
+
+
+def resolve_device(name: str = "cpu") -> torch.device:
+    """`cpu`, `cuda`, `cuda:N` or `auto` (CUDA when present, else CPU). Asking for CUDA without it is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine; use 'cpu' or 'auto'")
+    return device
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (weights stay fp32); full fp32 on CPU, where bf16 matmuls are slower."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def set_threads(num_threads: int | None) -> None:
+    """Match torch's intra-op threads to the cores this process was given (a Ray actor gets 1 by default)."""
+    if num_threads is None:
+        env = os.environ.get("BRAING3N_NUM_THREADS")
+        num_threads = int(env) if env else None
+    if num_threads:
+        torch.set_num_threads(max(1, num_threads))
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def cosine_lr(base_lr: float, step: int, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0) -> float:
+    """Linear warm-up then cosine decay to `min_ratio * base_lr`; `step` counts from 0."""
+    if warmup_steps and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return base_lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def infinite(loader: torch.utils.data.DataLoader) -> Iterator:
+    """Cycle a loader forever, reshuffling each pass (training is counted in steps, not epochs)."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise RuntimeError("the data loader is empty: no usable training scans")

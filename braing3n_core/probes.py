@@ -82,6 +82,16 @@ class ProbeSample:
             raise ValueError(f"{where}: subject and site_id must be non-empty")
         if isinstance(self.modality, Modality):
             object.__setattr__(self, "modality", self.modality.value)
+        # numpy scalars (np.str_, np.float32) → plain str/float, so class names and JSON are stable.
+        for name in ("subject", "site_id", "sex", "diagnosis", "modality", "session"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, str(getattr(self, name)))
+        for name in ("age", "mmse", "field_strength"):
+            if getattr(self, name) is not None:
+                try:
+                    object.__setattr__(self, name, float(getattr(self, name)))
+                except (TypeError, ValueError):
+                    raise ValueError(f"{where}: {name} {getattr(self, name)!r} is not a number") from None
         if self.sex is not None and self.sex not in SEXES:
             raise ValueError(f"{where}: sex {self.sex!r} is not one of {SEXES}")
         if self.diagnosis is not None and self.diagnosis not in DIAGNOSES:
@@ -151,19 +161,14 @@ class ProbeTable:
         rows = []
         for i in range(n):
             row: dict[str, Any] = {"subject": f"generated-{i:06d}", "site_id": "generated"}
-            row.update({name: _plain(values[i]) for name, values in columns.items()})
+            row.update({name: values[i] for name, values in columns.items()})
             rows.append(ProbeSample(**row))
         return cls(tuple(rows))
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars → Python scalars, so label checks and JSON see plain values."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
 def _class_key(value: Any) -> str:
-    """Class name of a label value: strings as is, field strengths as `1.5T`/`3T`."""
-    return f"{float(value):g}T" if isinstance(value, (int, float)) else str(value)
+    """Class name of a label value: strings as is, field strengths (the only numeric class) as `1.5T`/`3T`."""
+    return f"{value:g}T" if isinstance(value, float) else str(value)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -340,7 +345,7 @@ def subject_split(
         raise ValueError(f"a subject-level split needs ≥ 2 subjects, got {len(set(subjects))}")
     rows = np.arange(n)
     if stratify is not None:
-        n_folds = max(2, round(1.0 / test_fraction))
+        n_folds = min(max(2, round(1.0 / test_fraction)), len(set(subjects)))
         folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
         with warnings.catch_warnings():
             # Rare classes with fewer subjects than folds are legal here; sklearn warns about them.

@@ -123,7 +123,8 @@ def _discover_subject(
             modality = _parse_scan_name(path, subject, session, problems)
             if modality is None:
                 continue
-            labels = _labels_for(base, sessions.get(session) if session else None, _read_field_strength(path, problems))
+            session_labels = (sessions or {}).get(session) if session else None
+            labels = _labels_for(base, session_labels, _read_field_strength(path, problems))
             records.append(ScanRecord(config.site_id, subject, session, modality, path, labels))
 
     if not records:

@@ -173,8 +173,8 @@ def preprocess_volume(path: str | Path, preset: Preset) -> np.ndarray:
     path = Path(path)
     try:
         volume = preprocessing_transform(preset)(str(path))
-    except Exception as error:  # MONAI wraps reader errors in RuntimeError chains; report the root cause
-        raise PreprocessingError(path, f"cannot preprocess: {_root_cause(error)}") from error
+    except Exception as error:  # noqa: BLE001 - any failure becomes a named, plain reason
+        raise PreprocessingError(path, f"cannot preprocess: {_plain_reason(path, error)}") from error
     array = np.ascontiguousarray(torch.as_tensor(volume).numpy(), dtype=np.float32)
     expected = (1, *preset.shape)
     if array.shape != expected:
@@ -186,7 +186,14 @@ def preprocess_volume(path: str | Path, preset: Preset) -> np.ndarray:
     return array
 
 
-def _root_cause(error: BaseException) -> str:
+def _plain_reason(path: Path, error: BaseException) -> str:
+    """MONAI reports a file it cannot read as "cannot find a suitable reader" after trying every reader;
+    the site check's own reading says what is actually wrong with the file."""
+    from braing3n_core.data.checks import check_image
+
+    problems = check_image(path)
+    if problems:
+        return problems[0].reason
     while error.__cause__ is not None:
         error = error.__cause__
     return f"{type(error).__name__}: {error}"

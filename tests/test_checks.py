@@ -231,8 +231,11 @@ def test_cli_exit_status_follows_usable_scans(
     assert cli_main(["site", "check", str(_site_yaml(tmp_path, only_bad))]) == 1
     assert "no usable scans" in capsys.readouterr().out
 
-    assert cli_main(["site", "check", str(_site_yaml(tmp_path, tmp_path / "missing"))]) == 1
+    missing_yaml = tmp_path / "missing.yaml"  # default cache folder: inside the (missing) data root
+    missing_yaml.write_text(yaml.safe_dump({"site_id": "site-x", "data_root": str(tmp_path / "missing")}))
+    assert cli_main(["site", "check", str(missing_yaml)]) == 1
     assert "data root does not exist" in capsys.readouterr().out
+    assert not (tmp_path / "missing").exists()  # checking never creates a mistyped data root
 
 
 def test_problem_prints_as_path_and_reason() -> None:

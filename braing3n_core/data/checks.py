@@ -226,7 +226,8 @@ def check_site(config: "SiteConfig", progress: bool | None = None) -> SiteReport
 
     records, problems = discover_scans(config)
     selected = [r for r in records if r.modality in config.modalities]
-    cache = _open_check_cache(config, problems)
+    # No scans, no cache: opening it would create folders under a mistyped or missing data root.
+    cache = _open_check_cache(config, problems) if selected else None
     show = sys.stderr.isatty() if progress is None else progress
     inspections = _inspect_all([r.path for r in selected], cache, problems, show)
 
@@ -379,7 +380,7 @@ def _scan_table(report: SiteReport) -> "Any":
     table = Table(title="Scans per subject and session", title_justify="left")
     for column in ("subject", "session"):
         table.add_column(column, no_wrap=True)
-    for column in (*(m.short for m in Modality), "age", "sex", "dx", "mmse", "tesla"):
+    for column in (*(m.short for m in Modality), "age", "sex", "dx", "mmse", "B0"):
         table.add_column(column)
     by_visit: dict[tuple[str, str | None], list[ScanRecord]] = {}
     for record in report.usable_scans:

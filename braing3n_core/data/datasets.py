@@ -208,8 +208,8 @@ def load_site(config: SiteConfig, preset: Preset, prepare: bool = True, progress
     """
     report = check_site(config, progress=progress)
     problems = list(report.problems)
-    cache = _open_volume_cache(config, problems)
     records = list(report.usable_scans)
+    cache = _open_volume_cache(config, problems) if records else None
     if prepare:
         records = _prepare(records, preset, cache, problems, sys.stderr.isatty() if progress is None else progress)
     usable = {r.path for r in records}

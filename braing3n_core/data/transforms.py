@@ -123,7 +123,8 @@ def head_foreground(image: torch.Tensor) -> torch.Tensor:
     volume = image.detach().cpu().numpy()  # C, D, H, W
     if np.ptp(volume) == 0:
         return torch.from_numpy(volume > 0)
-    above = volume[0] > otsu_threshold(volume)
+    # Every 2nd voxel per axis gives the same histogram shape at an eighth of the cost.
+    above = volume[0] > otsu_threshold(volume[0, ::2, ::2, ::2])
     labelled, count = ndimage.label(above)
     if count > 1:
         sizes = np.bincount(labelled.ravel())
@@ -214,7 +215,7 @@ def preprocessing_fingerprint(preset: Preset) -> str:
         "orientation": ORIENTATION,
         "interpolation": INTERPOLATION,
         "background": {"fraction": BACKGROUND_FRACTION, "percentile": BACKGROUND_PERCENTILE},
-        "foreground": {"method": "otsu-largest-component", "bins": OTSU_BINS, "margin_mm": HEAD_MARGIN_MM},
+        "foreground": {"method": "otsu-subsampled2-largest-component", "bins": OTSU_BINS, "margin_mm": HEAD_MARGIN_MM},
         "pad_crop": "symmetric-constant-0",
         "normalise": "zscore-nonzero",
         "dtype": "float32",

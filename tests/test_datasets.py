@@ -120,7 +120,7 @@ def site_root(nibabel_data_dir: Path, tmp_path: Path) -> Path:
         rows.append(f"sub-{i:02d}\t{'FM'[i % 2]}\t{55 + 3 * i}\t{DIAGNOSES[i % 3]}\t{22 + i % 8}")
     negative = root / "sub-09/ses-01/anat/sub-09_ses-01_T1w.nii.gz"
     negative.parent.mkdir(parents=True)
-    nib.save(nib.Nifti1Image(-data - 1.0, anatomy.affine), negative)
+    nib.save(nib.Nifti1Image(-np.abs(data) - 1.0, anatomy.affine), negative)
     rows.append("sub-09\tF\t70\tCN\t29")
     (root / "participants.tsv").write_text("\n".join(rows) + "\n")
     return root

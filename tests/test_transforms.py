@@ -179,6 +179,14 @@ def test_image_without_positive_voxels_is_a_named_preprocessing_error(tmp_path: 
         preprocess_volume(path, TINY)
 
 
+def test_image_with_a_few_positive_voxels_is_not_a_brain(nibabel_data_dir: Path, tmp_path: Path) -> None:
+    anatomy = nib.load(nibabel_data_dir / "anatomical.nii")
+    inverted = -np.asarray(anatomy.dataobj, np.float32)  # its few negative artefacts become positive
+    path = _save(nib.Nifti1Image(inverted, anatomy.affine), tmp_path / "inverted.nii.gz")
+    with pytest.raises(PreprocessingError, match=r"inverted.nii.gz: only .*% of the grid is brain"):
+        preprocess_volume(path, TINY)
+
+
 def test_unreadable_file_is_a_named_preprocessing_error(tmp_path: Path) -> None:
     path = tmp_path / "text.nii"
     path.write_text("not an image\n")

@@ -58,6 +58,7 @@ PREPROCESSING_VERSION = 1
 ORIENTATION = "LPS"
 INTERPOLATION = "bilinear"  # trilinear for 3-D volumes in MONAI/torch naming
 OTSU_BINS = 256
+MIN_BRAIN_FRACTION = 0.005  # of the preset grid; even nibabel's 66×82×50 mm crop fills 5 %
 HEAD_MARGIN_MM = 10.0  # kept around the Otsu mask's box: covers surface CSF darker than the threshold
 BACKGROUND_FRACTION = 0.01  # of the 99.5th percentile: far below CSF in T1 and nulled CSF in FLAIR
 BACKGROUND_PERCENTILE = 99.5
@@ -182,8 +183,15 @@ def preprocess_volume(path: str | Path, preset: Preset) -> np.ndarray:
         raise PreprocessingError(path, f"preprocessing gave shape {array.shape}, expected {expected}")
     if not np.isfinite(array).all():
         raise PreprocessingError(path, "preprocessing produced NaN or infinite values")
-    if not array.any():
+    brain_fraction = float(np.count_nonzero(array)) / array.size
+    if brain_fraction == 0.0:
         raise PreprocessingError(path, "no brain voxels left after preprocessing (empty image)")
+    if brain_fraction < MIN_BRAIN_FRACTION:
+        raise PreprocessingError(
+            path,
+            f"only {100 * brain_fraction:.2f}% of the grid is brain after preprocessing "
+            f"(under {100 * MIN_BRAIN_FRACTION:g}%): not a brain image, or mostly negative intensities",
+        )
     return array
 
 
@@ -219,6 +227,7 @@ def preprocessing_fingerprint(preset: Preset) -> str:
         "pad_crop": "symmetric-constant-0",
         "normalise": "zscore-nonzero",
         "dtype": "float32",
+        "min_brain_fraction": MIN_BRAIN_FRACTION,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()
 

@@ -29,10 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from braing3n_core.data import cache as cache_module  # noqa: E402
-from braing3n_core.data.cache import ArrayCache, atomic_write_bytes, preprocess_scan  # noqa: E402
-from braing3n_core.data.transforms import preprocess_volume  # noqa: E402
-from braing3n_core.presets import PRESETS  # noqa: E402
+from braing3n_core.data import cache as cache_module
+from braing3n_core.data.cache import ArrayCache, atomic_write_bytes, preprocess_scan
+from braing3n_core.data.transforms import preprocess_volume
+from braing3n_core.presets import PRESETS
 
 RESULTS = Path(__file__).resolve().parent / "results" / "preprocess.json"
 
@@ -42,9 +42,11 @@ def make_inputs(folder: Path) -> list[Path]:
 
     template = datasets.load_mni152_template(resolution=1)  # 197×233×189, 1 mm, RAS
     ras = nib.Nifti1Image(np.asarray(template.dataobj, np.float32), template.affine)
-    las = ras.as_reoriented(nib.orientations.ornt_transform(
-        nib.orientations.io_orientation(ras.affine), nib.orientations.axcodes2ornt(("L", "A", "S"))
-    ))  # fmt: skip
+    las = ras.as_reoriented(
+        nib.orientations.ornt_transform(
+            nib.orientations.io_orientation(ras.affine), nib.orientations.axcodes2ornt(("L", "A", "S"))
+        )
+    )
     anisotropic = image.resample_img(
         ras, target_affine=np.diag([1.2, 1.2, 1.5]), interpolation="continuous", force_resample=True, copy_header=True
     )
@@ -104,10 +106,14 @@ def main() -> int:
         },
         "inputs": {"count": len(paths), "source": "nilearn ICBM152 1 mm; RAS, LAS, 1.2x1.2x1.5 mm; float32 .nii.gz"},
         "presets": {
-            name: {"shape": list(PRESETS[name].shape), "spacing_mm": PRESETS[name].spacing_mm,
-                   "seconds_per_volume": round(seconds, 4), "volumes_per_s": round(1.0 / seconds, 3)}
+            name: {
+                "shape": list(PRESETS[name].shape),
+                "spacing_mm": PRESETS[name].spacing_mm,
+                "seconds_per_volume": round(seconds, 4),
+                "volumes_per_s": round(1.0 / seconds, 3),
+            }
             for name, seconds in per_volume.items()
-        },  # fmt: skip
+        },
         "cache": {
             "preset": "paper",
             "miss_seconds_per_volume": round(miss, 4),
@@ -121,7 +127,7 @@ def main() -> int:
         f"preprocess: small {result['presets']['small']['volumes_per_s']:.2f} vol/s, "
         f"paper {result['presets']['paper']['volumes_per_s']:.2f} vol/s, "
         f"cache hit {result['cache']['hit_speedup']:.0f}x faster than a miss (paper); "
-        f"{os.cpu_count()} CPUs, peak RSS {result['peak_rss_mib']:.0f} MiB -> {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS}"
+        f"{os.cpu_count()} CPUs, peak RSS {result['peak_rss_mib']:.0f} MiB -> {RESULTS}"
     )
     return 0
 

@@ -82,7 +82,9 @@ def test_discovers_scans_with_labels_and_stable_keys(good_site: Path) -> None:
     assert all(r.site_id == "site-a" and r.path.is_file() for r in records)
     assert by_key["sub-01/ses-02/ce-gadolinium_T1w"].modality is Modality.T1C
     # Session values override the baseline; a missing session value falls back to participants.tsv.
-    assert by_key["sub-01/ses-01/T1w"].labels == ScanLabels(age=71.5, sex="F", diagnosis="MCI", mmse=24, field_strength=3.0)
+    assert by_key["sub-01/ses-01/T1w"].labels == ScanLabels(
+        age=71.5, sex="F", diagnosis="MCI", mmse=24, field_strength=3.0
+    )
     assert by_key["sub-01/ses-02/T1w"].labels == ScanLabels(age=73.5, sex="F", diagnosis="AD", mmse=19)
     assert by_key["sub-02/T2w"].labels == ScanLabels(age=64, sex="M", diagnosis="CN", mmse=None)
     assert by_key["sub-02/T2w"].session is None

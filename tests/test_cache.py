@@ -108,12 +108,18 @@ for i in range(rounds):
 
 def test_concurrent_writers_never_expose_partial_entries(tmp_path: Path) -> None:
     """Four processes (as a site's trainer and its checker might be) write and read the same keys."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
     workers = [
         subprocess.Popen(
             [sys.executable, "-c", _HAMMER, str(tmp_path), str(worker), "40"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         for worker in range(4)
     ]
     outputs = [w.communicate(timeout=120) for w in workers]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import nibabel as nib
 import numpy as np
@@ -45,9 +45,7 @@ def _cut_in_half(path: Path) -> Path:
     return path
 
 
-def _save_with_raw_header(
-    anatomy: nib.Nifti1Image, edit: Callable[[nib.Nifti1Header], None], path: Path
-) -> Path:
+def _save_with_raw_header(anatomy: nib.Nifti1Image, edit: Callable[[nib.Nifti1Header], None], path: Path) -> Path:
     """Save with a header edited byte-for-byte: nibabel would 'fix' the very fields under test."""
     encoded = _float_image(anatomy).to_bytes()  # header (348 bytes), extensions, voxels
     header = nib.Nifti1Header.from_fileobj(io.BytesIO(encoded[:348]), check=False)
@@ -85,7 +83,10 @@ def _write_bad(kind: str, anatomy: nib.Nifti1Image, folder: Path, stem: str) -> 
         (folder / f"{stem}.nii").write_text("participant_id\tage\nsub-01\t70\n")
         return folder / f"{stem}.nii"
     if kind == "4d":
-        return _save(nib.Nifti1Image(np.stack([data, data * 1.1, data * 0.9], axis=-1), anatomy.affine), folder / f"{stem}.nii.gz")
+        return _save(
+            nib.Nifti1Image(np.stack([data, data * 1.1, data * 0.9], axis=-1), anatomy.affine),
+            folder / f"{stem}.nii.gz",
+        )
     if kind == "nan-inf":
         broken = data.copy()
         broken[10, 10, 10:13] = np.nan
@@ -141,7 +142,9 @@ def _write_site(root: Path, anatomy: nib.Nifti1Image) -> dict[str, Path]:
     (root / "participants.tsv").write_text(PARTICIPANTS.replace("\t65\t", "\t265\t"))  # sub-05 implausible age
     paths: dict[str, Path] = {}
     for i in range(1, 6):
-        paths[f"good-{i}"] = _save(_float_image(anatomy, 1 + i / 10), root / f"sub-{i:02d}/ses-01/anat/sub-{i:02d}_ses-01_T1w.nii.gz")
+        paths[f"good-{i}"] = _save(
+            _float_image(anatomy, 1 + i / 10), root / f"sub-{i:02d}/ses-01/anat/sub-{i:02d}_ses-01_T1w.nii.gz"
+        )
     for i, kind in enumerate(sorted(BAD_IMAGES), start=6):
         paths[kind] = _write_bad(kind, anatomy, root / f"sub-{i:02d}/anat", f"sub-{i:02d}_T1w")
     # The same image content as sub-01's scan, under another subject's name (.nii this time).
@@ -154,7 +157,9 @@ def _write_site(root: Path, anatomy: nib.Nifti1Image) -> dict[str, Path]:
 
 def _site_yaml(tmp_path: Path, data_root: Path) -> Path:
     path = tmp_path / "site.yaml"
-    path.write_text(yaml.safe_dump({"site_id": "site-x", "data_root": str(data_root), "cache_dir": str(tmp_path / "cache")}))
+    path.write_text(
+        yaml.safe_dump({"site_id": "site-x", "data_root": str(data_root), "cache_dir": str(tmp_path / "cache")})
+    )
     return path
 
 
@@ -184,7 +189,9 @@ def test_site_check_excludes_every_bad_scan_and_keeps_the_rest(anatomy: nib.Nift
 
 def test_report_lists_every_problem_as_path_and_reason(anatomy: nib.Nifti1Image, tmp_path: Path) -> None:
     _write_site(tmp_path / "bids", anatomy)
-    report = check_site(SiteConfig(site_id="site-x", data_root=tmp_path / "bids", cache_dir=tmp_path / "c"), progress=False)
+    report = check_site(
+        SiteConfig(site_id="site-x", data_root=tmp_path / "bids", cache_dir=tmp_path / "c"), progress=False
+    )
     buffer = io.StringIO()
 
     render_site_report(report, verbose=True, console=Console(file=buffer, width=250, color_system=None))

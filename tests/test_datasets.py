@@ -29,7 +29,14 @@ def _records(n_subjects: int, site_id: str = "site-a", first: int = 0) -> list[S
         for s in range(1 + i % 3):
             for modality in list(Modality)[: 1 + i % 4]:
                 records.append(
-                    ScanRecord(site_id, f"sub-{i:03d}", f"ses-{s:02d}", modality, Path(f"/x/{i}/{s}/{modality.value}"), ScanLabels())
+                    ScanRecord(
+                        site_id,
+                        f"sub-{i:03d}",
+                        f"ses-{s:02d}",
+                        modality,
+                        Path(f"/x/{i}/{s}/{modality.value}"),
+                        ScanLabels(),
+                    )
                 )
     return records
 
@@ -44,7 +51,11 @@ def test_split_keeps_subjects_whole_and_respects_fractions() -> None:
 
     assert sorted(r.key for s in splits.values() for r in s) == sorted(r.key for r in records)
     subjects = {name: {r.subject for r in split} for name, split in splits.items()}
-    assert not (subjects["train"] & subjects["val"] or subjects["train"] & subjects["test"] or subjects["val"] & subjects["test"])
+    assert not (
+        subjects["train"] & subjects["val"]
+        or subjects["train"] & subjects["test"]
+        or subjects["val"] & subjects["test"]
+    )
     assert {name: len(s) for name, s in subjects.items()} == {"train": 70, "val": 15, "test": 15}
 
 
@@ -81,7 +92,14 @@ def test_same_subject_id_at_two_sites_is_two_subjects() -> None:
 
 def test_labels_to_tensors_marks_missing_values() -> None:
     records = [
-        ScanRecord("s", "sub-1", None, Modality.T2W, Path("a"), ScanLabels(age=70.0, sex="M", diagnosis="AD", mmse=21.0, field_strength=3.0)),
+        ScanRecord(
+            "s",
+            "sub-1",
+            None,
+            Modality.T2W,
+            Path("a"),
+            ScanLabels(age=70.0, sex="M", diagnosis="AD", mmse=21.0, field_strength=3.0),
+        ),
         ScanRecord("s", "sub-2", None, Modality.T1W, Path("b"), ScanLabels()),
     ]
     tensors = labels_to_tensors(records)
@@ -127,7 +145,12 @@ def site_root(nibabel_data_dir: Path, tmp_path: Path) -> Path:
 
 
 def _config(root: Path, tmp_path: Path) -> SiteConfig:
-    return SiteConfig(site_id="site-a", data_root=root, cache_dir=tmp_path / "cache", split=SplitConfig(seed=0, train=0.5, val=0.25, test=0.25))
+    return SiteConfig(
+        site_id="site-a",
+        data_root=root,
+        cache_dir=tmp_path / "cache",
+        split=SplitConfig(seed=0, train=0.5, val=0.25, test=0.25),
+    )
 
 
 def test_load_site_excludes_scans_that_fail_preprocessing_and_splits_the_rest(site_root: Path, tmp_path: Path) -> None:
@@ -167,7 +190,9 @@ def test_second_load_does_no_preprocessing(site_root: Path, tmp_path: Path, monk
 
     monkeypatch.setattr(transforms, "preprocess_volume", counting)
     second = load_site(_config(site_root, tmp_path), TINY, progress=False)
-    volumes = [second.dataset(name, augment=False)[i]["volume"] for name in SPLITS for i in range(len(second.splits[name]))]
+    volumes = [
+        second.dataset(name, augment=False)[i]["volume"] for name in SPLITS for i in range(len(second.splits[name]))
+    ]
 
     # The only scan computed again is the one that failed (failures are not cached).
     assert [p.name for p in calls] == ["sub-09_ses-01_T1w.nii.gz"]

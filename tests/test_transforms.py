@@ -117,9 +117,12 @@ def test_same_brain_placement_for_any_storage_orientation_and_voxel_size(
 
     image_module = pytest.importorskip("nilearn.image")
     anisotropic = image_module.resample_img(
-        template, target_affine=np.diag([2.0, 2.0, 3.5]), interpolation="continuous",
-        force_resample=True, copy_header=True,
-    )  # fmt: skip
+        template,
+        target_affine=np.diag([2.0, 2.0, 3.5]),
+        interpolation="continuous",
+        force_resample=True,
+        copy_header=True,
+    )
     assert nib.affines.voxel_sizes(anisotropic.affine)[2] == pytest.approx(3.5)
     anisotropic_path = _save(anisotropic, tmp_path / "aniso.nii.gz")
     resampled = preprocess_volume(anisotropic_path, SMALL)
@@ -174,8 +177,10 @@ def test_crop_keeps_every_brain_voxel(
 
 
 def test_image_without_positive_voxels_is_a_named_preprocessing_error(tmp_path: Path) -> None:
-    path = _save(nib.Nifti1Image(-np.arange(1000, dtype=np.float32).reshape(10, 10, 10), np.eye(4)), tmp_path / "neg.nii")
-    with pytest.raises(PreprocessingError, match="neg.nii: no brain voxels"):
+    path = _save(
+        nib.Nifti1Image(-np.arange(1000, dtype=np.float32).reshape(10, 10, 10), np.eye(4)), tmp_path / "neg.nii"
+    )
+    with pytest.raises(PreprocessingError, match=r"neg\.nii: no brain voxels"):
         preprocess_volume(path, TINY)
 
 
@@ -190,7 +195,7 @@ def test_image_with_a_few_positive_voxels_is_not_a_brain(nibabel_data_dir: Path,
 def test_unreadable_file_is_a_named_preprocessing_error(tmp_path: Path) -> None:
     path = tmp_path / "text.nii"
     path.write_text("not an image\n")
-    with pytest.raises(PreprocessingError, match="text.nii: cannot preprocess"):
+    with pytest.raises(PreprocessingError, match=r"text\.nii: cannot preprocess"):
         preprocess_volume(path, TINY)
 
 

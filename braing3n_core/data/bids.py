@@ -165,9 +165,7 @@ def _parse_scan_name(path: Path, subject: str, session: str | None, problems: li
         return None
     match = _NIFTI_NAME.match(path.name)
     if match is None:
-        problems.append(
-            Problem(path, "file name is not sub-<label>[_ses-<label>]_<modality>.nii[.gz]; ignored", True)
-        )
+        problems.append(Problem(path, "file name is not sub-<label>[_ses-<label>]_<modality>.nii[.gz]; ignored", True))
         return None
     if match["subject"] != subject:
         problems.append(Problem(path, f"file name says {match['subject']} but it lies in {subject}/", True))
@@ -230,7 +228,9 @@ def _read_tsv(path: Path, problems: list[Problem]) -> list[tuple[int, dict[str, 
         values = next(csv.reader([line], delimiter="\t"))
         if len(values) != len(header):
             problems.append(
-                Problem(path, f"line {number} has {len(values)} fields but the header has {len(header)}; row ignored", False)
+                Problem(
+                    path, f"line {number} has {len(values)} fields but the header has {len(header)}; row ignored", False
+                )
             )
             continue
         rows.append((number, {name: value.strip() for name, value in zip(header, values)}))
@@ -254,7 +254,9 @@ def _read_participants(path: Path, problems: list[Problem]) -> dict[str, _TableL
         subject = _with_prefix(row["participant_id"], "sub-")
         if subject in table:
             problems.append(
-                Problem(path, f"{subject} is listed twice (lines {first_line[subject]} and {number}); first row used", False)
+                Problem(
+                    path, f"{subject} is listed twice (lines {first_line[subject]} and {number}); first row used", False
+                )
             )
             continue
         first_line[subject] = number
@@ -317,7 +319,9 @@ def _parse_number(
     low, high = allowed
     if not math.isfinite(value) or not low <= value <= high:
         problems.append(
-            Problem(path, f"{where}: implausible {name} {raw} (allowed {low:g}–{high:g}{unit}); treated as missing", False)
+            Problem(
+                path, f"{where}: implausible {name} {raw} (allowed {low:g}–{high:g}{unit}); treated as missing", False
+            )
         )
         return None
     return value
@@ -337,7 +341,9 @@ def _parse_sex(raw: str | None, path: Path, where: str, problems: list[Problem])
     assert raw is not None
     sex = _SEX_ALIASES.get(raw.strip().lower())
     if sex is None or sex not in SEXES:
-        problems.append(Problem(path, f"{where}: sex {raw!r} is not one of {', '.join(SEXES)}; treated as missing", False))
+        problems.append(
+            Problem(path, f"{where}: sex {raw!r} is not one of {', '.join(SEXES)}; treated as missing", False)
+        )
     return sex
 
 
@@ -371,7 +377,11 @@ def _read_field_strength(image_path: Path, problems: list[Problem]) -> float | N
     low, high = FIELD_STRENGTH_RANGE_T
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         problems.append(
-            Problem(sidecar, f"MagneticFieldStrength {value!r} is not a field strength in tesla ({low:g}–{high:g}); ignored", False)
+            Problem(
+                sidecar,
+                f"MagneticFieldStrength {value!r} is not a field strength in tesla ({low:g}–{high:g}); ignored",
+                False,
+            )
         )
         return None
     return float(value)

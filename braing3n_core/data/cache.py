@@ -20,8 +20,9 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -151,14 +152,14 @@ class JsonCache(_FileStore):
         return record
 
 
-def preprocessed_volume_key(path: str | Path, preset: "Preset") -> str:
+def preprocessed_volume_key(path: str | Path, preset: Preset) -> str:
     """Cache key of a scan's preprocessed volume: preprocessing fingerprint + the file's content hash."""
     from braing3n_core.data.transforms import preprocessing_fingerprint
 
     return f"vol-{preprocessing_fingerprint(preset)[:16]}-{file_sha256(path)}"
 
 
-def preprocess_scan(path: str | Path, preset: "Preset", cache: ArrayCache | None) -> np.ndarray:
+def preprocess_scan(path: str | Path, preset: Preset, cache: ArrayCache | None) -> np.ndarray:
     """The preset's model input for one scan, `[1, D, H, W]` float32, from the cache when possible.
 
     Raises `PreprocessingError` (naming the file) when the scan cannot be preprocessed.

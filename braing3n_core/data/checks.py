@@ -18,11 +18,12 @@ import logging
 import os
 import sys
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -97,7 +98,7 @@ def _quiet_nibabel() -> Iterator[None]:
 def _inspect_guarded(path: Path) -> ImageInspection:
     try:
         return _inspect(path)
-    except Exception as error:  # noqa: BLE001 - a check must never take the site check down
+    except Exception as error:  # a check must never take the site check down
         return ImageInspection((Problem(path, f"unreadable ({type(error).__name__}: {error})", True),))
 
 
@@ -109,7 +110,7 @@ def _inspect(path: Path) -> ImageInspection:
         return failed("file not found")
     try:
         image = nib.load(path)
-    except Exception as error:  # noqa: BLE001 - nibabel raises many types for non-images
+    except Exception as error:  # nibabel raises many types for non-images
         return failed(f"unreadable: not a NIfTI image ({_one_line(error, path)})")
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         return failed(f"not a NIfTI image (read as {type(image).__name__})")
@@ -131,7 +132,9 @@ def _inspect(path: Path) -> ImageInspection:
     determinant = float(np.linalg.det(affine[:3, :3])) if np.isfinite(affine).all() else float("nan")
     orientation = None
     if not np.isfinite(determinant) or abs(determinant) < MIN_AFFINE_DETERMINANT:
-        problems.append(Problem(path, f"singular affine (determinant {determinant:.3g}): voxel positions are undefined", True))
+        problems.append(
+            Problem(path, f"singular affine (determinant {determinant:.3g}): voxel positions are undefined", True)
+        )
     else:
         orientation = "".join(nib.aff2axcodes(affine))
     geometry = {"shape": shape, "voxel_size_mm": voxel_size, "orientation": orientation}
@@ -185,9 +188,9 @@ class SiteReport:
 
     site_id: str
     data_root: Path
-    usable_scans: list["ScanRecord"]
+    usable_scans: list[ScanRecord]
     problems: list[Problem]
-    all_scans: list["ScanRecord"] = field(default_factory=list)  # every recognised name, usable or not
+    all_scans: list[ScanRecord] = field(default_factory=list)  # every recognised name, usable or not
     images: dict[Path, ImageInspection] = field(default_factory=dict)
     skipped_modalities: int = 0  # readable names of modalities this site's config does not select
 
@@ -217,7 +220,7 @@ class SiteReport:
         }
 
 
-def check_site(config: "SiteConfig", progress: bool | None = None) -> SiteReport:
+def check_site(config: SiteConfig, progress: bool | None = None) -> SiteReport:
     """Discover, read and validate every scan of a site; never raises on bad data.
 
     `progress=None` shows a progress bar only when stderr is a terminal.
@@ -258,7 +261,7 @@ def check_site(config: "SiteConfig", progress: bool | None = None) -> SiteReport
     )
 
 
-def _open_check_cache(config: "SiteConfig", problems: list[Problem]) -> "JsonCache | None":
+def _open_check_cache(config: SiteConfig, problems: list[Problem]) -> JsonCache | None:
     from braing3n_core.data.cache import JsonCache
 
     root = config.resolved_cache_dir / "checks"
@@ -271,7 +274,7 @@ def _open_check_cache(config: "SiteConfig", problems: list[Problem]) -> "JsonCac
 
 
 def _inspect_all(
-    paths: list[Path], cache: "JsonCache | None", problems: list[Problem], show_progress: bool
+    paths: list[Path], cache: JsonCache | None, problems: list[Problem], show_progress: bool
 ) -> list[ImageInspection]:
     # Threads, not processes: decompression, hashing and numpy reductions release the GIL.
     workers = max(1, min(8, os.cpu_count() or 1))
@@ -285,7 +288,7 @@ def _inspect_all(
     return inspections
 
 
-def _cached_inspection(path: Path, cache: "JsonCache | None") -> ImageInspection:
+def _cached_inspection(path: Path, cache: JsonCache | None) -> ImageInspection:
     from braing3n_core.data.cache import file_sha256
 
     if cache is None:
@@ -298,10 +301,8 @@ def _cached_inspection(path: Path, cache: "JsonCache | None") -> ImageInspection
     if record is not None:
         return _inspection_from_json(path, record)
     inspection = _inspect_guarded(path)
-    try:
+    with suppress(OSError):  # a full or read-only disk costs speed on the next check, never correctness
         cache.put(key, _inspection_to_json(inspection))
-    except OSError:
-        pass  # a full or read-only disk costs speed on the next check, never correctness
     return inspection
 
 
@@ -329,7 +330,7 @@ def _inspection_from_json(path: Path, record: dict[str, Any]) -> ImageInspection
 # --- rendering ---------------------------------------------------------------------------------------
 
 
-def render_site_report(report: SiteReport, verbose: bool = False, console: "Console | None" = None) -> None:
+def render_site_report(report: SiteReport, verbose: bool = False, console: Console | None = None) -> None:
     """Print the report with rich: scans per modality (per subject/session when verbose), metadata
     completeness, then every problem as `path: reason` (paths relative to the data root)."""
     from rich.console import Console
@@ -346,9 +347,11 @@ def render_site_report(report: SiteReport, verbose: bool = False, console: "Cons
         scans = [r for r in report.usable_scans if r.modality is modality]
         if scans:
             summary.add_row(
-                modality.short, str(len(scans)), str(len({r.subject for r in scans})),
+                modality.short,
+                str(len(scans)),
+                str(len({r.subject for r in scans})),
                 str(len({(r.subject, r.session) for r in scans})),
-            )  # fmt: skip
+            )
     sessions = sum(len(s) for s in inventory.values())
     summary.add_row("all", str(len(report.usable_scans)), str(len(inventory)), str(sessions), style="bold")
     console.print(summary)
@@ -374,7 +377,7 @@ def render_site_report(report: SiteReport, verbose: bool = False, console: "Cons
     console.print(f"[bold]{verdict}[/bold], {len(report.excluded)} excluded, {len(report.warnings)} warnings")
 
 
-def _scan_table(report: SiteReport) -> "Any":
+def _scan_table(report: SiteReport) -> Any:
     from rich.table import Table
 
     table = Table(title="Scans per subject and session", title_justify="left")
@@ -408,4 +411,3 @@ def _display_path(path: Path, root: Path) -> str:
         return str(path.relative_to(root))
     except ValueError:
         return str(path)
-

@@ -11,8 +11,8 @@ import hashlib
 import logging
 import math
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -145,7 +145,9 @@ class VolumeDataset(Dataset):
             volume = self._load(candidate)
             if volume is not None:
                 return {"volume": volume, "index": candidate}
-        raise RuntimeError(f"none of the {len(self.records)} scans of this dataset can be preprocessed: {self.failures}")
+        raise RuntimeError(
+            f"none of the {len(self.records)} scans of this dataset can be preprocessed: {self.failures}"
+        )
 
     def _load(self, index: int) -> torch.Tensor | None:
         record = self.records[index]
@@ -153,7 +155,9 @@ class VolumeDataset(Dataset):
             array = preprocess_scan(record.path, self.preset, self.cache)  # 1, D, H, W
         except (PreprocessingError, OSError) as error:
             self._failed.add(index)
-            problem = Problem(record.path, f"preprocessing failed during training, scan skipped: {_reason(error)}", True)
+            problem = Problem(
+                record.path, f"preprocessing failed during training, scan skipped: {_reason(error)}", True
+            )
             self.failures.append(problem)
             log.warning("%s", problem)
             return None
@@ -195,7 +199,9 @@ class SiteData:
         """The split's volumes; augmentation defaults to on for train, off otherwise."""
         if split not in self.splits:
             raise ValueError(f"unknown split {split!r}; choose one of {list(self.splits)}")
-        return VolumeDataset(self.splits[split], self.preset, self.cache, augment=split == "train" if augment is None else augment)
+        return VolumeDataset(
+            self.splits[split], self.preset, self.cache, augment=split == "train" if augment is None else augment
+        )
 
 
 def load_site(config: SiteConfig, preset: Preset, prepare: bool = True, progress: bool | None = None) -> SiteData:
@@ -225,7 +231,9 @@ def _open_volume_cache(config: SiteConfig, problems: list[Problem]) -> ArrayCach
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        problems.append(Problem(root, f"cache folder not writable ({error}); volumes are preprocessed every time", False))
+        problems.append(
+            Problem(root, f"cache folder not writable ({error}); volumes are preprocessed every time", False)
+        )
         return None
     return ArrayCache(root)
 

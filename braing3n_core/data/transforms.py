@@ -175,7 +175,7 @@ def preprocess_volume(path: str | Path, preset: Preset) -> np.ndarray:
     path = Path(path)
     try:
         volume = preprocessing_transform(preset)(str(path))
-    except Exception as error:  # noqa: BLE001 - any failure becomes a named, plain reason
+    except Exception as error:  # any failure becomes a named, plain reason
         raise PreprocessingError(path, f"cannot preprocess: {_plain_reason(path, error)}") from error
     array = np.ascontiguousarray(torch.as_tensor(volume).numpy(), dtype=np.float32)
     expected = (1, *preset.shape)
@@ -242,7 +242,9 @@ class RandShiftBrainIntensity(Randomizable, Transform):
     def __init__(self, offset: float = INTENSITY_SHIFT, prob: float = 1.0) -> None:
         self._shift = RandShiftIntensity(offsets=offset, prob=prob)
 
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+    def set_random_state(
+        self, seed: int | None = None, state: np.random.RandomState | None = None
+    ) -> RandShiftBrainIntensity:
         self._shift.set_random_state(seed=seed, state=state)
         return self
 
@@ -255,7 +257,11 @@ class RandShiftBrainIntensity(Randomizable, Transform):
         return torch.where(brain, torch.as_tensor(shifted), torch.zeros_like(image))
 
 
-def augmentation_transform() -> Compose:
-    """Training augmentation on a preprocessed `C, D, H, W` tensor: flips and a brain intensity shift."""
-    flips = [RandFlip(prob=FLIP_PROBABILITY, spatial_axis=axis) for axis in range(3)]
+def augmentation_transform(flip_axes: tuple[int, ...] = (0, 1, 2)) -> Compose:
+    """Training augmentation on a preprocessed `C, D, H, W` tensor: flips and a brain intensity shift.
+
+    Each spatial axis is flipped independently with probability 0.5, as in the author's code. Only the
+    left-right flip (axis 0, D) yields a plausible brain; pass `flip_axes=(0,)` to keep anatomy upright.
+    """
+    flips = [RandFlip(prob=FLIP_PROBABILITY, spatial_axis=axis) for axis in flip_axes]
     return Compose([*flips, RandShiftBrainIntensity()])

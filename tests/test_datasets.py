@@ -226,3 +226,36 @@ def test_training_augmentation_varies_and_keeps_background_zero(site_root: Path,
 
     assert any(not torch.equal(samples[0], s) for s in samples[1:])
     assert all(int((s == 0).sum()) == int((plain == 0).sum()) for s in samples)
+
+
+# --- the synthetic cohort (tests/conftest.py) ----------------------------------------------------------
+
+
+def test_synthetic_cohort_sites_load_whole(synthetic_cohort: list[Path], tmp_path: Path) -> None:
+    """The generator's BIDS output parses with no problem and full labels; one scan per modality and
+    split preprocesses at `tiny` (preprocessing every scan would triple this test's time)."""
+    for site_yaml in synthetic_cohort:
+        config = SiteConfig.from_yaml(site_yaml)
+        # The cohort folder is shared by the session's tests: keep this test's cache out of it.
+        config = config.model_copy(update={"cache_dir": tmp_path / config.site_id})
+        data = load_site(config, TINY, prepare=False, progress=False)
+
+        assert data.problems == [], [str(p) for p in data.problems]
+        assert len(data.records) == len(data.report.all_scans) > 6
+        assert all(data.report.completeness[name] == 1.0 for name in ("age", "sex", "diagnosis", "field_strength"))
+        assert {r.modality for r in data.records} == set(config.modalities)
+        subjects = [{r.subject for r in data.splits[name]} for name in SPLITS]
+        assert all(subjects) and not (
+            subjects[0] & subjects[1] or subjects[0] & subjects[2] or subjects[1] & subjects[2]
+        )
+        longitudinal = [r for r in data.records if r.session not in (None, "ses-01")]
+        assert longitudinal and all(r.labels.age is not None for r in longitudinal)
+
+        picks = {r.modality: r for r in data.records} | {name: data.splits[name][0] for name in SPLITS}
+        dataset = VolumeDataset(list(picks.values()), TINY, data.cache)
+        for i in range(len(dataset)):
+            volume = dataset[i]["volume"]
+            brain = volume[volume != 0]
+            assert volume.shape == (1, *TINY.shape) and abs(float(brain.mean())) < 1e-3
+            assert 0.1 < brain.numel() / volume.numel() < 0.7
+        assert dataset.failures == []

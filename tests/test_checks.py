@@ -187,6 +187,21 @@ def test_site_check_excludes_every_bad_scan_and_keeps_the_rest(anatomy: nib.Nift
     assert report.completeness["field_strength"] == pytest.approx(1 / 6)
 
 
+def test_loader_skips_every_bad_scan_and_loads_the_rest(anatomy: nib.Nifti1Image, tmp_path: Path) -> None:
+    from braing3n_core.data.datasets import load_site
+    from braing3n_core.presets import PRESETS
+
+    paths = _write_site(tmp_path / "bids", anatomy)
+    config = SiteConfig(site_id="site-x", data_root=tmp_path / "bids", cache_dir=tmp_path / "cache")
+    data = load_site(config, PRESETS["tiny"], progress=False)
+
+    assert {r.path for r in data.records} == {paths[f"good-{i}"] for i in range(1, 6)} | {paths["not-in-participants"]}
+    volumes = [
+        data.dataset(name, augment=False)[i]["volume"] for name in data.splits for i in range(len(data.splits[name]))
+    ]
+    assert len(volumes) == 6 and all(v.shape == (1, 40, 48, 40) for v in volumes)
+
+
 def test_report_lists_every_problem_as_path_and_reason(anatomy: nib.Nifti1Image, tmp_path: Path) -> None:
     _write_site(tmp_path / "bids", anatomy)
     report = check_site(

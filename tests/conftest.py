@@ -17,3 +17,27 @@ def nibabel_data_dir() -> Path:
     import nibabel
 
     return Path(nibabel.__file__).parent / "tests" / "data"
+
+
+@pytest.fixture(scope="session")
+def synthetic_cohort(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A small synthetic cohort, generated once per test session; returns its two site YAML paths.
+
+    `braing3n cohort make --sites 2 --subjects 6 --seed 0 --voxel-mm 4` into a session temp folder
+    (`site-a/`, `site-b/`, and the YAMLs in `sites/`; `data_root` in each YAML points at its site):
+    - site-a: 1.5 T memory clinic, CN/MCI/AD (2 each), ages 60-90; T1w, T2w, FLAIR; stored LAS,
+      4x4x4.8 mm, int16;
+    - site-b: 3 T neuro-oncology, 4 glioma + 2 CN, ages 25-80; T1w, ce-gadolinium_T1w, T2w, FLAIR;
+      stored PSR, 3.6x3.6x4.4 mm, int16;
+    - subjects sub-a001..a006 / sub-b001..b006, 1-4 sessions each (ses-01..), so longitudinal pairs
+      exist; participants.tsv (sex, age, diagnosis, mmse with n/a), sub-*/sub-*_sessions.tsv;
+    - ground truth per scan in <site>/derivatives/braing3n-truth/truth.tsv (volumes in ml) and label
+      maps sub-*/ses-*/anat/*_desc-truth_dseg.nii.gz.
+    Images are skull-stripped (background exactly 0). Treat the folder as read-only: it is shared.
+    """
+    from braing3n_core.data.cohort import CohortSpec, make_cohort
+
+    out = tmp_path_factory.mktemp("synthetic_cohort")
+    # One process: forking a test process that may already run torch threads is not worth the risk.
+    spec = CohortSpec(n_sites=2, subjects_per_site=6, seed=0, voxel_mm=4.0, workers=1, progress=False)
+    return make_cohort(spec, out_dir=out)

@@ -129,7 +129,7 @@ def _check_replaceable(folder: Path) -> None:
 def _build_site(spec: CohortSpec, index: int, staging: Path, anatomy: Any) -> Site:
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, index], spawn_key=(SITE_STREAM,)))
     profile = site_profile(index, rng)
-    scanner = build_scanner(profile, site_geometry(index, rng), float(spec.voxel_mm), anatomy, rng)
+    scanner = build_scanner(index, profile, site_geometry(index, rng), float(spec.voxel_mm), anatomy, rng)
     diagnoses = tuple(diagnosis_quota(profile, spec.subjects_per_site, rng))
     return Site(index, site_id(index), profile, scanner, diagnoses, staging)
 

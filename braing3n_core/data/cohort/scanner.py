@@ -30,6 +30,7 @@ CONTRAST: dict[Modality, tuple[float, ...]] = {
     Modality.FLAIR: (0.12, 0.70, 0.52, 1.15, 0.40, 0.80, 1.10),  # CSF suppressed; lesions, oedema bright
 }
 
+_WM = 2  # index of white matter in effects.TISSUES (the reference tissue of each contrast)
 _BRAIN_HALF_EXTENT_MM = np.array([96.0, 114.0, 100.0])  # field of view about the brain centre (≥ 10 mm pad)
 _BIAS_TERMS = 9  # x, y, z, x², y², z², xy, xz, yz over the field of view (see _bias_terms)
 
@@ -84,7 +85,9 @@ def site_geometry(site_index: int, rng: np.random.Generator) -> SiteGeometry:
     )
 
 
-def build_scanner(profile: SiteProfile, geometry: SiteGeometry, voxel_mm: float, anatomy: Anatomy, rng: np.random.Generator) -> Scanner:
+def build_scanner(
+    site_index: int, profile: SiteProfile, geometry: SiteGeometry, voxel_mm: float, anatomy: Anatomy, rng: np.random.Generator
+) -> Scanner:
     grid = _sampling_grid(geometry, voxel_mm, anatomy)
     is_3t = profile.field_strength >= 3.0
     # Stored intensity level of white matter on T1 (int16 sites store raw counts; float sites arbitrary).
@@ -94,9 +97,15 @@ def build_scanner(profile: SiteProfile, geometry: SiteGeometry, voxel_mm: float,
         means = np.asarray(means, dtype=np.float64)
         if is_3t:
             means = means * np.array([1.0, 1.04, 1.0, 1.05, 1.0, 1.05, 1.03])  # less T1 GM/WM contrast, brighter lesions
-        jitter = np.exp(rng.normal(0.0, 0.06, size=means.shape))  # site-specific sequence parameters
+        # Site-specific sequence parameters (TI, TE, flip angle) change how far each tissue sits from
+        # white matter; scaling those differences keeps every modality's tissue ordering. The site's
+        # overall factor is spread over 0.8-1.2 by a golden-ratio sequence, so no two of the first
+        # sites share a protocol by chance; each tissue then varies a little on its own.
+        white = means[_WM]
+        site_factor = 0.8 + 0.4 * ((0.5 + site_index * 0.6180339887) % 1.0)
+        means = white + (means - white) * site_factor * rng.uniform(0.93, 1.07, size=means.shape)
         modality_level = level * rng.uniform(0.7, 1.4)
-        contrast[modality] = (means * jitter * modality_level).astype(np.float32)
+        contrast[modality] = (means * modality_level).astype(np.float32)
     bias_sd = 0.12 if is_3t else 0.06  # B1 inhomogeneity is worse at 3 T
     return Scanner(
         geometry=geometry,

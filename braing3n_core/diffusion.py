@@ -1,0 +1,153 @@
+"""Flow-matching objective and ODE sampler for the conditional DiT (`models/dit.py`).
+
+Choice: rectified flow / flow matching with velocity prediction, sampled with Heun's method.
+
+* Path x_t = (1 − t)·x0 + t·ε, t ∈ [0, 1] (t = 1 is pure noise); the network predicts v = ε − x0. The
+  target has the same scale at every t, there is no noise-schedule table to get wrong or to keep in sync
+  across federated sites, and the loss is a plain per-sample MSE (what DP-SGD's clipping expects).
+* Sampling integrates dx/dt = v from t = 1 to 0. The paths are nearly straight, so a deterministic
+  second-order solver (Heun, two network calls per step) gives good samples in ~25 steps, an order of
+  magnitude fewer than ancestral DDPM sampling; Euler is kept as the cheap option.
+* Time shift (from the representation-autoencoder work on diffusing encoder tokens): a sample with
+  more numbers (N·E) keeps more of its signal at a given noise level, so uniform timesteps are shifted
+  towards noise, t' = s·t / (1 + (s − 1)·t) with s = √(N·E / 4096), both in training and sampling.
+* Classifier-free guidance: v = v_uncond + w·(v_cond − v_uncond), where "uncond" marks the six
+  variables and the interval as missing but keeps the baseline scan (forecasting is always conditioned
+  on the subject). Training drops each variable with p = 0.1 and all of them with p = 0.1.
+
+Every function takes raw encoder tokens and returns raw encoder tokens; normalisation uses the
+statistics stored in the model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from braing3n_core.conditions import CONDITION_SCHEMA, ConditionBatch, null_conditions, random_drop_mask
+from braing3n_core.models.dit import DiT
+
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE_SCALE = 1.5  # starting point; choose on validation (condition adherence vs diversity)
+SHIFT_BASE_DIM = 4096
+Solver = Literal["euler", "heun"]
+
+
+def default_time_shift(num_tokens: int, token_dim: int) -> float:
+    """s = √(N·E / 4096), never below 1 (no shift for small inputs)."""
+    return max(1.0, math.sqrt(num_tokens * token_dim / SHIFT_BASE_DIM))
+
+
+def shift_time(t: Tensor, shift: float) -> Tensor:
+    """Warp t ∈ [0, 1] towards 1 (noise) for shift > 1; keeps 0 and 1 fixed."""
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def _model_shift(model: DiT, time_shift: float | None) -> float:
+    if time_shift is not None:
+        if time_shift <= 0:
+            raise ValueError(f"time_shift must be positive, got {time_shift}")
+        return time_shift
+    return default_time_shift(model.config.num_tokens, model.config.token_dim)
+
+
+def _missing_interval(interval: Tensor | None, batch: int, device: torch.device) -> Tensor:
+    if interval is None:
+        return torch.full((batch,), math.nan, device=device)
+    if interval.shape != (batch,):
+        raise ValueError(f"interval must be [B={batch}] years (NaN = none), got {list(interval.shape)}")
+    return interval.to(device=device, dtype=torch.float32)
+
+
+def training_loss(
+    model: DiT,
+    x0: Tensor,
+    cond: ConditionBatch,
+    *,
+    baseline: Tensor | None = None,
+    interval: Tensor | None = None,
+    p_drop: float = 0.1,
+    p_drop_all: float = 0.1,
+    time_shift: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Flow-matching loss (scalar, mean over samples of each sample's MSE).
+
+    x0 [B, N, E] raw encoder tokens of the target scans; baseline [B, N, E] raw tokens of the same
+    subject's earlier scan (rows of NaN or None = cross-sectional sample); interval [B] years.
+    """
+    batch, device = x0.shape[0], x0.device
+    target = model.normalize(x0.float())
+    base = None if baseline is None else model.normalize(baseline.float())
+    interval = _missing_interval(interval, batch, device)
+    drop = random_drop_mask(batch, len(CONDITION_SCHEMA) + 1, p_drop, p_drop_all, generator, device)  # [B, 7]
+    cond = cond.to(device).without(drop[:, :-1])
+    interval = torch.where(drop[:, -1], torch.full_like(interval, math.nan), interval)
+
+    source = generator.device if generator is not None else device
+    t = shift_time(torch.rand(batch, generator=generator, device=source), _model_shift(model, time_shift)).to(device)
+    noise = torch.randn(target.shape, generator=generator, device=source).to(device)
+    x_t = (1.0 - t[:, None, None]) * target + t[:, None, None] * noise
+    velocity = model(x_t, t, cond, base, interval)
+    return ((velocity.float() - (noise - target)) ** 2).flatten(1).mean(dim=1).mean()
+
+
+@torch.no_grad()
+def sample(
+    model: DiT,
+    shape: tuple[int, int, int],
+    cond: ConditionBatch,
+    steps: int = DEFAULT_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    baseline: Tensor | None = None,
+    interval: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    solver: Solver = "heun",
+    time_shift: float | None = None,
+) -> Tensor:
+    """Generate raw encoder tokens of `shape` = (B, N, E) by integrating the ODE from noise (t = 1) to
+    data (t = 0). guidance_scale 1 disables classifier-free guidance (one network call per evaluation);
+    baseline/interval as in `training_loss` (forecasting when given)."""
+    batch = shape[0]
+    if tuple(shape[1:]) != (model.config.num_tokens, model.config.token_dim):
+        raise ValueError(f"sample shape {tuple(shape)} does not match the DiT's [B, {model.config.num_tokens}, "
+                         f"{model.config.token_dim}]")
+    if steps < 1 or solver not in ("euler", "heun"):
+        raise ValueError(f"need steps ≥ 1 and solver 'euler' or 'heun', got {steps}, {solver!r}")
+    if cond.batch_size != batch:
+        raise ValueError(f"sample: {cond.batch_size} conditions for a batch of {batch}")
+    device = model.token_mean.device
+    cond = cond.to(device)
+    interval = _missing_interval(interval, batch, device)
+    base = None if baseline is None else model.normalize(baseline.to(device).float())
+    guided = guidance_scale != 1.0
+    if guided:  # one batched call evaluates both branches
+        cond_in = ConditionBatch.cat([cond, null_conditions(batch, device)])
+        interval_in = torch.cat([interval, torch.full_like(interval, math.nan)])
+        base_in = None if base is None else torch.cat([base, base])
+    else:
+        cond_in, interval_in, base_in = cond, interval, base
+
+    def velocity(x: Tensor, t: float) -> Tensor:
+        x_in = torch.cat([x, x]) if guided else x
+        v = model(x_in, torch.full((x_in.shape[0],), t, device=device), cond_in, base_in, interval_in).float()
+        if not guided:
+            return v
+        v_cond, v_uncond = v.chunk(2)
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+    source = generator.device if generator is not None else device
+    x = torch.randn(tuple(shape), generator=generator, device=source).to(device)
+    times = shift_time(torch.linspace(1.0, 0.0, steps + 1), _model_shift(model, time_shift)).tolist()
+    for t, t_next in zip(times[:-1], times[1:]):
+        dt = t_next - t  # negative
+        v = velocity(x, t)
+        if solver == "heun" and t_next > 0:
+            x_euler = x + dt * v
+            x = x + dt * 0.5 * (v + velocity(x_euler, t_next))
+        else:
+            x = x + dt * v
+    return model.denormalize(x)

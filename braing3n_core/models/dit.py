@@ -1,0 +1,296 @@
+"""Stage 3: the conditional diffusion transformer over the frozen encoder's token grid (spec §7).
+
+The network predicts a velocity for noisy tokens at time t (the objective and the sampler live in
+`braing3n_core/diffusion.py`; this module never imports them). It is a DiT with adaLN-Zero blocks and
+patch size 1 on the (d, h, w) token grid, fixed 3D sin-cos positions.
+
+Working space: the full, per-channel normalised encoder tokens [B, N, E] (not the decoder's projected
+latent). Measured on the 2-core CPU sandbox (`tiny` preset, same DiT, same steps; details in the
+project's closing note): training step time differs by only the input/output projections (E vs C
+channels), because the cost sits in the width-W transformer over N tokens; and tokens sampled in the
+full space are directly usable by the probes and the metrics (which read encoder tokens) and by the
+forecasting mode (whose baseline comes straight from the embedding cache), while a projected-latent DiT
+would tie stage 3 to one particular decoder and need a decode → re-encode round-trip for every probe-
+based evaluation. The decoder is trained with token noise so it decodes the DiT's samples.
+
+Conditioning: `c = timestep embedding + Σ embeddings of the six variables + interval embedding +
+baseline-presence embedding`, fed to every block through adaLN-Zero. Longitudinal mode concatenates the
+normalised baseline tokens channel-wise to the noisy input (zeros and the learned "no baseline" flag
+when a sample has none), so cross-sectional samples and pairs train in one model.
+
+Token normalisation statistics (per-channel mean and std of the training tokens) are buffers of this
+module, so a checkpoint carries everything needed to turn samples back into encoder tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from braing3n_core.conditions import CONDITION_SCHEMA, INTERVAL, CategoricalVariable, ConditionBatch, ContinuousVariable
+from braing3n_core.models.blocks import MLP, Attention, Grid, LearnedTokens, check_tokens, sincos_position_embedding
+from braing3n_core.presets import Preset, get_preset
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    grid: tuple[int, int, int]  # token grid (d, h, w)
+    token_dim: int  # channels of the diffused tokens (the encoder width E)
+    width: int
+    depth: int
+    heads: int
+    mlp_dim: int
+    frequency_dim: int = 256  # sinusoidal features of t before the timestep MLP
+    fourier_features: int = 8  # sin/cos octaves for each continuous condition
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
+        if self.width % 6 or self.width % self.heads:
+            raise ValueError(f"DiTConfig.width={self.width} must be divisible by 6 and by heads={self.heads}")
+
+    @property
+    def num_tokens(self) -> int:
+        d, h, w = self.grid
+        return d * h * w
+
+    @classmethod
+    def from_preset(cls, preset: str | Preset, **overrides: Any) -> "DiTConfig":
+        preset = get_preset(preset) if isinstance(preset, str) else preset
+        values = dict(grid=preset.grid, token_dim=preset.mae.width, **asdict(preset.dit))
+        return cls(**{**values, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DiTConfig":
+        return cls(**data)
+
+
+@dataclass
+class TokenMoments:
+    """Per-channel running sums of tokens, mergeable across batches and sites (float64)."""
+
+    dim: int
+    count: int = 0
+    total: Tensor = field(default=None)  # type: ignore[assignment]
+    total_sq: Tensor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.total = torch.zeros(self.dim, dtype=torch.float64) if self.total is None else self.total
+        self.total_sq = torch.zeros(self.dim, dtype=torch.float64) if self.total_sq is None else self.total_sq
+
+    def add(self, tokens: Tensor) -> "TokenMoments":
+        """Accumulate tokens [B, N, E] (or [M, E])."""
+        flat = tokens.detach().reshape(-1, self.dim).to("cpu", torch.float64)
+        self.count += flat.shape[0]
+        self.total += flat.sum(0)
+        self.total_sq += (flat * flat).sum(0)
+        return self
+
+    def merge(self, other: "TokenMoments") -> "TokenMoments":
+        return TokenMoments(self.dim, self.count + other.count, self.total + other.total, self.total_sq + other.total_sq)
+
+    def mean_std(self, floor: float = 1e-6) -> tuple[Tensor, Tensor]:
+        if self.count < 2:
+            raise ValueError("token statistics need at least two token vectors")
+        mean = self.total / self.count
+        var = (self.total_sq / self.count - mean * mean).clamp_min(0.0) * self.count / (self.count - 1)
+        return mean.float(), var.sqrt().clamp_min(floor).float()
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)  # x [B, N, W]; shift, scale [B, W]
+
+
+def timestep_features(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features of t ∈ [0, 1] (scaled by 1000, as DiT's integer timesteps): [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, width: int, frequency_dim: int) -> None:
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: Tensor) -> Tensor:  # [B] -> [B, W]
+        return self.mlp(timestep_features(t, self.frequency_dim))
+
+
+class ContinuousEmbedder(nn.Module):
+    """Scaled value -> Fourier features -> MLP; a learned null vector where the value is NaN."""
+
+    def __init__(self, variable: ContinuousVariable, width: int, octaves: int) -> None:
+        super().__init__()
+        self.variable = variable
+        self.register_buffer("frequencies", math.pi * 2.0 ** torch.arange(octaves, dtype=torch.float32), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(1 + 2 * octaves, width), nn.SiLU(), nn.Linear(width, width))
+        self.null = LearnedTokens(1, width)
+
+    def forward(self, values: Tensor) -> Tensor:  # [B] (NaN = missing) -> [B, W]
+        missing = values.isnan()
+        # Zero-fill before the MLP: a NaN input would make the MLP's weight gradient NaN even where
+        # the output is replaced by the null embedding.
+        scaled = self.variable.scale(torch.where(missing, torch.zeros_like(values), values)).float()[:, None]
+        angles = scaled * self.frequencies
+        embedded = self.mlp(torch.cat([scaled, angles.sin(), angles.cos()], dim=-1))  # [B, W]
+        null = self.null(torch.zeros_like(values, dtype=torch.long))  # [B, W]
+        return torch.where(missing[:, None], null.to(embedded.dtype), embedded)
+
+
+class CategoricalEmbedder(nn.Module):
+    """One table row per category plus a last row for "missing" (−1)."""
+
+    def __init__(self, variable: CategoricalVariable, width: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(variable.size + 1, width)
+        self.null_index = variable.size
+
+    def forward(self, index: Tensor) -> Tensor:  # [B] long -> [B, W]
+        return self.table(torch.where(index < 0, torch.full_like(index, self.null_index), index))
+
+
+class ConditionEmbedder(nn.Module):
+    def __init__(self, width: int, octaves: int) -> None:
+        super().__init__()
+        self.variables = nn.ModuleDict({
+            v.name: ContinuousEmbedder(v, width, octaves) if isinstance(v, ContinuousVariable) else CategoricalEmbedder(v, width)
+            for v in CONDITION_SCHEMA
+        })
+        self.interval = ContinuousEmbedder(INTERVAL, width, octaves)
+        self.has_baseline = nn.Embedding(2, width)  # row 0: "no baseline", row 1: baseline present
+
+    def forward(self, cond: ConditionBatch, interval: Tensor, has_baseline: Tensor) -> Tensor:  # -> [B, W]
+        total = self.interval(interval) + self.has_baseline(has_baseline.long())
+        for name, embedder in self.variables.items():
+            total = total + embedder(getattr(cond, name))
+        return total
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: LayerNorms without affine, modulated by (shift, scale, gate) computed from c."""
+
+    def __init__(self, width: int, heads: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(width, mlp_dim, approximate="tanh")
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:  # x [B, N, W], c [B, W]
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c).chunk(6, dim=-1)
+        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a))
+        return x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width: int, out_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.linear = nn.Linear(width, out_dim)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        self.config = config
+        width, dim = config.width, config.token_dim
+        self.input_proj = nn.Linear(2 * dim, width)  # [noisy tokens ‖ baseline tokens] per grid position
+        self.register_buffer("pos_embed", sincos_position_embedding(config.grid, width)[None], persistent=False)
+        self.t_embedder = TimestepEmbedder(width, config.frequency_dim)
+        self.c_embedder = ConditionEmbedder(width, config.fourier_features)
+        self.blocks = nn.ModuleList(DiTBlock(width, config.heads, config.mlp_dim) for _ in range(config.depth))
+        self.final = FinalLayer(width, dim)
+        # Persistent: the statistics are part of the trained model (set once from the training tokens).
+        self.register_buffer("token_mean", torch.zeros(dim))
+        self.register_buffer("token_std", torch.ones(dim))
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """All initialisation in one place (DiT recipe).
+
+        * Every linear layer: Xavier-uniform weights, zero bias (transformer default).
+        * Timestep MLP and condition tables / null vectors: N(0, 0.02), small so that at the start the
+          conditioning vector c is dominated by no single input.
+        * adaLN modulation of every block: zero, so shift = scale = gate = 0 and each block starts as
+          the identity (x + 0·attn + 0·mlp); the network deepens smoothly as gates open.
+        * Final modulation and output linear: zero, so the initial prediction is exactly 0.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        for module in self.c_embedder.modules():
+            if isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation[-1].weight)
+            nn.init.zeros_(block.modulation[-1].bias)
+        for layer in (self.final.modulation[-1], self.final.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    # --- token normalisation ------------------------------------------------------------------------
+
+    def set_token_statistics(self, mean: Tensor, std: Tensor) -> None:
+        """Per-channel mean/std [E] of the training tokens (e.g. from `TokenMoments.mean_std()`)."""
+        dim = self.config.token_dim
+        if mean.shape != (dim,) or std.shape != (dim,) or not bool((std > 0).all()):
+            raise ValueError(f"token statistics must be two [{dim}] tensors with std > 0")
+        self.token_mean.copy_(mean)
+        self.token_std.copy_(std)
+
+    def normalize(self, tokens: Tensor) -> Tensor:  # encoder tokens [B, N, E] -> diffusion space
+        return (tokens - self.token_mean) / self.token_std
+
+    def denormalize(self, x: Tensor) -> Tensor:  # diffusion space -> encoder tokens [B, N, E]
+        return x * self.token_std + self.token_mean
+
+    # --- network ------------------------------------------------------------------------------------
+
+    def forward(
+        self, x: Tensor, t: Tensor, cond: ConditionBatch, baseline: Tensor | None = None, interval: Tensor | None = None
+    ) -> Tensor:
+        """Velocity for normalised noisy tokens.
+
+        x [B, N, E] normalised noisy tokens; t [B] in [0, 1] (1 = pure noise); cond: B conditions;
+        baseline [B, N, E] normalised baseline tokens, all-NaN rows (or None) = no baseline;
+        interval [B] years, NaN (or None) = none. Returns [B, N, E].
+        """
+        config = self.config
+        check_tokens(x, config.num_tokens, config.token_dim, "DiT")
+        batch = x.shape[0]
+        if cond.batch_size != batch or t.shape != (batch,):
+            raise ValueError(f"DiT: {batch} token sets but t {list(t.shape)} and {cond.batch_size} conditions")
+        if baseline is None:
+            has_baseline = torch.zeros(batch, dtype=torch.bool, device=x.device)
+            baseline = torch.zeros_like(x)
+        else:
+            check_tokens(baseline, config.num_tokens, config.token_dim, "DiT baseline")
+            has_baseline = ~baseline.isnan().flatten(1).all(dim=1)  # [B]
+            baseline = torch.where(has_baseline[:, None, None], baseline, torch.zeros_like(baseline))
+            if bool(baseline.isnan().any()):
+                raise ValueError("DiT baseline: a present baseline must not contain NaN (NaN marks a whole absent row)")
+        if interval is None:
+            interval = torch.full((batch,), math.nan, device=x.device)
+        h = self.input_proj(torch.cat([x, baseline.to(x.dtype)], dim=-1)) + self.pos_embed  # [B, N, W]
+        c = self.t_embedder(t) + self.c_embedder(cond, interval, has_baseline)  # [B, W]
+        for block in self.blocks:
+            h = block(h, c)
+        return self.final(h, c)  # [B, N, E]

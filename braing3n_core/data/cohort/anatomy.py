@@ -54,6 +54,7 @@ class Anatomy:
     brain_centre_mm: np.ndarray  # (3,) centre of the brain's bounding box
     brain_min_mm: np.ndarray  # (3,) bounding box of the brain mask
     brain_max_mm: np.ndarray  # (3,)
+    ventricle_box_mm: np.ndarray  # (2, 3) bounds of the ventricle map, with a margin of 2 grid voxels
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -69,6 +70,19 @@ class Anatomy:
         out = np.empty((len(channels), points_mm.shape[1]), dtype=np.float32)
         for row, channel in enumerate(channels):
             ndimage.map_coordinates(self.maps[channel], coords, output=out[row], order=1, mode="constant", cval=0.0, prefilter=False)
+        return out
+
+    def sample_tissue(self, points_mm: np.ndarray) -> np.ndarray:
+        """(4, N) brain, GM, WM and ventricle fractions at world points (3, N).
+
+        The ventricle map is sampled only inside its bounding box (a few percent of the brain): the
+        generator's hottest loop.
+        """
+        out = np.zeros((4, points_mm.shape[1]), dtype=np.float32)
+        out[:3] = self.sample((BRAIN, GM, WM), points_mm)
+        low, high = self.ventricle_box_mm.astype(np.float32)
+        near = np.flatnonzero(((points_mm >= low[:, None]) & (points_mm <= high[:, None])).all(axis=0))
+        out[VENTRICLE, near] = self.sample((VENTRICLE,), points_mm[:, near])[0]
         return out
 
     def sample_push(self, points_mm: np.ndarray) -> np.ndarray:
@@ -132,6 +146,8 @@ def load_anatomy(voxel_mm: float) -> Anatomy:
         for channel in range(maps.shape[0]):
             maps[channel] = ndimage.gaussian_filter(maps[channel], extra_sigma_mm / grid_mm)
 
+    ventricle_voxels = np.argwhere(maps[VENTRICLE] > 0.0)
+    ventricle_box = np.stack([origin + (ventricle_voxels.min(axis=0) - 2) * grid_mm, origin + (ventricle_voxels.max(axis=0) + 2) * grid_mm])
     inside = np.argwhere(brain > 0.5)
     brain_min = origin + inside.min(axis=0) * grid_mm
     brain_max = origin + inside.max(axis=0) * grid_mm
@@ -148,6 +164,7 @@ def load_anatomy(voxel_mm: float) -> Anatomy:
         brain_centre_mm=(brain_min + brain_max) / 2.0,
         brain_min_mm=brain_min,
         brain_max_mm=brain_max,
+        ventricle_box_mm=ventricle_box,
     )
 
 

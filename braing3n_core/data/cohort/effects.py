@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from braing3n_core.data.cohort.anatomy import BRAIN, GM, VENTRICLE, WM, Anatomy, hippocampal_weight
+from braing3n_core.data.cohort.anatomy import BRAIN, Anatomy, hippocampal_weight
 from braing3n_core.data.cohort.grid import COARSE_MM, SamplingGrid
 from braing3n_core.data.cohort.subjects import MAX_VENTRICLE_PUSH_MM, SessionState, SubjectPlan, TumourPlan
 
@@ -35,6 +35,7 @@ _WARP_RMS_MM = 2.5  # its typical displacement
 _MASS_FRACTION = 0.7  # share of the tumour radius that displaces tissue (the rest infiltrates)
 _MASS_DECAY_MM = 15.0  # the skull confines mass effect: it fades over this distance
 _EDGE_MM = 0.8  # width of soft compartment edges (partial volume)
+_NEGLIGIBLE_SHIFT_MM = 0.025  # a smaller shift changes the smooth template maps by well under 1 %
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,7 +52,7 @@ class SubjectGeometry:
     template_mm: np.ndarray  # (3, N) float32 q0
     push: np.ndarray  # (3, N) float32 ventricle-enlargement direction at q0
     static: np.ndarray  # (4, N) float32 brain, GM, WM, ventricle sampled at q0
-    pushed: np.ndarray  # (M,) indices into N where the ventricle push is not negligible
+    push_size: np.ndarray  # (N,) float32 largest component of `push`
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,15 +74,14 @@ def subject_geometry(grid: SamplingGrid, anatomy: Anatomy, plan: SubjectPlan, rn
     margin_mm = 4.0 + (8.0 if plan.tumour is not None else 0.0)
     reach = ndimage.binary_dilation(reach, iterations=int(np.ceil(margin_mm / COARSE_MM)))
     # The dilation already adds a node of margin, so a voxel counts when its nearest node is reached.
-    flat_index = np.flatnonzero(grid.upsample(reach.astype(np.float32)) >= 0.5)
+    flat_index = np.flatnonzero(grid.nearest(reach))
 
     coarse_push = anatomy.sample_push(coarse_q0.reshape(3, -1)).reshape(coarse_q0.shape)
-    template_mm = grid.upsample(coarse_q0).reshape(3, -1)[:, flat_index]
-    push = grid.upsample(coarse_push).reshape(3, -1)[:, flat_index]
-    # Ventricle pushes stay below MAX_VENTRICLE_PUSH_MM; a shift under 1/100 mm changes no sample measurably.
-    pushed = np.flatnonzero(np.abs(push).max(axis=0) * MAX_VENTRICLE_PUSH_MM > 0.01)
-    static = anatomy.sample((BRAIN, GM, WM, VENTRICLE), template_mm)
-    return SubjectGeometry(flat_index, grid.points_mm(flat_index), template_mm, push, static, pushed)
+    template_mm = grid.upsample_at(coarse_q0, flat_index)
+    push = grid.upsample_at(coarse_push, flat_index)
+    static = anatomy.sample_tissue(template_mm)
+    push_size = np.abs(push).max(axis=0)
+    return SubjectGeometry(flat_index, grid.points_mm(flat_index), template_mm, push, static, push_size)
 
 
 def _random_warp(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
@@ -95,9 +95,10 @@ def _random_warp(shape: tuple[int, int, int], rng: np.random.Generator) -> np.nd
 def session_tissues(geometry: SubjectGeometry, anatomy: Anatomy, plan: SubjectPlan, state: SessionState) -> TissueMaps:
     if state.ventricle_push_mm > MAX_VENTRICLE_PUSH_MM:
         raise ValueError(f"ventricle push {state.ventricle_push_mm} mm exceeds the modelled {MAX_VENTRICLE_PUSH_MM} mm")
+    # Only voxels whose sampling point moves by a measurable amount are sampled again.
+    moved = np.flatnonzero(geometry.push_size * np.float32(state.ventricle_push_mm) > _NEGLIGIBLE_SHIFT_MM)
     q1 = geometry.template_mm.copy()
-    q1[:, geometry.pushed] += np.float32(state.ventricle_push_mm) * geometry.push[:, geometry.pushed]
-    moved = geometry.pushed
+    q1[:, moved] += np.float32(state.ventricle_push_mm) * geometry.push[:, moved]
     q2 = q1
     core = rim = oedema = None
     if plan.tumour is not None and state.tumour_radius_mm > 0:
@@ -108,7 +109,7 @@ def session_tissues(geometry: SubjectGeometry, anatomy: Anatomy, plan: SubjectPl
         moved = np.flatnonzero(is_moved)
 
     samples = geometry.static.copy()
-    samples[:, moved] = anatomy.sample((BRAIN, GM, WM, VENTRICLE), q2[:, moved])
+    samples[:, moved] = anatomy.sample_tissue(q2[:, moved])
     brain, gm, wm, ventricle = samples
     csf = np.maximum(brain - gm - wm, 0.0)
     ventricle = np.minimum(ventricle, csf)

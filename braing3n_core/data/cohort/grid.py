@@ -60,13 +60,29 @@ class SamplingGrid:
         ijk = np.unravel_index(flat_index, self.shape)
         return np.stack([self.axis_mm(a).astype(np.float32)[ijk[a]] for a in range(3)])
 
-    def upsample(self, coarse: np.ndarray) -> np.ndarray:
-        """Coarse field (..., cx, cy, cz) → fine field (..., X, Y, Z), separable linear interpolation."""
-        wx, wy, wz = self._weights  # (X, cx), (Y, cy), (Z, cz)
-        out = coarse.astype(np.float32) @ wz.T  # (..., cx, cy, Z)
-        out = np.swapaxes(np.swapaxes(out, -1, -2) @ wy.T, -1, -2)  # (..., cx, Y, Z)
-        out = np.moveaxis(np.moveaxis(out, -3, -1) @ wx.T, -1, -3)  # (..., X, Y, Z)
-        return np.ascontiguousarray(out)
+    def nearest(self, coarse: np.ndarray) -> np.ndarray:
+        """Coarse field (cx, cy, cz) → fine field (X, Y, Z), nearest node (for masks)."""
+        index = [
+            np.clip(np.rint((self.axis_mm(a) - self.coarse_origin_mm[a]) / COARSE_MM).astype(int), 0, self.coarse_shape[a] - 1)
+            for a in range(3)
+        ]
+        return coarse[np.ix_(*index)]
+
+    def upsample_at(self, coarse: np.ndarray, flat_index: np.ndarray) -> np.ndarray:
+        """Coarse field (..., cx, cy, cz) → its values (..., N) at the fine voxels `flat_index`.
+
+        Separable linear interpolation over the voxels' bounding box only: three small matrix products.
+        """
+        ijk = np.unravel_index(flat_index, self.shape)
+        low = [int(axis.min()) for axis in ijk]
+        high = [int(axis.max()) + 1 for axis in ijk]
+        wx, wy, wz = (w[lo:hi] for w, lo, hi in zip(self._weights, low, high))  # (bx, cx), (by, cy), (bz, cz)
+        out = coarse.astype(np.float32) @ wz.T  # (..., cx, cy, bz)
+        out = np.swapaxes(np.swapaxes(out, -1, -2) @ wy.T, -1, -2)  # (..., cx, by, bz)
+        out = np.moveaxis(np.moveaxis(out, -3, -1) @ wx.T, -1, -3)  # (..., bx, by, bz)
+        block_shape = tuple(hi - lo for lo, hi in zip(low, high))
+        local = np.ravel_multi_index(tuple(axis - lo for axis, lo in zip(ijk, low)), block_shape)
+        return out.reshape(*out.shape[:-3], -1)[..., local]
 
 
 def _linear_weights(fine_mm: np.ndarray, coarse_origin: float, coarse_n: int) -> np.ndarray:

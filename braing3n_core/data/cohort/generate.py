@@ -28,7 +28,7 @@ from braing3n_core.config import ConfigError, SiteConfig, SplitConfig
 from braing3n_core.data.cohort import bids_writer as bids
 from braing3n_core.data.cohort.anatomy import load_anatomy
 from braing3n_core.data.cohort.effects import label_map, session_tissues, subject_geometry, truth_volumes
-from braing3n_core.data.cohort.scanner import Scanner, build_scanner, encode_nifti, render_session, site_geometry, to_stored
+from braing3n_core.data.cohort.scanner import Scanner, build_scanner, encode_nifti, render_session, site_geometry
 from braing3n_core.data.cohort.sites import SiteProfile, diagnosis_quota, site_id, site_profile
 from braing3n_core.data.cohort.subjects import participant_label, plan_subject, session_states
 
@@ -211,10 +211,11 @@ def _generate_subject(task: tuple[int, int]) -> SubjectResult:
         tissues = session_tissues(geometry, anatomy, plan, state)
         volumes = truth_volumes(tissues, scanner.grid.voxel_ml)
         session_rows.append({"session_id": state.session_id, "age": state.age, "diagnosis": state.diagnosis, "mmse": state.mmse})
-        images = render_session(scanner, site.profile.modalities, tissues, geometry.flat_index, geometry.points_mm, rng)
-        for modality, stored in images.items():
+        images = render_session(scanner, site.profile.modalities, tissues, geometry.points_mm, rng)
+        brain_voxels = geometry.flat_index[tissues.inside]
+        for modality, values in images.items():
             path = bids.scan_path(site.staging, participant_id, state.session_id, modality)
-            bids.write_bytes(path, encode_nifti(scanner, stored))
+            bids.write_bytes(path, encode_nifti(scanner, values, brain_voxels))
             bids.write_json(path.with_name(path.name.replace(".nii.gz", ".json")), bids.scan_sidecar(site.profile, modality, site.site_id, voxel_mm))
             truth_rows.append(
                 {
@@ -235,10 +236,8 @@ def _generate_subject(task: tuple[int, int]) -> SubjectResult:
                 }
             )
         if spec.truth_maps:
-            labels = np.zeros(scanner.grid.size, dtype=np.uint8)
-            labels[geometry.flat_index] = label_map(tissues)
-            stored_labels = to_stored(scanner, labels.reshape(scanner.grid.shape))
-            bids.write_bytes(bids.truth_map_path(site.staging, participant_id, state.session_id), encode_nifti(scanner, stored_labels, labels=True))
+            labels = encode_nifti(scanner, label_map(tissues), geometry.flat_index, labels=True)
+            bids.write_bytes(bids.truth_map_path(site.staging, participant_id, state.session_id), labels)
 
     bids.write_sessions(site.staging / participant_id, participant_id, session_rows)
     baseline = session_rows[0]

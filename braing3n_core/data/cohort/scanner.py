@@ -149,15 +149,12 @@ def render_session(
     scanner: Scanner,
     modalities: tuple[Modality, ...],
     tissues: TissueMaps,
-    flat_index: np.ndarray,
     points_mm: np.ndarray,
     rng: np.random.Generator,
 ) -> dict[Modality, np.ndarray]:
-    """Stored-orientation float32 images of one visit: contrast × bias + Rician noise inside the brain.
-
-    `flat_index` and `points_mm` locate the tissue maps' voxels on the site grid; only voxels inside the
-    skull-stripped brain get signal, everything else stays exactly zero. Each scan gets its own bias
-    field (the site's, varied) and its own noise.
+    """Intensities (K,) float32 of one visit's scans at the voxels inside the skull-stripped brain
+    (`tissues.inside`): contrast × bias + Rician noise. Each scan gets its own bias field (the site's,
+    varied) and its own noise; every other voxel of the image is exactly zero (see `encode_nifti`).
     """
     inside = tissues.inside
     contrast = np.stack([scanner.contrast[m] for m in modalities])  # (M, T)
@@ -170,9 +167,7 @@ def render_session(
         sigma = np.float32(scanner.noise_fraction * contrast[row].max())
         real = signal + sigma * rng.standard_normal(signal.shape, dtype=np.float32)
         imaginary = sigma * rng.standard_normal(signal.shape, dtype=np.float32)
-        volume = np.zeros(scanner.grid.size, dtype=np.float32)
-        volume[flat_index[inside]] = np.sqrt(real * real + imaginary * imaginary)
-        images[modality] = to_stored(scanner, volume.reshape(scanner.grid.shape))
+        images[modality] = np.sqrt(real * real + imaginary * imaginary)
     return images
 
 
@@ -183,25 +178,28 @@ def _bias_terms(scanner: Scanner, points_mm: np.ndarray) -> np.ndarray:
     return np.stack((x, y, z, x * x, y * y, z * z, x * y, x * z, y * z))
 
 
-def encode_nifti(scanner: Scanner, stored: np.ndarray, *, labels: bool = False) -> bytes:
-    """Gzipped single-file NIfTI-1 bytes, identical for identical input (gzip mtime 0, fixed header).
+def encode_nifti(scanner: Scanner, values: np.ndarray, voxels: np.ndarray, *, labels: bool = False) -> bytes:
+    """Gzipped single-file NIfTI-1 of a site-grid image that is `values` (K,) at `voxels` (K,) and 0
+    elsewhere; identical bytes for identical input (gzip mtime 0, fixed header).
 
+    `voxels` are flat C-order indices of the world-aligned grid; the file stores the site's axis order.
     int16 sites store rounded counts; int16-scaled sites store counts × scl_slope (intercept 0, so the
     background stays exactly 0); label maps are uint8.
     """
     dtype = "uint8" if labels else scanner.geometry.dtype
     slope = None
     if dtype == "uint8":
-        data = stored.astype(np.uint8)
+        stored_values = values.astype(np.uint8)
     elif dtype == "int16":
-        data = np.clip(np.rint(stored), 0, np.iinfo(np.int16).max).astype(np.int16)
+        stored_values = np.minimum(np.rint(values), np.iinfo(np.int16).max).astype(np.int16)
     elif dtype == "int16-scaled":
-        peak = max(float(stored.max()), 1e-6)
-        slope = float(f"{peak / 30000.0:.3g}")
-        data = np.clip(np.rint(stored / slope), 0, np.iinfo(np.int16).max).astype(np.int16)
+        slope = float(f"{max(float(values.max(initial=0.0)), 1e-6) / 30000.0:.3g}")
+        stored_values = np.minimum(np.rint(values / slope), np.iinfo(np.int16).max).astype(np.int16)
     else:
-        data = stored.astype(np.float32)
-    image = nib.Nifti1Image(data, scanner.affine)
+        stored_values = values.astype(np.float32)
+    volume = np.zeros(scanner.grid.size, dtype=stored_values.dtype)
+    volume[voxels] = stored_values
+    image = nib.Nifti1Image(np.asfortranarray(to_stored(scanner, volume.reshape(scanner.grid.shape))), scanner.affine)
     header = image.header
     header.set_xyzt_units("mm", "sec")
     header.set_qform(scanner.affine, code=1)

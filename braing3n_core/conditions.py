@@ -119,7 +119,9 @@ class ConditionBatch:
             if isinstance(variable, CategoricalVariable):
                 if value.dtype != torch.long:
                     raise ValueError(f"ConditionBatch.{variable.name} must be int64 (−1 = missing), got {value.dtype}")
-                if value.numel() and (value.min() < MISSING_CATEGORY or value.max() >= variable.size):
+                # Range check only on CPU, where batches are built: elsewhere it would force a device sync.
+                on_cpu = value.device.type == "cpu" and value.numel() > 0
+                if on_cpu and (value.min() < MISSING_CATEGORY or value.max() >= variable.size):
                     raise ValueError(f"ConditionBatch.{variable.name} indices must lie in [−1, {variable.size - 1}]")
             sizes.add(value.shape[0])
         if len(sizes) != 1:

@@ -88,8 +88,8 @@ def sincos_position_embedding(grid: Grid, dim: int, temperature: float = 10000.0
     """Fixed 3D sine-cosine position embedding, [N, dim], tokens row-major over `grid` = (d, h, w).
 
     The channel layout matches MONAI's `build_sincos_position_embedding` (the one the reference MAE
-    used): sin/cos of the last axis, then the middle, then the first, `dim / 6` frequencies each. It is
-    written out here only because MONAI's version calls `torch.meshgrid` without `indexing` and warns.
+    used): sin/cos of grid axis 1, then axis 0, then axis 2, `dim / 6` frequencies each. It is written
+    out here only because MONAI's version calls `torch.meshgrid` without `indexing` and warns.
     """
     if dim % 6:
         raise ValueError(f"3D sin-cos position embedding needs a width divisible by 6, got {dim}")
@@ -97,7 +97,7 @@ def sincos_position_embedding(grid: Grid, dim: int, temperature: float = 10000.0
     omega = 1.0 / temperature ** (torch.arange(per_axis, dtype=torch.float32) / per_axis)  # [dim/6]
     axes = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in grid), indexing="ij")
     parts = []
-    for axis in reversed(axes):  # last axis first, as MONAI
+    for axis in (axes[1], axes[0], axes[2]):  # MONAI's channel order
         angles = axis.reshape(-1, 1) * omega  # [N, dim/6]
         parts += [angles.sin(), angles.cos()]
     return torch.cat(parts, dim=1)  # [N, dim]

@@ -89,10 +89,13 @@ class DecoderLoss(NamedTuple):
 
 
 def _box_filter(volume: Tensor, window: int) -> Tensor:
-    """Mean over every `window`³ cube ("valid" positions only), as three 1D average pools:
+    """Mean over every `window`³ cube ("valid" positions only), separable, by cumulative sums:
     [M, C, D, H, W] -> [M, C, D − w + 1, H − w + 1, W − w + 1]."""
-    for kernel in ((window, 1, 1), (1, window, 1), (1, 1, window)):
-        volume = F.avg_pool3d(volume, kernel, stride=1)
+    for dim in (2, 3, 4):
+        padding = [0, 0] * (4 - dim) + [1, 0]  # one leading zero along `dim`
+        total = F.pad(volume.cumsum(dim), padding)
+        count = volume.shape[dim] - window + 1
+        volume = (total.narrow(dim, window, count) - total.narrow(dim, 0, count)) / window
     return volume
 
 
@@ -102,8 +105,9 @@ def ssim_3d(prediction: Tensor, target: Tensor, window: int, data_range: float =
     Equal (to float rounding; `tests/test_decoder.py` checks it) to MONAI's
     `SSIMLoss(spatial_dims=3, kernel_type="uniform", win_size=window, data_range=...)`, which computes the
     local means with a dense `window`³ Conv3d. On the 2-core CPU sandbox that costs 15 s forward +
-    backward for 4 `small` volumes, 8× the decoder network itself; separable box filters (three 1D
-    average pools) cost under 0.7 s. A uniform window is also scikit-image's SSIM default.
+    backward for 4 `small` volumes, 8× the decoder network itself; separable cumulative-sum box filters
+    cost about 1 s (and 3× less than `avg_pool3d` on `tiny`). A uniform window is also scikit-image's
+    SSIM default.
     """
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     maps = torch.cat([prediction, target, prediction * prediction, target * target, prediction * target])

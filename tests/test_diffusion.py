@@ -1,0 +1,212 @@
+"""Conditioning schema, flow-matching objective and sampler; the DiT fits small conditional and
+longitudinal toy sets, guidance moves samples toward the condition, forecasting uses the baseline."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from braing3n_core import diffusion
+from braing3n_core.conditions import (
+    CONDITION_SCHEMA,
+    ConditionBatch,
+    conditions_from_labels,
+    drop_conditions,
+    null_conditions,
+    random_drop_mask,
+)
+from braing3n_core.labels import DIAGNOSES, Modality, ScanLabels
+from braing3n_core.models import DiT, DiTConfig, TokenMoments
+
+TOY = DiTConfig(grid=(2, 3, 2), token_dim=12, width=48, depth=2, heads=4, mlp_dim=192)
+
+
+def test_schema_declares_six_variables() -> None:
+    assert [v.name for v in CONDITION_SCHEMA] == ["age", "sex", "diagnosis", "modality", "field_strength", "mmse"]
+
+
+def test_conditions_from_labels() -> None:
+    labels = [
+        ScanLabels(age=70.5, sex="M", diagnosis="MCI", mmse=26.0, field_strength=2.89),
+        ScanLabels(),
+    ]
+    batch = conditions_from_labels(labels, [Modality.FLAIR, Modality.T1C])
+    assert batch.batch_size == 2
+    assert batch.age[0].item() == 70.5 and math.isnan(batch.age[1].item())
+    assert batch.sex.tolist() == [1, -1]
+    assert batch.diagnosis.tolist() == [DIAGNOSES.index("MCI"), -1]
+    assert batch.modality.tolist() == [3, 1]
+    assert batch.field_strength.tolist() == [1, -1]  # 2.89 T (a common sidecar value) reads as 3 T
+    assert batch.missing().tolist() == [[False] * 6, [True, True, True, False, True, True]]
+
+
+@pytest.mark.parametrize(
+    ("label", "message"),
+    [
+        (ScanLabels(sex="X"), "scan 0: sex = 'X' is not one of"),
+        (ScanLabels(diagnosis="PD"), "diagnosis = 'PD'"),
+        (ScanLabels(field_strength=7.0), "field_strength = 7.0"),
+        (ScanLabels(age=140.0), "age = 140.0 years is outside"),
+        (ScanLabels(mmse=31.0), "mmse = 31.0"),
+    ],
+)
+def test_bad_labels_are_clear_errors(label: ScanLabels, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        conditions_from_labels([label], [Modality.T1W])
+
+
+def test_condition_batch_validates_its_tensors() -> None:
+    good = null_conditions(3).tensors()
+    with pytest.raises(ValueError, match="sex must be int64"):
+        ConditionBatch(**{**good, "sex": torch.zeros(3)})
+    with pytest.raises(ValueError, match="diagnosis indices"):
+        ConditionBatch(**{**good, "diagnosis": torch.tensor([0, 1, 9])})
+    with pytest.raises(ValueError, match="different batch sizes"):
+        ConditionBatch(**{**good, "age": torch.zeros(2)})
+
+
+def test_classifier_free_dropout_rates() -> None:
+    generator = torch.Generator().manual_seed(0)
+    mask = random_drop_mask(20000, 7, p_each=0.1, p_all=0.1, generator=generator)
+    all_dropped = mask.all(dim=1).float().mean().item()
+    assert abs(all_dropped - (0.1 + 0.9 * 0.1**7)) < 0.01
+    assert abs(mask.float().mean().item() - (0.1 + 0.9 * 0.1)) < 0.01
+    full = conditions_from_labels([ScanLabels(age=50.0, sex="F", diagnosis="CN", mmse=30.0, field_strength=3.0)] * 1000,
+                                  [Modality.T1W] * 1000)
+    dropped = drop_conditions(full, generator=torch.Generator().manual_seed(1)).missing()
+    assert 0.15 < dropped.float().mean().item() < 0.23
+    assert torch.equal(drop_conditions(full, p_each=0.0, p_all=0.0).missing(), full.missing())
+
+
+def test_time_shift() -> None:
+    t = torch.linspace(0, 1, 11)
+    shifted = diffusion.shift_time(t, 3.0)
+    assert shifted[0] == 0 and shifted[-1] == 1 and bool((shifted[1:-1] > t[1:-1]).all())
+    assert bool((shifted.diff() > 0).all())
+    assert diffusion.default_time_shift(1200, 192) == pytest.approx(7.5)
+    assert diffusion.default_time_shift(12, 12) == 1.0
+
+
+def test_untrained_sampler_returns_the_denormalised_noise() -> None:
+    """At init the velocity is exactly 0, so the ODE leaves the starting noise in place: the sample is
+    that noise mapped through the stored token statistics, and the generator makes it reproducible."""
+    torch.manual_seed(0)
+    model = DiT(TOY)
+    model.set_token_statistics(torch.full((12,), 5.0), torch.full((12,), 2.0))
+    cond = null_conditions(3)
+    first = diffusion.sample(model, (3, 12, 12), cond, steps=4, generator=torch.Generator().manual_seed(9))
+    second = diffusion.sample(model, (3, 12, 12), cond, steps=4, generator=torch.Generator().manual_seed(9))
+    noise = torch.randn((3, 12, 12), generator=torch.Generator().manual_seed(9))
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, noise * 2.0 + 5.0)
+    with pytest.raises(ValueError, match="does not match"):
+        diffusion.sample(model, (3, 10, 12), cond)
+    with pytest.raises(ValueError, match="solver"):
+        diffusion.sample(model, (3, 12, 12), cond, solver="rk4")  # type: ignore[arg-type]
+
+
+def _pattern(seed: int) -> torch.Tensor:
+    pattern = torch.randn(12, 12, generator=torch.Generator().manual_seed(seed))
+    return pattern / pattern.norm()
+
+
+def _train(model: DiT, step_batch, steps: int, lr: float = 3e-3) -> list[float]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = step_batch(generator)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _effect(sex: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
+    return (2.0 * sex.float() - 1.0) + (age - 50.0) / 30.0
+
+
+def test_dit_fits_a_conditional_toy_set_and_guidance_moves_samples() -> None:
+    """Toy tokens x = a·P + 0.1·ε, with a = ±1 for sex plus (age − 50)/30; the statistic <x, P> recovers a.
+    Measured: loss 1.95 → 1.22 in 400 steps; correlation of the statistic with the requested a is 0.99
+    conditional (w = 1), 0.995 guided (w = 3) and ≈ 0 for unconditional samples; guidance steepens the
+    response (slope 1.04 → 1.48)."""
+    torch.manual_seed(0)
+    model = DiT(TOY)
+    pattern = _pattern(0)
+    generator = torch.Generator().manual_seed(0)
+    sex = torch.randint(0, 2, (512,), generator=generator)
+    age = 20.0 + 60.0 * torch.rand(512, generator=generator)
+    tokens = _effect(sex, age)[:, None, None] * pattern + 0.1 * torch.randn(512, 12, 12, generator=generator)
+    conditions = ConditionBatch(**{**null_conditions(512).tensors(), "sex": sex, "age": age})
+    model.set_token_statistics(*TokenMoments(12).add(tokens).mean_std())
+
+    def step(gen: torch.Generator) -> torch.Tensor:
+        index = torch.randint(0, 512, (64,), generator=gen)
+        return diffusion.training_loss(model, tokens[index], conditions.select(index), generator=gen)
+
+    losses = _train(model, step, 400)
+    assert np.mean(losses[:10]) / np.mean(losses[-20:]) > 1.3
+
+    want_sex, want_age = torch.tensor([0, 1] * 32), torch.linspace(20.0, 80.0, 64)
+    requested = _effect(want_sex, want_age)
+    cond = ConditionBatch(**{**null_conditions(64).tensors(), "sex": want_sex, "age": want_age})
+
+    def statistic(guidance: float, given: ConditionBatch) -> np.ndarray:
+        samples = diffusion.sample(model, (64, 12, 12), given, steps=10, guidance_scale=guidance,
+                                   generator=torch.Generator().manual_seed(2))
+        return (samples * pattern).sum(dim=(1, 2)).numpy()
+
+    conditional, guided, unconditional = statistic(1.0, cond), statistic(3.0, cond), statistic(1.0, null_conditions(64))
+    r = {name: np.corrcoef(requested.numpy(), s)[0, 1] for name, s in
+         [("conditional", conditional), ("guided", guided), ("unconditional", unconditional)]}
+    assert r["conditional"] > 0.9 and r["guided"] > 0.9, r
+    assert abs(r["unconditional"]) < 0.3, r
+    slope = {name: np.polyfit(requested.numpy(), s, 1)[0] for name, s in [("conditional", conditional), ("guided", guided)]}
+    assert slope["guided"] > 1.25 * slope["conditional"], slope
+
+
+def test_longitudinal_forecast_uses_the_baseline_and_the_interval() -> None:
+    """Subjects: baseline b ~ 0.5·N(0, I); follow-up = b + interval·D (+ small noise). Pairs and
+    cross-sectional scans (no baseline) are mixed in every batch. Measured: forecast MSE 0.007 against
+    0.03 for copying the baseline and 0.52 for the model without a baseline; the forecast's change along
+    D tracks the requested interval (r = 0.98)."""
+    torch.manual_seed(0)
+    model = DiT(TOY)
+    drift = _pattern(1)
+
+    def subjects(count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        baseline = 0.5 * torch.randn(count, 12, 12, generator=generator)
+        interval = 0.5 + 2.5 * torch.rand(count, generator=generator)
+        follow_up = baseline + interval[:, None, None] * drift + 0.05 * torch.randn(count, 12, 12, generator=generator)
+        return baseline, follow_up, interval
+
+    base_all, follow_all, interval_all = subjects(256, torch.Generator().manual_seed(0))
+    model.set_token_statistics(*TokenMoments(12).add(torch.cat([base_all, follow_all])).mean_std())
+
+    def step(gen: torch.Generator) -> torch.Tensor:
+        index = torch.randint(0, 256, (64,), generator=gen)
+        target, baseline, interval = follow_all[index].clone(), base_all[index].clone(), interval_all[index].clone()
+        single = torch.rand(64, generator=gen) < 0.5  # cross-sectional: one scan, no baseline, no interval
+        target[single] = base_all[index][single]
+        baseline[single] = math.nan
+        interval[single] = math.nan
+        return diffusion.training_loss(model, target, null_conditions(64), baseline=baseline, interval=interval, generator=gen)
+
+    losses = _train(model, step, 400)
+    assert np.mean(losses[:10]) / np.mean(losses[-20:]) > 1.5
+
+    baseline, follow_up, interval = subjects(64, torch.Generator().manual_seed(7))
+    forecast = diffusion.sample(model, (64, 12, 12), null_conditions(64), steps=10, guidance_scale=1.0,
+                                baseline=baseline, interval=interval, generator=torch.Generator().manual_seed(3))
+    blind = diffusion.sample(model, (64, 12, 12), null_conditions(64), steps=10, guidance_scale=1.0,
+                             generator=torch.Generator().manual_seed(3))
+    error = ((forecast - follow_up) ** 2).mean().item()
+    assert error < 0.5 * ((baseline - follow_up) ** 2).mean().item()
+    assert error < 0.1 * ((blind - follow_up) ** 2).mean().item()
+    change = ((forecast - baseline) * drift).sum(dim=(1, 2)).numpy()
+    assert np.corrcoef(change, interval.numpy())[0, 1] > 0.9

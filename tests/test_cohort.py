@@ -101,6 +101,13 @@ def test_rerun_replaces_a_generated_cohort_but_never_a_foreign_folder(tmp_path: 
         make_cohort(CohortSpec(n_sites=1, subjects_per_site=1, voxel_mm=4.0, workers=1, progress=False), foreign)
     assert (foreign / "site-a" / "precious.txt").read_text() == "keep me"
 
+    hand_written = tmp_path / "hospital-sites"
+    hand_written.mkdir()
+    (hand_written / "site-a.yaml").write_text("site_id: site-a\ndata_root: /data/hospital\n")
+    with pytest.raises(ConfigError, match="site-a.yaml.*not written by"):
+        make_cohort(CohortSpec(n_sites=1, subjects_per_site=1, voxel_mm=4.0, workers=1, progress=False), tmp_path / "new", hand_written)
+    assert "/data/hospital" in (hand_written / "site-a.yaml").read_text()
+
 
 @pytest.mark.parametrize(
     ("arguments", "message"),

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from braing3n_core.data.cohort.anatomy import Anatomy
-from braing3n_core.data.cohort.sites import SiteProfile
+from braing3n_core.data.cohort.sites import SiteProfile, site_id
 
 _DIAGNOSIS_AGES = {"CN": (18.0, 95.0), "MCI": (55.0, 92.0), "AD": (58.0, 95.0), "glioma": (22.0, 82.0)}
 _FEMALE_SHARE = {"CN": 0.5, "MCI": 0.5, "AD": 0.6, "glioma": 0.42}
@@ -81,8 +81,6 @@ class SessionState:
 
 def participant_label(site_index: int, subject_index: int, n_subjects: int) -> str:
     """BIDS participant label, unique across the federation: sub-a001, sub-b017, …"""
-    from braing3n_core.data.cohort.sites import site_id
-
     width = max(3, len(str(n_subjects)))
     return f"sub-{site_id(site_index).removeprefix('site-')}{subject_index + 1:0{width}d}"
 

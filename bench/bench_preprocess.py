@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from braing3n_core.data import cache as cache_module
-from braing3n_core.data.cache import ArrayCache, atomic_write_bytes, preprocess_scan
+from braing3n_core.data.cache import ArrayCache, preprocess_scan
+from braing3n_core.fileio import atomic_write_bytes
 from braing3n_core.data.transforms import preprocess_volume
 from braing3n_core.presets import PRESETS
 

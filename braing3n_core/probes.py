@@ -41,7 +41,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from braing3n_core.checkpoint import atomic_write_json
+from braing3n_core.fileio import atomic_write_json
 from braing3n_core.labels import AGE_RANGE_YEARS, DIAGNOSES, MMSE_RANGE, SEXES, Modality, ScanLabels
 
 LOGISTIC_C_GRID: tuple[float, ...] = tuple(np.logspace(-4, 2, 7).tolist())

@@ -289,7 +289,7 @@ def _inspect_all(
 
 
 def _cached_inspection(path: Path, cache: JsonCache | None) -> ImageInspection:
-    from braing3n_core.data.cache import file_sha256
+    from braing3n_core.fileio import file_sha256
 
     if cache is None:
         return _inspect_guarded(path)

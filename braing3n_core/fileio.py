@@ -1,0 +1,57 @@
+"""Crash-safe file writing and content hashing, shared by every cache, checkpoint and ledger.
+
+A write goes to a temporary file in the target folder, is fsynced, and is moved into place with
+`os.replace`, which is atomic on POSIX and Windows: a reader sees the old file or the new one, never a
+partial one, and a crash mid-write leaves only a stray temporary file that nothing reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+_HASH_CHUNK_BYTES = 1 << 20
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, memoised per (path, size, mtime_ns) so a second look is free.
+
+    A file rewritten in place changes its size or mtime, which misses the memo and is hashed again.
+    """
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    return _sha256_of_file(str(resolved), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=65536)
+def _sha256_of_file(path: str, size: int, mtime_ns: int) -> str:
+    del size, mtime_ns  # part of the memo key only
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that no reader ever sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

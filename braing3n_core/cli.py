@@ -40,6 +40,21 @@ def _site_check(args: argparse.Namespace) -> int:
     return 0 if report.usable_scans else 1
 
 
+def _train(args: argparse.Namespace) -> int:
+    from braing3n_core.config import load_site_configs
+    from braing3n_core.train import TrainOptions, train_centralized
+
+    options = TrainOptions(
+        stage=args.stage, preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        warmup_steps=args.warmup_steps, seed=args.seed, device=args.device, out_dir=Path(args.out),
+        encoder=Path(args.encoder) if args.encoder else None, checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every, num_workers=args.num_workers, resume=not args.restart,
+    )
+    final = train_centralized(load_site_configs(args.sites), options)
+    print(final)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from braing3n_core.demo import run_demo
 
@@ -68,6 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("site_yaml", help="site config, e.g. sites/site-a.yaml")
     check.add_argument("-v", "--verbose", action="store_true", help="list every scan, not only a summary")
     check.set_defaults(handler=_site_check)
+
+    train = groups.add_parser("train", help="centralized training of one stage on the pooled sites")
+    train.add_argument("stage", choices=["mae", "decoder", "dit"])
+    train.add_argument("--sites", nargs="+", required=True, help="site YAML files (their data is pooled)")
+    train.add_argument("--preset", default="small", choices=["paper", "small", "tiny"])
+    train.add_argument("--steps", type=int, default=200)
+    train.add_argument("--batch-size", type=int, default=None, help="default: the stage's")
+    train.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the stage's)")
+    train.add_argument("--warmup-steps", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    train.add_argument("--out", default="runs/central", help="run folder (checkpoints, metrics.jsonl)")
+    train.add_argument("--encoder", default=None, help="MAE checkpoint (default: the latest in --out)")
+    train.add_argument("--checkpoint-every", type=int, default=100)
+    train.add_argument("--eval-every", type=int, default=0, help="validation interval in steps (0: at the end)")
+    train.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
+    train.add_argument("--restart", action="store_true", help="ignore existing checkpoints instead of resuming")
+    train.set_defaults(handler=_train)
 
     demo = groups.add_parser("demo", help="the end-to-end demo (README command 1)")
     demo.add_argument("--out", default="runs/demo")

@@ -1,0 +1,102 @@
+"""The embedding cache: each scan's frozen-encoder tokens, computed once and kept on the site's disk.
+
+Once stage 1 is over the encoder never changes, so decoder and DiT training read tokens instead of
+running a 3D ViT on every volume of every step. Entries are keyed by the scan's content hash and the
+preprocessing fingerprint, inside a folder named by the encoder's weight hash: a different encoder can
+never serve stale tokens, and two runs with the same encoder share the work.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from braing3n_core.checkpoint import tensors_sha256
+from braing3n_core.data.bids import ScanRecord
+from braing3n_core.data.cache import ArrayCache, preprocess_scan, preprocessed_volume_key
+from braing3n_core.data.checks import Problem
+from braing3n_core.data.transforms import PreprocessingError
+from braing3n_core.models import MAEEncoder
+from braing3n_core.presets import Preset
+from braing3n_core.runtime import autocast
+
+
+def encoder_sha256(encoder: MAEEncoder) -> str:
+    """The identity of a frozen encoder: a hash of its weights (what the server verifies at each site)."""
+    return tensors_sha256(encoder.state_dict())
+
+
+class TokenCache:
+    """Tokens `[N, E]` float32 per scan for one frozen encoder at one preset."""
+
+    def __init__(
+        self,
+        root: Path,
+        encoder: MAEEncoder,
+        preset: Preset,
+        volume_cache: ArrayCache | None,
+        device: torch.device = torch.device("cpu"),
+        batch_size: int = 4,
+    ) -> None:
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.encoder_sha256 = encoder_sha256(encoder)
+        self.preset = preset
+        self.volume_cache = volume_cache
+        self.device = device
+        self.batch_size = batch_size
+        self.store = ArrayCache(Path(root) / f"tokens-{self.encoder_sha256[:16]}")
+        self.failures: list[Problem] = []
+
+    def key(self, record: ScanRecord) -> str:
+        return preprocessed_volume_key(record.path, self.preset)
+
+    def get(self, record: ScanRecord) -> np.ndarray | None:
+        return self.store.get(self.key(record))
+
+    def tokens(self, record: ScanRecord) -> torch.Tensor:
+        """[N, E] float32; computes (and caches) the entry when it is missing."""
+        cached = self.get(record)
+        if cached is None:
+            self.ensure([record])
+            cached = self.get(record)
+        if cached is None:
+            raise PreprocessingError(record.path, "no tokens: the scan could not be preprocessed")
+        return torch.from_numpy(cached)
+
+    def ensure(self, records: Sequence[ScanRecord], progress: bool | None = None) -> list[ScanRecord]:
+        """Encode every record that has no cached tokens yet; returns the records that now have tokens.
+
+        A scan that cannot be preprocessed is left out and recorded in `failures` (never fatal).
+        """
+        missing = [r for r in records if self.key(r) not in self.store]
+        show = sys.stderr.isatty() if progress is None else progress
+        with Progress(transient=True, disable=not show or not missing) as bar:
+            task = bar.add_task(f"encoding {len(missing)} scans", total=len(missing))
+            for start in range(0, len(missing), self.batch_size):
+                self._encode_batch(missing[start : start + self.batch_size])
+                bar.advance(task, len(missing[start : start + self.batch_size]))
+        failed = {p.path for p in self.failures}
+        return [r for r in records if r.path not in failed and self.key(r) in self.store]
+
+    @torch.no_grad()
+    def _encode_batch(self, records: Iterable[ScanRecord]) -> None:
+        volumes, keys = [], []
+        for record in records:
+            try:
+                volumes.append(torch.from_numpy(preprocess_scan(record.path, self.preset, self.volume_cache)))
+                keys.append(self.key(record))
+            except (PreprocessingError, OSError) as error:
+                reason = error.reason if isinstance(error, PreprocessingError) else str(error)
+                self.failures.append(Problem(record.path, f"not encoded, scan skipped: {reason}", True))
+        if not volumes:
+            return
+        batch = torch.stack(volumes).to(self.device)  # [B, 1, D, H, W]
+        with autocast(self.device):
+            tokens, _ = self.encoder.encode(batch)  # [B, N, E]
+        for key, value in zip(keys, tokens.float().cpu().numpy()):
+            self.store.put(key, value)

@@ -1,0 +1,233 @@
+"""Centralized training: one machine, the sites' data pooled.
+
+This is both a user feature (a single hospital training on its own scans) and the baseline every
+federated run is compared against: it runs the very `train_steps` the federated client runs, over the
+union of the sites' training subjects, with one global cosine schedule.
+
+Run folder: `<out>/checkpoints/<stage>/step-000123.{safetensors,json}` (model + optimizer, written
+atomically every `checkpoint_every` steps and at the end) and `<out>/metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import DataLoader
+
+from braing3n_core.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    flatten_optimizer_state,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    unflatten_optimizer_state,
+)
+from braing3n_core.config import SiteConfig
+from braing3n_core.data.datasets import load_site
+from braing3n_core.models import MAEEncoder
+from braing3n_core.presets import Preset, get_preset
+from braing3n_core.runtime import cosine_lr, infinite, resolve_device, seed_everything
+from braing3n_core.stages import (
+    SiteInputs,
+    Stage,
+    evaluate,
+    get_stage,
+    make_optimizer,
+    stage_dataset,
+    token_moments,
+    train_steps,
+    trainable_state,
+)
+from braing3n_core.tokens import TokenCache, encoder_sha256
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    stage: str
+    preset: str = "small"
+    steps: int = 200
+    batch_size: int | None = None  # stage default when None
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup_steps: int = 0
+    seed: int = 0
+    device: str = "cpu"
+    out_dir: Path = Path("runs/central")
+    encoder: Path | None = None  # MAE checkpoint for the decoder and DiT stages (default: latest in out_dir)
+    checkpoint_every: int = 100
+    eval_every: int = 0  # 0 = only at the end
+    num_workers: int = 0
+    resume: bool = True
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------
+
+
+def stage_checkpoint_dir(out_dir: Path, stage: str) -> Path:
+    return Path(out_dir) / "checkpoints" / stage
+
+
+def save_stage_checkpoint(stem: Path, stage: Stage, model: nn.Module, meta: dict[str, Any],
+                          optimizer: torch.optim.Optimizer | None = None) -> Path:
+    tensors = {f"model.{k}": v for k, v in trainable_state(model).items()}
+    meta = {**meta, "stage": stage.name, "model_config": stage.model_config(model)}
+    if optimizer is not None:
+        optim_tensors, optim_meta = flatten_optimizer_state(optimizer.state_dict())
+        tensors |= optim_tensors
+        meta["optimizer"] = optim_meta
+    return save_checkpoint(stem, tensors, meta)
+
+
+def load_stage_model(path: Path | Checkpoint, expected_stage: str | None = None) -> tuple[nn.Module, Checkpoint]:
+    """Rebuild a stage's network from a checkpoint (its config is in the manifest)."""
+    checkpoint = path if isinstance(path, Checkpoint) else load_checkpoint(path)
+    name = checkpoint.meta.get("stage")
+    if expected_stage is not None and name != expected_stage:
+        raise CheckpointError(f"{checkpoint.path}: holds stage {name!r}, expected {expected_stage!r}")
+    stage = get_stage(name)
+    model = stage.from_config(checkpoint.meta["model_config"])
+    model.load_state_dict(checkpoint.sub_state_dict("model"))
+    return model, checkpoint
+
+
+def load_encoder(path: Path) -> MAEEncoder:
+    """The frozen tokenizer from a stage-1 (MAE) checkpoint."""
+    model, _ = load_stage_model(path, expected_stage="mae")
+    return model.encoder.eval().requires_grad_(False)
+
+
+def resolve_encoder_checkpoint(options: TrainOptions) -> Path:
+    if options.encoder is not None:
+        return Path(options.encoder)
+    found = latest_checkpoint(stage_checkpoint_dir(options.out_dir, "mae"), "step-")
+    if found is None:
+        raise CheckpointError(
+            f"stage {options.stage!r} needs a trained encoder: pass --encoder or train the mae stage into "
+            f"{options.out_dir} first"
+        )
+    return found
+
+
+# --- data ------------------------------------------------------------------------------------------------
+
+
+def prepare_sites(
+    configs: Sequence[SiteConfig], preset: Preset, stage: Stage, encoder: MAEEncoder | None, device: torch.device
+) -> list[SiteInputs]:
+    """Load each site (checks, preprocessing cache) and, for stages after the first, its token cache."""
+    sites = []
+    for config in configs:
+        data = load_site(config, preset)
+        for problem in data.problems:
+            print(f"[{config.site_id}] {problem}", file=sys.stderr)
+        tokens = None
+        if stage.needs_encoder:
+            assert encoder is not None
+            tokens = TokenCache(config.resolved_cache_dir, encoder, preset, data.cache, device)
+        sites.append(SiteInputs(data, tokens))
+    return sites
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0) -> DataLoader:
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=False, num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+# --- the trainer -------------------------------------------------------------------------------------------
+
+
+def train_centralized(configs: Sequence[SiteConfig], options: TrainOptions) -> Path:
+    """Train one stage on the pooled training subjects of `configs`; returns the final checkpoint."""
+    stage = get_stage(options.stage)
+    preset = get_preset(options.preset)
+    device = resolve_device(options.device)
+    generator = seed_everything(options.seed)
+    out_dir = Path(options.out_dir)
+    ckpt_dir = stage_checkpoint_dir(out_dir, stage.name)
+
+    encoder, encoder_path = None, None
+    if stage.needs_encoder:
+        encoder_path = resolve_encoder_checkpoint(options)
+        encoder = load_encoder(encoder_path).to(device)
+
+    sites = prepare_sites(configs, preset, stage, encoder, device)
+    train_set = stage_dataset(stage, sites, "train")
+    if len(train_set) == 0:
+        raise ValueError(f"stage {stage.name}: no usable training scans in {[c.site_id for c in configs]}")
+    val_set = stage_dataset(stage, sites, "val")
+    batch_size = options.batch_size or stage.defaults.batch_size
+    lr = options.lr if options.lr is not None else stage.defaults.lr
+    weight_decay = options.weight_decay if options.weight_decay is not None else stage.defaults.weight_decay
+
+    model = stage.build(preset).to(device)
+    if stage.name == "dit":
+        model.set_token_statistics(*token_moments(train_set, model.config.token_dim).mean_std())
+    optimizer = make_optimizer(model, lr, weight_decay)
+    start_step = 0
+    resumed = latest_checkpoint(ckpt_dir, "step-") if options.resume else None
+    if resumed is not None:
+        checkpoint = load_checkpoint(resumed)
+        model.load_state_dict(checkpoint.sub_state_dict("model"))
+        optimizer.load_state_dict(unflatten_optimizer_state(checkpoint.tensors, checkpoint.meta["optimizer"]))
+        start_step = int(checkpoint.meta["step"])
+        print(f"resuming {stage.name} from {resumed} at step {start_step}", file=sys.stderr)
+    if start_step >= options.steps:
+        return resumed  # type: ignore[return-value]
+
+    meta = {
+        "preset": preset.name,
+        "sites": [c.site_id for c in configs],
+        "total_steps": options.steps,
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
+        "encoder_sha256": encoder_sha256(encoder) if encoder is not None else None,
+        "encoder_checkpoint": str(encoder_path) if encoder_path else None,
+        "train_examples": len(train_set),
+    }
+    batches = infinite(make_loader(train_set, batch_size, True, options.seed + start_step, options.num_workers))
+    val_loader = make_loader(val_set, batch_size, False, options.seed) if len(val_set) else None
+    metrics_path = out_dir / "metrics.jsonl"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last_path = resumed
+
+    def log(record: dict[str, Any]) -> None:
+        with open(metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"stage": stage.name, "time": time.time(), **record}) + "\n")
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[speed]:.2f} vol/s"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not sys.stderr.isatty()) as progress:
+        task = progress.add_task(f"train {stage.name}", total=options.steps, completed=start_step, loss=float("nan"), speed=0.0)
+        step = start_step
+        while step < options.steps:
+            chunk = min(options.checkpoint_every, options.steps - step)
+            if options.eval_every:
+                chunk = min(chunk, options.eval_every - step % options.eval_every)
+            offset = step
+            result = train_steps(
+                stage, model, batches, optimizer, chunk,
+                lr_at=lambda i: cosine_lr(lr, offset + i, options.steps, options.warmup_steps),
+                device=device, generator=generator,
+                on_step=lambda i, loss, n: progress.update(task, advance=1, loss=loss),
+            )
+            step += chunk
+            progress.update(task, speed=result.examples_per_second)
+            record = {"step": step, **result.metrics()}
+            if val_loader is not None and (step == options.steps or (options.eval_every and step % options.eval_every == 0)):
+                record |= evaluate(stage, model, val_loader, device)
+            log(record)
+            if step % options.checkpoint_every == 0 or step == options.steps:
+                last_path = save_stage_checkpoint(ckpt_dir / f"step-{step:06d}", stage, model, {**meta, "step": step}, optimizer)
+    return last_path  # type: ignore[return-value]

@@ -42,9 +42,9 @@ _NEGLIGIBLE_SHIFT_MM = 0.025  # a smaller shift changes the smooth template maps
 class SubjectGeometry:
     """Per-subject sampling state on the candidate voxels (those that can hold brain at any visit).
 
-    Visits re-sample the template only where they move the sampling point (near the ventricles and a
-    tumour); everywhere else the visit-independent samples `static` at q0 are reused, which is most of
-    the brain and most of the generator's time saved.
+    Visits re-sample the template only where they move the sampling point by a measurable amount (around
+    the ventricles and a tumour); elsewhere the visit-independent samples `static` at q0 are reused,
+    which saves about half of the generator's interpolation work.
     """
 
     flat_index: np.ndarray  # (N,) int, C-order indices into the site grid

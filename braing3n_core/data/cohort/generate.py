@@ -31,7 +31,7 @@ from braing3n_core.data.cohort.anatomy import load_anatomy
 from braing3n_core.data.cohort.effects import label_map, session_tissues, subject_geometry, truth_volumes
 from braing3n_core.data.cohort.scanner import Scanner, build_scanner, encode_nifti, render_session, site_geometry
 from braing3n_core.data.cohort.sites import SiteProfile, diagnosis_quota, site_id, site_profile
-from braing3n_core.data.cohort.subjects import participant_label, plan_subject, session_states
+from braing3n_core.data.cohort.subjects import SessionState, SubjectPlan, participant_label, plan_subject, session_states
 
 SITE_STREAM = 7  # spawn key separating site-level randomness from every subject's stream
 
@@ -93,10 +93,7 @@ def make_cohort(spec: CohortSpec, out_dir: Path, sites_dir: Path | None = None) 
     sites = []
     for index in range(spec.n_sites):
         final = out_dir / site_id(index)
-        _check_replaceable(final)
-        yaml_path = sites_dir / f"{site_id(index)}.yaml"
-        if yaml_path.exists() and not yaml_path.read_text(encoding="utf-8").startswith(_YAML_MARK):
-            raise ConfigError(f"{yaml_path}: exists and was not written by '{bids.GENERATOR_NAME}'; refusing to overwrite it")
+        _check_replaceable(final, sites_dir / f"{site_id(index)}.yaml")
         staging = out_dir / f".{site_id(index)}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         sites.append(_build_site(spec, index, staging, anatomy))
@@ -114,15 +111,21 @@ def make_cohort(spec: CohortSpec, out_dir: Path, sites_dir: Path | None = None) 
         site_results = sorted((r for r in results if r.site_index == site.index), key=lambda r: r.subject_index)
         _write_site_files(spec, site, site_results)
         final = out_dir / site.site_id
+        retired = out_dir / f".{site.site_id}.retired"
+        shutil.rmtree(retired, ignore_errors=True)
         if final.exists():
-            shutil.rmtree(final)
+            os.replace(final, retired)  # the old dataset stays whole until the new one is in place
         os.replace(site.staging, final)
+        shutil.rmtree(retired, ignore_errors=True)
         yamls.append(_write_site_yaml(spec, site, final, sites_dir))
     return yamls
 
 
-def _check_replaceable(folder: Path) -> None:
-    """Only a dataset this generator wrote may be replaced."""
+def _check_replaceable(folder: Path, site_yaml: Path) -> None:
+    """Only a dataset and a site YAML this generator wrote may be replaced; checked before any work."""
+    refusal = f"exists and was not written by '{bids.GENERATOR_NAME}'; refusing to overwrite it"
+    if site_yaml.exists() and not site_yaml.read_text(encoding="utf-8").startswith(_YAML_MARK):
+        raise ConfigError(f"{site_yaml}: {refusal}")
     if not folder.exists():
         return
     description = folder / "dataset_description.json"
@@ -132,7 +135,7 @@ def _check_replaceable(folder: Path) -> None:
     except (OSError, ValueError, AttributeError):
         ours = False
     if not ours:
-        raise ConfigError(f"{folder}: exists and was not written by '{bids.GENERATOR_NAME}'; refusing to overwrite it")
+        raise ConfigError(f"{folder}: {refusal}")
 
 
 def _build_site(spec: CohortSpec, index: int, staging: Path, anatomy: Any) -> Site:
@@ -160,7 +163,7 @@ def _init_worker(spec: CohortSpec, sites: list[Site], single_threaded: bool = Fa
 def _run_tasks(spec: CohortSpec, sites: list[Site], tasks: list[tuple[int, int]]) -> list[SubjectResult]:
     workers = max(1, min(spec.workers or _available_cores(), len(tasks)))
     _init_worker(spec, sites)
-    with _progress(spec, len(tasks)) as advance:
+    with _Progress(spec, len(tasks)) as advance:
         if workers == 1:
             results = []
             with threadpool_limits(limits=1):
@@ -184,7 +187,7 @@ def _available_cores() -> int:
     return os.cpu_count() or 1
 
 
-class _progress:
+class _Progress:
     """A rich progress bar on a terminal; silent otherwise (CI logs, pytest)."""
 
     def __init__(self, spec: CohortSpec, total: int) -> None:
@@ -231,24 +234,7 @@ def _generate_subject(task: tuple[int, int]) -> SubjectResult:
             path = bids.scan_path(site.staging, participant_id, state.session_id, modality)
             bids.write_bytes(path, encode_nifti(scanner, values, brain_voxels))
             bids.write_json(path.with_name(path.name.replace(".nii.gz", ".json")), bids.scan_sidecar(site.profile, modality, site.site_id, voxel_mm))
-            truth_rows.append(
-                {
-                    "participant_id": participant_id,
-                    "session_id": state.session_id,
-                    "modality": modality.value,
-                    "filename": path.relative_to(site.staging).as_posix(),
-                    "site_id": site.site_id,
-                    "age": state.age,
-                    "sex": plan.sex,
-                    "diagnosis": state.diagnosis,
-                    "mmse": state.mmse,
-                    "field_strength": site.profile.field_strength,
-                    "years_since_baseline": state.years,
-                    "severity": round(state.severity, 4),
-                    "head_scale": round(plan.head_scale, 4),
-                    **volumes,
-                }
-            )
+            truth_rows.append(_truth_row(site, plan, state, modality.value, path.relative_to(site.staging).as_posix(), volumes))
         if spec.truth_maps:
             labels = encode_nifti(scanner, label_map(tissues), geometry.flat_index, labels=True)
             bids.write_bytes(bids.truth_map_path(site.staging, participant_id, state.session_id), labels)
@@ -257,6 +243,25 @@ def _generate_subject(task: tuple[int, int]) -> SubjectResult:
     baseline = session_rows[0]
     participant = {"participant_id": participant_id, "sex": plan.sex, "age": plan.baseline_age, "diagnosis": baseline["diagnosis"], "mmse": baseline["mmse"]}
     return SubjectResult(site_index, subject_index, participant, truth_rows)
+
+
+def _truth_row(site: Site, plan: SubjectPlan, state: SessionState, modality: str, filename: str, volumes: dict[str, float]) -> dict[str, Any]:
+    return {
+        "participant_id": plan.participant_id,
+        "session_id": state.session_id,
+        "modality": modality,
+        "filename": filename,
+        "site_id": site.site_id,
+        "age": state.age,
+        "sex": plan.sex,
+        "diagnosis": state.diagnosis,
+        "mmse": state.mmse,
+        "field_strength": site.profile.field_strength,
+        "years_since_baseline": state.years,
+        "severity": round(state.severity, 4),
+        "head_scale": round(plan.head_scale, 4),
+        **volumes,
+    }
 
 
 def _write_site_files(spec: CohortSpec, site: Site, results: list[SubjectResult]) -> None:

@@ -6,10 +6,16 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
+# One intra-op thread: CI has two cores, and the Flower simulation tests run Ray actors beside pytest.
+# With torch's default of one thread per core, tiny-model steps spin-wait on a busy core and ran 5x
+# slower (measured: a tiny DiT step 17 ms with one thread, 80-1100 ms with two under load).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

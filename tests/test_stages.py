@@ -1,0 +1,115 @@
+"""The stage layer and the centralized trainer on a real (synthetic, tiny) BIDS cohort."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from braing3n_core.config import SiteConfig
+from braing3n_core.data.datasets import load_site
+from braing3n_core.presets import get_preset
+from braing3n_core.stages import SiteInputs, get_stage, longitudinal_pairs, stage_dataset
+from braing3n_core.tokens import TokenCache, encoder_sha256
+from braing3n_core.train import TrainOptions, load_encoder, load_stage_model, train_centralized
+
+TINY = get_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def site_configs(synthetic_cohort, tmp_path_factory) -> list[SiteConfig]:
+    """The shared cohort with caches redirected to this module's temp folder (the cohort is read-only)."""
+    cache = tmp_path_factory.mktemp("stage-caches")
+    return [
+        SiteConfig.from_yaml(p).model_copy(update={"cache_dir": cache / SiteConfig.from_yaml(p).site_id})
+        for p in synthetic_cohort
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained_run(site_configs, tmp_path_factory) -> Path:
+    """All three stages trained centrally for a few steps each, in one run folder."""
+    out = tmp_path_factory.mktemp("central-run")
+    for stage, steps in (("mae", 6), ("decoder", 4), ("dit", 4)):
+        train_centralized(site_configs, TrainOptions(stage=stage, preset="tiny", steps=steps, checkpoint_every=3,
+                                                     out_dir=out, batch_size=2))
+    return out
+
+
+def test_all_three_stages_train_and_log(trained_run: Path) -> None:
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    stages = {r["stage"] for r in records}
+    assert stages == {"mae", "decoder", "dit"}
+    finals = {r["stage"]: r for r in records if r["step"] in (6, 4)}
+    assert "val/masked_l1" in finals["mae"] and "val/psnr" in finals["decoder"] and "val/flow_loss" in finals["dit"]
+    for record in records:
+        assert record["train/examples"] > 0 and torch.isfinite(torch.tensor(record["train/loss"]))
+    # Decoder and DiT checkpoints name the encoder they were trained on.
+    decoder_meta = json.loads((trained_run / "checkpoints/decoder/step-000004.json").read_text())["meta"]
+    encoder = load_encoder(trained_run / "checkpoints/mae/step-000006.json")
+    assert decoder_meta["encoder_sha256"] == encoder_sha256(encoder)
+
+
+def test_checkpoint_round_trips_bit_exactly(trained_run: Path) -> None:
+    for stage, step in (("mae", 6), ("decoder", 4), ("dit", 4)):
+        path = trained_run / f"checkpoints/{stage}/step-{step:06d}.json"
+        model, checkpoint = load_stage_model(path, expected_stage=stage)
+        for name, value in model.state_dict().items():
+            if name in checkpoint.sub_state_dict("model"):
+                assert torch.equal(value, checkpoint.sub_state_dict("model")[name]), (stage, name)
+
+
+def test_training_resumes_from_the_last_checkpoint(site_configs, tmp_path: Path) -> None:
+    options = TrainOptions(stage="mae", preset="tiny", steps=4, checkpoint_every=2, out_dir=tmp_path, batch_size=2)
+    train_centralized(site_configs, options)
+    first = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    final = train_centralized(site_configs, TrainOptions(**{**options.__dict__, "steps": 6}))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4, 6]  # steps 1-4 were not repeated
+    assert len(first) == 2 and final.name == "step-000006.json"
+
+
+def test_token_cache_computes_each_scan_once_per_encoder(trained_run: Path, site_configs, tmp_path: Path) -> None:
+    encoder = load_encoder(trained_run / "checkpoints/mae/step-000006.json")
+    data = load_site(site_configs[0], TINY)
+    calls = []
+    encoder.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    cache = TokenCache(tmp_path, encoder, TINY, data.cache)
+    records = data.splits["train"][:3]
+    assert len(cache.ensure(records)) == 3
+    assert sum(calls) == 3
+    again = TokenCache(tmp_path, encoder, TINY, data.cache)
+    again.ensure(records)
+    assert sum(calls) == 3  # second run: no encoder call at all
+    tokens = again.tokens(records[0])
+    assert tokens.shape == (TINY.num_tokens, encoder.config.width)
+    volume = torch.from_numpy(__import__("numpy").load(data.cache.path_for(cache.key(records[0]))))[None]
+    with torch.no_grad():
+        assert torch.allclose(encoder.encode(volume)[0][0], tokens, atol=1e-5)
+    # A different encoder gets its own entries.
+    other = load_encoder(trained_run / "checkpoints/mae/step-000003.json")
+    assert TokenCache(tmp_path, other, TINY, data.cache).store.root != cache.store.root
+
+
+def test_longitudinal_pairs_stay_within_a_subject_and_go_forward(trained_run: Path, site_configs) -> None:
+    encoder = load_encoder(trained_run / "checkpoints/mae/step-000006.json")
+    sites = []
+    for config in site_configs:
+        data = load_site(config, TINY)
+        sites.append(SiteInputs(data, TokenCache(config.resolved_cache_dir, encoder, TINY, data.cache)))
+    dataset = stage_dataset(get_stage("dit"), sites, "train")
+    parts = dataset.datasets if hasattr(dataset, "datasets") else [dataset]
+    n_pairs = 0
+    for part in parts:
+        for later, earlier in longitudinal_pairs(part.records):
+            a, b = part.records[later], part.records[earlier]
+            assert (a.site_id, a.subject, a.modality) == (b.site_id, b.subject, b.modality)
+            assert a.labels.age > b.labels.age
+            n_pairs += 1
+    assert n_pairs > 0, "the shared cohort has follow-up sessions, so pairs must exist"
+    item = parts[0][len(parts[0].records)]  # first pair example
+    assert torch.isfinite(item["baseline"]).all() and item["interval"] > 0
+    item = parts[0][0]  # cross-sectional example
+    assert torch.isnan(item["baseline"]).all() and torch.isnan(item["interval"])

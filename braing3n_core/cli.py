@@ -55,6 +55,22 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from braing3n_core.simulate import SimulationError, simulate
+
+    try:
+        result = simulate([Path(p) for p in args.sites], Path(args.run_config), Path(args.out) if args.out else None,
+                          resume=args.resume, cpus_per_site=args.cpus_per_site)
+    except SimulationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; the SuperLink was stopped. Continue later with --resume.", file=sys.stderr)
+        return 130
+    print(f"federated run complete in {result.seconds:.0f} s: {result.run_dir}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from braing3n_core.demo import run_demo
 
@@ -101,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
     train.add_argument("--restart", action="store_true", help="ignore existing checkpoints instead of resuming")
     train.set_defaults(handler=_train)
+
+    sim = groups.add_parser("simulate", help="federated run of N virtual sites on Flower's simulation engine")
+    sim.add_argument("--sites", nargs="+", required=True, help="site YAML files, one virtual site each")
+    sim.add_argument("--run-config", required=True, help="run YAML (stages, rounds, strategies, probes)")
+    sim.add_argument("--out", default=None, help="run folder (default runs/<name from the run config>)")
+    sim.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    sim.add_argument("--cpus-per-site", type=int, default=1, help="CPU cores reserved per virtual site (default 1)")
+    sim.set_defaults(handler=_simulate)
 
     demo = groups.add_parser("demo", help="the end-to-end demo (README command 1)")
     demo.add_argument("--out", default="runs/demo")

@@ -1,0 +1,490 @@
+"""Framework-free pieces of federated training, shared by the site client and the server.
+
+Flower only moves named numpy arrays and small config/metric mappings between processes; everything
+that decides what a site computes, what a reply must look like and how probe heads are combined lives
+here, on plain numpy arrays and torch modules, so it is unit-testable without a Flower process:
+
+- `RoundParams`: what one train message asks of a site (stage, round, steps, lr, FedProx μ…);
+- `train_site_round` / `evaluate_site`: one site's share of a stage round, through the very
+  `stages.train_steps` / `stages.evaluate` the centralized trainer runs;
+- `check_reply_arrays`: the server's checks on a reply (keys, shapes, dtypes, finiteness, update norm);
+- the federated linear-probe protocol: per-site pooled features and a label *census* (counts and sums
+  only), task selection from the summed census, per-task head training and FedAvg, held-out scoring.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from braing3n_core.data.bids import ScanRecord
+from braing3n_core.models import TokenMoments
+from braing3n_core.probes import (
+    FeatureStats,
+    LinearHead,
+    ProbeRequirements,
+    ProbeSample,
+    ProbeTable,
+    ProbeTask,
+    SkippedTask,
+    TaskKind,
+    _class_key,
+    candidate_tasks,
+    evaluate_predictions,
+)
+from braing3n_core.stages import (
+    ProximalTerm,
+    SiteInputs,
+    Stage,
+    evaluate,
+    make_optimizer,
+    stage_dataset,
+    token_moments,
+    train_steps,
+    trainable_state,
+)
+from braing3n_core.tokens import TokenCache
+
+Arrays = dict[str, np.ndarray]
+
+
+class SiteDeclined(RuntimeError):
+    """A site cannot take part in this request (no usable scans, missing encoder…); the message says why."""
+
+
+# --- conversions -------------------------------------------------------------------------------------------
+
+
+def module_arrays(model: nn.Module) -> Arrays:
+    """A module's persistent state as fp32 numpy arrays (what travels and what is checkpointed)."""
+    return {k: v.numpy() for k, v in trainable_state(model).items()}
+
+
+def load_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> nn.Module:
+    """Load named arrays into `model` (strict: every key must match)."""
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, strict=True)
+    return model
+
+
+def round_seed(seed: int, *parts: object) -> int:
+    """A stable 63-bit seed per (run seed, stage, round, site): reproducible and different per site."""
+    digest = hashlib.sha256("/".join(str(p) for p in (seed, *parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+# --- one site's round ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundParams:
+    """The settings of one federated training round, as carried by the train message's ConfigRecord."""
+
+    stage: str
+    server_round: int
+    local_steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    proximal_mu: float = 0.0
+    seed: int = 0
+
+    def to_config(self) -> dict[str, Any]:
+        return {"stage": self.stage, "server-round": self.server_round, "local-steps": self.local_steps,
+                "batch-size": self.batch_size, "lr": self.lr, "weight-decay": self.weight_decay,
+                "proximal-mu": self.proximal_mu, "seed": self.seed}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "RoundParams":
+        try:
+            return cls(
+                stage=str(config["stage"]), server_round=int(config["server-round"]),
+                local_steps=int(config["local-steps"]), batch_size=int(config["batch-size"]), lr=float(config["lr"]),
+                weight_decay=float(config["weight-decay"]), proximal_mu=float(config.get("proximal-mu", 0.0)),
+                seed=int(config.get("seed", 0)),
+            )
+        except KeyError as error:
+            raise ValueError(f"train message config lacks {error.args[0]!r}; has {sorted(config)}") from None
+
+
+def _loader(dataset, batch_size: int, shuffle: bool, seed: int):
+    from braing3n_core.train import make_loader  # the centralized trainer's loader, not a copy
+
+    return make_loader(dataset, batch_size, shuffle, seed)
+
+
+def train_site_round(
+    stage: Stage, model: nn.Module, site: SiteInputs, params: RoundParams, device: torch.device
+) -> tuple[Arrays, dict[str, float]]:
+    """`params.local_steps` steps of `stage` on the site's training split, from the global weights in `model`.
+
+    A fresh AdamW per round (optimizer state never crosses rounds or sites); FedProx adds μ/2‖w − w_g‖²
+    when `proximal_mu` > 0. Returns the new weights and metrics: `num-examples` is the site's number of
+    training examples (FedAvg's n_k), `train/examples` the examples actually processed.
+    """
+    from braing3n_core.runtime import infinite
+
+    dataset = stage_dataset(stage, [site], "train")
+    if len(dataset) == 0:
+        raise SiteDeclined(f"site {site.data.config.site_id}: no usable training scans for stage {stage.name}")
+    seed = round_seed(params.seed, stage.name, params.server_round, site.data.config.site_id)
+    model = model.to(device)
+    optimizer = make_optimizer(model, params.lr, params.weight_decay)
+    proximal = ProximalTerm.of(model, params.proximal_mu) if params.proximal_mu > 0 else None
+    batches = infinite(_loader(dataset, params.batch_size, True, seed))
+    result = train_steps(
+        stage, model, batches, optimizer, params.local_steps, lr_at=lambda _: params.lr, device=device,
+        generator=torch.Generator(device=device).manual_seed(seed), proximal=proximal,
+    )
+    metrics = {"num-examples": float(len(dataset)), **result.metrics(), "train/steps": float(result.steps)}
+    return module_arrays(model.cpu()), metrics
+
+
+def evaluate_site(stage: Stage, model: nn.Module, site: SiteInputs, batch_size: int, device: torch.device) -> dict[str, float]:
+    """The stage's validation metrics on the site's val split (`num-examples` = validation examples)."""
+    dataset = stage_dataset(stage, [site], "val")
+    if len(dataset) == 0:
+        raise SiteDeclined(f"site {site.data.config.site_id}: no usable validation scans for stage {stage.name}")
+    values = evaluate(stage, model.to(device), _loader(dataset, batch_size, False, 0), device)
+    return {"num-examples": values["val/examples"], **values}
+
+
+def site_token_moments(dit_stage: Stage, site: SiteInputs, token_dim: int) -> TokenMoments:
+    """Per-channel token sums over the site's DiT training scans (aggregates only)."""
+    dataset = stage_dataset(dit_stage, [site], "train")
+    if len(dataset) == 0:
+        raise SiteDeclined(f"site {site.data.config.site_id}: no usable training scans for token statistics")
+    return token_moments(dataset, token_dim)
+
+
+def moments_to_arrays(moments: TokenMoments) -> Arrays:
+    return {"count": np.array([moments.count], dtype=np.float64), "total": moments.total.numpy(),
+            "total_sq": moments.total_sq.numpy()}
+
+
+def moments_from_arrays(arrays: Mapping[str, np.ndarray]) -> TokenMoments:
+    total = torch.from_numpy(np.asarray(arrays["total"], dtype=np.float64))
+    moments = TokenMoments(total.shape[0])
+    moments.count = int(np.asarray(arrays["count"]).item())
+    moments.total, moments.total_sq = total, torch.from_numpy(np.asarray(arrays["total_sq"], dtype=np.float64))
+    return moments
+
+
+# --- reply checks (server side) -------------------------------------------------------------------------------
+
+
+def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """‖w_site − w_global‖₂ over every floating-point array (in float64)."""
+    total = 0.0
+    for key, ref in reference.items():
+        if np.issubdtype(ref.dtype, np.floating):
+            diff = np.asarray(arrays[key], dtype=np.float64) - ref.astype(np.float64)
+            total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total)
+
+
+def check_reply_arrays(
+    arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], norm_bound: float | None = None
+) -> tuple[str | None, float]:
+    """(reason to reject or None, update norm). Checks keys, shapes, dtypes, NaN/Inf, then the norm bound."""
+    missing, extra = sorted(set(reference) - set(arrays)), sorted(set(arrays) - set(reference))
+    if missing or extra:
+        return f"array keys differ from the global model (missing {missing[:5]}, unexpected {extra[:5]})", math.nan
+    for key, ref in reference.items():
+        value = arrays[key]
+        if value.shape != ref.shape:
+            return f"array {key!r} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}", math.nan
+        if value.dtype != ref.dtype:
+            return f"array {key!r} has dtype {value.dtype}, expected {ref.dtype}", math.nan
+        if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+            bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+            return f"array {key!r} holds {bad} NaN/Inf values", math.nan
+    norm = update_norm(arrays, reference)
+    if norm_bound is not None and norm > norm_bound:
+        return f"update norm {norm:.4g} exceeds the bound {norm_bound:.4g}", norm
+    return None, norm
+
+
+def check_metrics(metrics: Mapping[str, Any]) -> str | None:
+    examples = metrics.get("num-examples")
+    if not isinstance(examples, (int, float)) or not math.isfinite(examples) or examples <= 0:
+        return f"num-examples must be a positive number, got {examples!r}"
+    loss = metrics.get("train/loss")
+    if loss is not None and not (isinstance(loss, (int, float)) and math.isfinite(loss)):
+        return f"train/loss is not finite ({loss!r})"
+    return None
+
+
+def weighted_mean(values: Sequence[tuple[float, float]]) -> float:
+    """Example-weighted mean of (value, weight) pairs, ignoring NaN values; NaN when nothing is left."""
+    kept = [(v, w) for v, w in values if v is not None and math.isfinite(v) and w > 0]
+    total = sum(w for _, w in kept)
+    return sum(v * w for v, w in kept) / total if total > 0 else math.nan
+
+
+# --- federated linear probes ------------------------------------------------------------------------------------
+
+CATEGORICAL_COLUMNS: tuple[str, ...] = ("sex", "diagnosis", "modality", "field_strength", "site_id")
+NUMERIC_COLUMNS: tuple[str, ...] = ("age", "mmse")
+
+
+@dataclass(frozen=True)
+class SiteProbeData:
+    """One site's probe inputs: pooled features [n, E] (mean of cached tokens) and labels, per side."""
+
+    fit_features: np.ndarray
+    fit_table: ProbeTable
+    test_features: np.ndarray
+    test_table: ProbeTable
+
+
+def probe_sample(record: ScanRecord) -> ProbeSample:
+    return ProbeSample.from_scan_labels(subject=record.subject, site_id=record.site_id, modality=record.modality,
+                                        labels=record.labels, session=record.session)
+
+
+def site_probe_data(site: SiteInputs) -> SiteProbeData:
+    """Heads are fitted on the site's train + val subjects and scored on its test subjects."""
+    assert site.tokens is not None, "probes need the token cache of the frozen encoder"
+
+    def side(records: list[ScanRecord]) -> tuple[np.ndarray, ProbeTable]:
+        usable = site.tokens.ensure(records)
+        width = site.tokens.encoder.config.width
+        features = np.stack([site.tokens.tokens(r).mean(0).numpy() for r in usable]) if usable else np.zeros((0, width))
+        return features.astype(np.float64), ProbeTable(tuple(probe_sample(r) for r in usable))
+
+    fit_x, fit_t = side(site.data.splits["train"] + site.data.splits["val"])
+    test_x, test_t = side(site.data.splits["test"])
+    return SiteProbeData(fit_x, fit_t, test_x, test_t)
+
+
+def label_census(data: SiteProbeData) -> dict[str, Any]:
+    """Counts and sums of the site's labels, per side: what task selection and standardisation need.
+
+    Categorical columns: {class: [scans, subjects]}; numeric: [scans, subjects, Σy, Σy²]. Nothing per
+    scan or per subject leaves the site.
+    """
+    census: dict[str, Any] = {}
+    for side_name, table in (("fit", data.fit_table), ("test", data.test_table)):
+        subjects = table.subjects
+        sides: dict[str, Any] = {}
+        for column in CATEGORICAL_COLUMNS:
+            values = table.column(column)
+            classes: dict[str, list[int]] = {}
+            for key in sorted({_class_key(v) for v in values if v is not None}):
+                rows = np.array([v is not None and _class_key(v) == key for v in values], dtype=bool)
+                classes[key] = [int(rows.sum()), len(set(subjects[rows]))]
+            sides[column] = classes
+        for column in NUMERIC_COLUMNS:
+            values = table.column(column)
+            rows = np.array([v is not None for v in values], dtype=bool)
+            y = values[rows].astype(np.float64)
+            sides[column] = [int(rows.sum()), len(set(subjects[rows])), float(y.sum()), float(np.square(y).sum())]
+        census[side_name] = sides
+    return census
+
+
+def _merge_census(censuses: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {"fit": {}, "test": {}}
+    for census in censuses:
+        for side in ("fit", "test"):
+            for column, value in census[side].items():
+                if column in CATEGORICAL_COLUMNS:
+                    target = merged[side].setdefault(column, {})
+                    for key, counts in value.items():
+                        target[key] = [a + b for a, b in zip(target.get(key, [0, 0]), counts)]
+                else:
+                    merged[side][column] = [a + b for a, b in zip(merged[side].get(column, [0, 0, 0.0, 0.0]), value)]
+    return merged
+
+
+@dataclass
+class ProbePlan:
+    """The tasks the federation can probe, with the summed statistics their heads start from."""
+
+    tasks: list[ProbeTask]
+    skipped: list[SkippedTask]
+    feature_stats: FeatureStats
+    target_stats: dict[str, FeatureStats] = field(default_factory=dict)  # regression tasks
+    class_counts: dict[str, np.ndarray] = field(default_factory=dict)  # classification tasks (fit side)
+
+    def heads(self) -> dict[str, LinearHead]:
+        return {t.name: LinearHead(t, self.feature_stats, target_stats=self.target_stats.get(t.name),
+                                   class_counts=self.class_counts.get(t.name)) for t in self.tasks}
+
+    def prior(self, task: ProbeTask) -> list[float]:
+        """Features-blind prediction: the pooled train mean, or the pooled train class frequencies."""
+        if task.kind is TaskKind.REGRESSION:
+            return [float(self.target_stats[task.name].mean[0])]
+        counts = self.class_counts[task.name]
+        return (counts / counts.sum()).tolist()
+
+    def tasks_json(self) -> str:
+        return json.dumps([{**_task_dict(t), "prior": self.prior(t)} for t in self.tasks])
+
+
+def _task_dict(task: ProbeTask) -> dict[str, Any]:
+    return {"name": task.name, "column": task.column, "kind": task.kind.value, "classes": list(task.classes),
+            "note": task.note}
+
+
+def tasks_from_json(text: str) -> list[tuple[ProbeTask, list[float]]]:
+    out = []
+    for item in json.loads(text):
+        task = ProbeTask(item["name"], item["column"], TaskKind(item["kind"]), tuple(item["classes"]), item.get("note", ""))
+        out.append((task, [float(p) for p in item["prior"]]))
+    return out
+
+
+def plan_probes(
+    censuses: Sequence[Mapping[str, Any]], feature_stats: Sequence[FeatureStats],
+    requirements: ProbeRequirements = ProbeRequirements(),
+) -> ProbePlan:
+    """Choose tasks from the summed census with the same thresholds as `probes.select_tasks`."""
+    census = _merge_census(censuses)
+    fit, test = census["fit"], census["test"]
+    fixed, skipped = candidate_tasks(ProbeTable(()))  # the label vocabulary's tasks; site/field strength below
+    skipped = [s for s in skipped if s.task not in ("field_strength", "site")]
+    candidates = list(fixed)
+    for name, column in (("field_strength", "field_strength"), ("site", "site_id")):
+        present = tuple(sorted(set(fit.get(column, {})) | set(test.get(column, {}))))
+        if len(present) >= 2:
+            candidates.append(ProbeTask(name, column, TaskKind.CLASSIFICATION, present))
+        else:
+            skipped.append(SkippedTask(name, f"needs ≥ 2 classes, the federation has {list(present) or 'none'}"))
+    tasks: list[ProbeTask] = []
+    target_stats: dict[str, FeatureStats] = {}
+    class_counts: dict[str, np.ndarray] = {}
+    for task in candidates:
+        if task.kind is TaskKind.REGRESSION:
+            n_fit, s_fit, total, total_sq = fit[task.column]
+            n_test, s_test = test[task.column][:2]
+            n, subjects = n_fit + n_test, s_fit + s_test
+            variance = total_sq / n_fit - (total / n_fit) ** 2 if n_fit else 0.0
+            if n < requirements.min_samples or subjects < requirements.min_subjects:
+                skipped.append(SkippedTask(task.name, f"{n} labelled scans of {subjects} subjects; needs ≥ "
+                                           f"{requirements.min_samples} scans and ≥ {requirements.min_subjects} subjects"))
+            elif n_fit < 2 or n_test < 1 or variance <= 1e-12:
+                skipped.append(SkippedTask(task.name, f"{n_fit} fit and {n_test} test scans, variance {variance:.3g}"))
+            else:
+                tasks.append(task)
+                target_stats[task.name] = FeatureStats(n_fit, np.array([total]), np.array([total_sq]))
+            continue
+        per_class = {c: fit[task.column].get(c, [0, 0])[1] + test[task.column].get(c, [0, 0])[1] for c in task.classes}
+        kept = tuple(c for c in task.classes if per_class[c] >= requirements.min_subjects_per_class)
+        counts = ", ".join(f"{c}: {k}" for c, k in per_class.items())
+        if len(kept) < 2:
+            skipped.append(SkippedTask(task.name, f"needs ≥ 2 classes with ≥ {requirements.min_subjects_per_class} "
+                                       f"subjects each; subjects per class: {counts}"))
+            continue
+        fit_counts = np.array([fit[task.column].get(c, [0, 0])[0] for c in kept], dtype=np.float64)
+        test_rows = sum(test[task.column].get(c, [0, 0])[0] for c in kept)
+        if fit_counts.sum() + test_rows < requirements.min_samples or np.count_nonzero(fit_counts) < 2 or test_rows < 1:
+            skipped.append(SkippedTask(task.name, f"{int(fit_counts.sum())} fit and {test_rows} test scans in classes {kept}"))
+            continue
+        dropped = [c for c in task.classes if c not in kept and per_class[c] > 0]
+        tasks.append(ProbeTask(task.name, task.column, task.kind, kept, f"dropped rare classes ({counts})" if dropped else ""))
+        class_counts[task.name] = fit_counts
+    return ProbePlan(tasks, skipped, FeatureStats.combine(feature_stats), target_stats, class_counts)
+
+
+def head_arrays(heads: Mapping[str, LinearHead]) -> Arrays:
+    """All heads in one flat mapping: `<task>.<parameter or buffer>`."""
+    return {f"{name}.{k}": v for name, head in heads.items() for k, v in module_arrays(head).items()}
+
+
+def heads_from_arrays(tasks: Sequence[ProbeTask], arrays: Mapping[str, np.ndarray]) -> dict[str, LinearHead]:
+    """Rebuild heads from their arrays (the buffers carry the federated standardisation)."""
+    heads = {}
+    for task in tasks:
+        own = {k[len(task.name) + 1 :]: v for k, v in arrays.items() if k.startswith(task.name + ".")}
+        width = own["feature_mean"].shape[0]
+        placeholder = FeatureStats(1, np.zeros(width), np.ones(width))
+        head = LinearHead(task, placeholder, target_stats=FeatureStats(1, np.zeros(1), np.ones(1)))
+        heads[task.name] = load_arrays(head, own)
+    return heads
+
+
+def task_rows(task: ProbeTask, features: np.ndarray, table: ProbeTable) -> tuple[np.ndarray, np.ndarray]:
+    mask, y = task.targets(table) if len(table) else (np.zeros(0, dtype=bool), np.zeros(0))
+    return features[mask], y
+
+
+def train_heads(
+    heads: Mapping[str, LinearHead], data: SiteProbeData, *, steps: int, lr: float, batch_size: int,
+    weight_decay: float, seed: int,
+) -> tuple[Arrays, dict[str, float]]:
+    """Local SGD on every head with the site's fit rows; per-task example counts weight the FedAvg."""
+    metrics: dict[str, float] = {"num-examples": float(len(data.fit_table))}
+    for name, head in heads.items():
+        x, y = task_rows(head.task, data.fit_features, data.fit_table)
+        metrics[f"n/{name}"] = float(len(y))
+        if len(y) == 0:
+            metrics[f"probe/{name}_train_loss"] = math.nan
+            continue
+        losses = head.fit_steps(x, y, steps=steps, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+                                seed=round_seed(seed, name))
+        metrics[f"probe/{name}_train_loss"] = float(np.mean(losses[-max(1, steps // 4):]))
+    return head_arrays(heads), metrics
+
+
+def aggregate_heads(
+    tasks: Sequence[ProbeTask], current: Mapping[str, np.ndarray], replies: Sequence[tuple[Arrays, Mapping[str, float]]]
+) -> Arrays:
+    """FedAvg per task: each head averaged over the sites that hold rows of its task, weighted by those rows."""
+    out = {k: v.copy() for k, v in current.items()}
+    for task in tasks:
+        weighted = [(arrays, float(metrics.get(f"n/{task.name}", 0.0))) for arrays, metrics in replies]
+        weighted = [(a, w) for a, w in weighted if w > 0]
+        total = sum(w for _, w in weighted)
+        if total <= 0:
+            continue
+        for key in (k for k in current if k.startswith(task.name + ".")):
+            out[key] = sum(a[key].astype(np.float64) * (w / total) for a, w in weighted).astype(current[key].dtype)
+    return out
+
+
+def score_heads(
+    heads: Mapping[str, LinearHead], priors: Mapping[str, Sequence[float]], data: SiteProbeData
+) -> dict[str, float]:
+    """Each task's metrics on the site's held-out (test) rows, and the features-blind chance level.
+
+    Keys: `probe/<task>_<metric>`, `probe/<task>_<metric>_chance`, `n/<task>`; NaN where undefined
+    (no rows, or one class only).
+    """
+    metrics: dict[str, float] = {"num-examples": float(len(data.test_table))}
+    for name, head in heads.items():
+        x, y = task_rows(head.task, data.test_features, data.test_table)
+        metrics[f"n/{name}"] = float(len(y))
+        names = head.task.metric_names
+        if len(y) == 0:
+            metrics |= {m: math.nan for m in names} | {f"{m}_chance": math.nan for m in names}
+            continue
+        metrics |= evaluate_predictions(head.task, y, head.predict_scores(x))
+        prior = np.asarray(priors[name], dtype=np.float64)
+        chance = np.full(len(y), prior[0]) if head.task.kind is TaskKind.REGRESSION else np.tile(prior, (len(y), 1))
+        metrics |= {f"{k}_chance": v for k, v in evaluate_predictions(head.task, y, chance).items()}
+    return metrics
+
+
+def pooled_probe_metrics(tasks: Sequence[ProbeTask], per_site: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Example-weighted mean of each site's held-out metrics (sites with no rows or NaN left out)."""
+    pooled: dict[str, float] = {}
+    for task in tasks:
+        weight = f"n/{task.name}"
+        pooled[weight] = float(sum(m.get(weight, 0.0) for m in per_site.values()))
+        for metric in task.metric_names:
+            for key in (metric, f"{metric}_chance"):
+                pooled[key] = weighted_mean([(m.get(key, math.nan), m.get(weight, 0.0)) for m in per_site.values()])
+    return pooled
+
+
+def plan_to_json(plan: ProbePlan) -> dict[str, Any]:
+    return {"tasks": json.loads(plan.tasks_json()), "skipped": [asdict(s) for s in plan.skipped]}

@@ -1,0 +1,263 @@
+"""The federated run configuration: one YAML file, validated once, at the edge.
+
+A run trains some of the stages mae → decoder → dit in that order, each with its own rounds, local
+steps, learning-rate schedule and aggregation strategy, then (optionally) benchmarks the frozen encoder
+with federated linear probes. Example (`runs-config/tiny.yaml`):
+
+```yaml
+name: tiny
+preset: tiny
+min_sites: 2
+update_norm_bound: 50.0
+stages:
+  - {name: mae, rounds: 3, local_steps: 4, batch_size: 2}
+  - {name: decoder, rounds: 2, local_steps: 3, strategy: {name: fedprox, mu: 0.01}}
+  - {name: dit, rounds: 2, local_steps: 3, strategy: {name: fedadam, eta: 0.01}}
+probes: {enabled: true, rounds: 3, local_steps: 20}
+```
+
+`start_from: {mae: path/to/checkpoint.json}` takes a finished stage from a checkpoint (written by this
+run's server or by `braing3n train`) instead of training it, e.g. to train the DiT only. A stage given
+there must not also be listed under `stages`.
+
+`fault_injection` exists for tests and drills only: each entry makes one site misbehave on purpose from
+a given round (send NaN weights, an oversized update, decline, or crash) so that the server's
+rejection and drop-out handling can be exercised in a real simulation. It is empty unless set, and the
+server logs every injected fault.
+
+Errors are `ConfigError`s naming the file and the field, like the site configuration's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from braing3n_core.config import ConfigError, StrictModel, _read_yaml_mapping, _validate
+from braing3n_core.presets import PRESETS
+from braing3n_core.runtime import cosine_lr
+from braing3n_core.stages import STAGE_ORDER, get_stage
+
+StageName = Literal["mae", "decoder", "dit"]
+
+
+# --- strategies ------------------------------------------------------------------------------------------
+
+
+class FedAvgConfig(StrictModel):
+    name: Literal["fedavg"] = "fedavg"
+
+
+class FedProxConfig(StrictModel):
+    name: Literal["fedprox"]
+    mu: float = Field(0.01, gt=0.0, description="weight of the proximal term (μ/2)·‖w − w_global‖²")
+
+
+class FedOptConfig(StrictModel):
+    """Server-side adaptive optimisers (Reddi et al. 2021); `eta_l` is informational (clients use `lr`)."""
+
+    name: Literal["fedadam", "fedyogi", "fedadagrad"]
+    eta: float = Field(1e-2, gt=0.0)
+    eta_l: float = Field(1e-1, gt=0.0)
+    beta_1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta_2: float = Field(0.99, ge=0.0, lt=1.0)
+    tau: float = Field(1e-3, gt=0.0)
+
+
+class FedMedianConfig(StrictModel):
+    name: Literal["fedmedian"]
+
+
+class FedTrimmedAvgConfig(StrictModel):
+    name: Literal["fedtrimmedavg"]
+    beta: float = Field(0.2, ge=0.0, lt=0.5, description="fraction cut from each end per coordinate")
+
+
+class KrumConfig(StrictModel):
+    name: Literal["krum"]
+    num_malicious_nodes: int = Field(0, ge=0)
+
+
+class MultiKrumConfig(StrictModel):
+    name: Literal["multikrum"]
+    num_malicious_nodes: int = Field(0, ge=0)
+    num_nodes_to_select: int = Field(1, ge=1)
+
+
+StrategyConfig = Annotated[
+    Union[FedAvgConfig, FedProxConfig, FedOptConfig, FedMedianConfig, FedTrimmedAvgConfig, KrumConfig, MultiKrumConfig],
+    Field(discriminator="name"),
+]
+STRATEGY_NAMES: tuple[str, ...] = (
+    "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum", "multikrum",
+)
+
+
+# --- stages, probes, faults ---------------------------------------------------------------------------------
+
+
+class StageRunConfig(StrictModel):
+    """One federated stage. `lr`, `weight_decay` and `batch_size` default to the stage's own defaults."""
+
+    name: StageName
+    rounds: int = Field(ge=1)
+    local_steps: int = Field(ge=1, description="optimizer steps each site runs per round")
+    batch_size: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0.0, description="peak learning rate of the per-round cosine schedule")
+    weight_decay: float | None = Field(None, ge=0.0)
+    warmup_rounds: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    strategy: StrategyConfig = FedAvgConfig()
+    evaluate_every: int = Field(1, ge=0, description="federated validation every k rounds (0: last round only)")
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _strategy_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):  # `strategy: fedmedian` is short for `strategy: {name: fedmedian}`
+            value = {"name": value}
+        if isinstance(value, dict) and value.get("name") not in STRATEGY_NAMES:
+            raise ValueError(f"unknown strategy {value.get('name')!r}; choose one of {list(STRATEGY_NAMES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "StageRunConfig":
+        if self.warmup_rounds >= self.rounds and self.rounds > 1:
+            raise ValueError(f"warmup_rounds ({self.warmup_rounds}) must be fewer than rounds ({self.rounds})")
+        return self
+
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else get_stage(self.name).defaults.lr
+
+    @property
+    def resolved_weight_decay(self) -> float:
+        return self.weight_decay if self.weight_decay is not None else get_stage(self.name).defaults.weight_decay
+
+    @property
+    def resolved_batch_size(self) -> int:
+        return self.batch_size if self.batch_size is not None else get_stage(self.name).defaults.batch_size
+
+    def lr_at_round(self, server_round: int) -> float:
+        """The sites' learning rate in round `server_round` (1-based): warm-up, then cosine over rounds."""
+        return cosine_lr(self.resolved_lr, server_round - 1, self.rounds, self.warmup_rounds, self.min_lr_ratio)
+
+    def evaluates_in(self, server_round: int) -> bool:
+        last = server_round == self.rounds
+        return last or (self.evaluate_every > 0 and server_round % self.evaluate_every == 0)
+
+
+class ProbeRunConfig(StrictModel):
+    """Federated linear probes on the frozen encoder (runs as soon as an encoder exists)."""
+
+    enabled: bool = False
+    rounds: int = Field(5, ge=1)
+    local_steps: int = Field(20, ge=1, description="SGD steps per head per site per round")
+    lr: float = Field(0.05, gt=0.0)
+    batch_size: int = Field(32, ge=1)
+    weight_decay: float = Field(1e-3, ge=0.0)
+
+
+FaultKind = Literal["nan", "scale", "decline", "crash"]
+
+
+class FaultInjection(StrictModel):
+    """Test/drill only: `site` misbehaves in `stage` from round `from_round` to `until_round` (inclusive).
+
+    nan: replies with NaN weights; scale: multiplies its update by `factor` (trips the norm bound);
+    decline: refuses the round with an error reply; crash: its handler raises (Flower reports an error).
+    """
+
+    site: str
+    stage: Literal["mae", "decoder", "dit", "probes"]
+    kind: FaultKind
+    from_round: int = Field(1, ge=1)
+    until_round: int | None = Field(None, ge=1)
+    factor: float = 1000.0
+
+    def active(self, stage: str, server_round: int) -> bool:
+        return (stage == self.stage and server_round >= self.from_round
+                and (self.until_round is None or server_round <= self.until_round))
+
+
+class RunConfig(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    preset: str = "small"
+    seed: int = 0
+    min_sites: int = Field(2, ge=1, description="fewest accepted replies for a round to count")
+    round_timeout_s: float = Field(3600.0, gt=0.0)
+    update_norm_bound: float | None = Field(None, gt=0.0, description="max L2 norm of ‖w_site − w_global‖")
+    stages: tuple[StageRunConfig, ...] = ()
+    probes: ProbeRunConfig = ProbeRunConfig()
+    start_from: dict[StageName, Path] = Field(default_factory=dict)
+    fault_injection: tuple[FaultInjection, ...] = ()
+    source_file: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("preset")
+    @classmethod
+    def _preset_known(cls, value: str) -> str:
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; choose one of {sorted(PRESETS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _stages_consistent(self) -> "RunConfig":
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stages: each stage may appear once, got {names}")
+        if names != sorted(names, key=STAGE_ORDER.index):
+            raise ValueError(f"stages must run in the order {list(STAGE_ORDER)}, got {names}")
+        both = sorted(set(names) & set(self.start_from))
+        if both:
+            raise ValueError(f"start_from: {both} are also listed under stages; a stage is either trained or given")
+        if (any(get_stage(n).needs_encoder for n in names) or self.probes.enabled) and not (
+            "mae" in names or "mae" in self.start_from
+        ):
+            raise ValueError("the decoder, dit and probes need an encoder: train the mae stage or give start_from.mae")
+        if not names and not self.probes.enabled:
+            raise ValueError("nothing to do: list stages or enable probes")
+        return self
+
+    def stage(self, name: str) -> StageRunConfig:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+    def faults_for(self, stage: str, server_round: int) -> dict[str, FaultInjection]:
+        """Active injected faults by site id."""
+        return {f.site: f for f in self.fault_injection if f.active(stage, server_round)}
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        raw = _read_yaml_mapping(path)
+        base = path.parent.resolve()
+        if isinstance(raw.get("start_from"), dict):  # checkpoint paths are relative to the YAML file
+            raw["start_from"] = {
+                k: str(v if Path(str(v)).is_absolute() else (base / str(v)).resolve()) for k, v in raw["start_from"].items()
+            }
+        config = _validate(cls, raw, path)
+        for stage, checkpoint in config.start_from.items():
+            manifest = checkpoint if checkpoint.suffix == ".json" else checkpoint.with_suffix(".json")
+            if not manifest.is_file():
+                raise ConfigError(f"{path}: start_from.{stage}: checkpoint {manifest} not found")
+        return config.model_copy(update={"source_file": path.resolve()})
+
+    def to_yaml(self) -> str:
+        """The resolved configuration (defaults filled in, absolute checkpoint paths), as written to the run folder."""
+        data = self.model_dump(mode="json")
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def write_resolved(config: RunConfig, path: Path) -> None:
+    from braing3n_core.fileio import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), config.to_yaml().encode())
+
+
+__all__ = [
+    "ConfigError", "FaultInjection", "ProbeRunConfig", "RunConfig", "StageRunConfig", "StrategyConfig", "write_resolved",
+]

@@ -1,0 +1,226 @@
+"""`braing3n simulate`: a federated run of N virtual sites on Flower's simulation engine (Ray).
+
+It drives the ordinary Flower commands as subprocesses (nothing here imports flwr):
+
+1. validates the run YAML and the site YAMLs, then pins the resolved run config in `<out>/run.yaml`;
+2. sets a private, temporary `FLWR_HOME` with telemetry, update checks and per-run dependency
+   installation off, and starts its own `flower-superlink --insecure --simulation` on a free port;
+3. writes that connection into `$FLWR_HOME/config.toml` and calls
+   `flwr run <app> sim --run-config "run-config=… run-dir=… site-configs=…"
+   --federation-config "num-supernodes=N client-resources-num-cpus=1" --stream`, streaming progress;
+4. always stops the SuperLink and every process under it (SuperExec, the simulation, Ray) by PID,
+   also on Ctrl-C, SIGTERM and errors;
+5. checks the outcome: a failed simulation can still exit 0, so success means the ServerApp wrote
+   `<out>/run_complete.json` during this call.
+
+`--resume` continues a run folder whose run stopped (crash, kill, too few sites): the ServerApp resumes
+from the last round checkpoint. One CPU per virtual site keeps 8+ sites running on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from braing3n_core.config import ConfigError, load_site_configs
+from braing3n_core.fileio import atomic_write_json
+from braing3n_core.runconfig import RunConfig, write_resolved
+
+APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml with [tool.flwr.app]
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+
+
+class SimulationError(RuntimeError):
+    """The simulation did not complete; the message says where to look."""
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    run_dir: Path
+    seconds: float
+    complete: dict
+
+
+# --- processes -----------------------------------------------------------------------------------------------
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (Linux /proc walk; SuperExec starts its own session, so a process
+    group kill would miss the simulation and Ray)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as handle:
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def kill_process_tree(pid: int, grace_s: float = 5.0) -> None:
+    """SIGTERM `pid` and everything under it, wait up to `grace_s`, then SIGKILL what is left."""
+    tree = [pid] + descendants(pid)
+    for target in tree:
+        try:
+            os.kill(target, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_alive(p) for p in tree):
+        time.sleep(0.1)
+    for target in tree + [p for p in descendants(pid) if p not in tree]:
+        try:
+            os.kill(target, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SimulationError(f"flower-superlink exited with {process.returncode}; see {log}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise SimulationError(f"flower-superlink did not listen on port {port} within {timeout_s:.0f} s; see {log}")
+
+
+def _executable(name: str) -> str:
+    beside = Path(sys.executable).parent / name  # the venv's own console scripts first
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if not found:
+        raise SimulationError(f"{name} not found; install the project (pip install -e .) in this environment")
+    return found
+
+
+# --- the run -------------------------------------------------------------------------------------------------
+
+
+def prepare_run_dir(config: RunConfig, out: Path, resume: bool) -> Path:
+    """Pin the resolved run config in `out`; refuse to mix runs in one folder."""
+    pinned = out / "run.yaml"
+    started = (out / "server_state.json").is_file() or (out / "checkpoints").is_dir()
+    if started and not resume:
+        raise ConfigError(f"{out}: holds a run already; pass --resume to continue it or choose another --out")
+    if pinned.is_file():
+        previous = RunConfig.from_yaml(pinned)
+        if previous.model_dump(exclude={"source_file"}) != config.model_dump(exclude={"source_file"}):
+            raise ConfigError(f"{config.source_file}: differs from the configuration pinned in {pinned}; "
+                              "a run is resumed with its own configuration")
+    out.mkdir(parents=True, exist_ok=True)
+    write_resolved(config, pinned)
+    return pinned
+
+
+def simulate(
+    site_yamls: Sequence[Path], run_config: Path, out: Path | None = None, resume: bool = False,
+    cpus_per_site: int = 1, app_dir: Path = APP_DIR, echo: bool = True,
+) -> SimulationResult:
+    config = RunConfig.from_yaml(run_config)
+    sites = load_site_configs(list(site_yamls))  # validates every site file up front, ids unique
+    if len(sites) < config.min_sites:
+        raise ConfigError(f"{run_config}: min_sites is {config.min_sites} but only {len(sites)} site files were given")
+    if not (Path(app_dir) / "pyproject.toml").is_file():
+        raise SimulationError(f"{app_dir}: no pyproject.toml; `braing3n simulate` runs from a source checkout")
+    out = Path(out if out is not None else Path("runs") / config.name).resolve()
+    pinned = prepare_run_dir(config, out, resume)
+    (out / "run_complete.json").unlink(missing_ok=True)
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+
+    home = Path(tempfile.mkdtemp(prefix="braing3n-flwr-"))
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home), "BRAING3N_NUM_THREADS": str(cpus_per_site)}
+    port = free_port()
+    link_log = logs / "superlink.log"
+    started = time.time()
+    link: subprocess.Popen | None = None
+    previous_term = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):  # turn SIGTERM into an exception so the finally clause runs
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
+        with open(link_log, "ab") as handle:
+            link = subprocess.Popen(
+                [_executable("flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
+                 "--host", "127.0.0.1", "--port", str(port)],
+                stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=out,
+            )
+        atomic_write_json(logs / "simulation.json", {"superlink_pid": link.pid, "port": port, "flwr_home": str(home),
+                                                     "started": started, "sites": [str(p) for p in site_yamls]})
+        _wait_for_port(port, link, link_log)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        )
+        flower_config = " ".join([
+            f"run-config='{pinned}'", f"run-dir='{out}'",
+            "site-configs='" + ",".join(str(Path(p).resolve()) for p in site_yamls) + "'",
+        ])
+        command = [
+            _executable("flwr"), "run", str(app_dir), "sim", "--run-config", flower_config,
+            "--federation-config", f"num-supernodes={len(sites)} client-resources-num-cpus={cpus_per_site}", "--stream",
+        ]
+        with open(logs / "flwr-run.log", "ab") as run_log:
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=out)
+            assert process.stdout is not None
+            for line in process.stdout:
+                run_log.write(line)
+                run_log.flush()
+                if echo:
+                    sys.stdout.write(line.decode(errors="replace"))
+                    sys.stdout.flush()
+            process.wait()
+    finally:
+        if link is not None:
+            kill_process_tree(link.pid)
+            link.wait()
+        signal.signal(signal.SIGTERM, previous_term if previous_term is not None else signal.SIG_DFL)
+        shutil.rmtree(home, ignore_errors=True)
+
+    complete = out / "run_complete.json"
+    if not complete.is_file():
+        raise SimulationError(
+            f"the federated run did not complete (flwr run exit code {process.returncode}); the run folder {out} can be "
+            f"resumed with --resume. Logs: {logs / 'flwr-run.log'}, {link_log}"
+        )
+    return SimulationResult(out, time.time() - started, json.loads(complete.read_text()))

@@ -1,0 +1,134 @@
+"""ClientApp: translates Flower messages into SiteRuntime / braing3n_core calls and back.
+
+- train (`config["stage"]` ∈ mae | decoder | dit | probes): local steps from the global weights;
+  reply = exactly one ArrayRecord ("arrays") + one MetricRecord ("metrics") + the site id ("site").
+- evaluate (same stages): validation metrics on the site's val split (probes: held-out test split).
+- query (`config["action"]`): hello, install_encoder, token_moments, probe_census.
+
+A site that cannot take part (no usable scans, data unavailable, encoder missing) replies with an
+`Error(code=DECLINED)` whose reason names the site and the cause, instead of failing the round.
+Fault injection (`config["fault"]`, test drills only, see `braing3n_core.runconfig`) is honoured here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from braing3n_core.config import ConfigError
+from braing3n_core.federated import (
+    RoundParams, SiteDeclined, evaluate_site, heads_from_arrays, label_census, load_arrays, moments_to_arrays,
+    score_heads, site_probe_data, site_token_moments, tasks_from_json, train_heads, train_site_round,
+)
+from braing3n_core.probes import FeatureStats
+from braing3n_core.stages import get_stage
+from client.site import SiteRuntime, configure_threads
+
+DECLINED = 4001  # Error code of a clean refusal (vs Flower's own codes for crashes)
+app = ClientApp()
+
+
+def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _reply(msg: Message, site_id: str, arrays: dict[str, np.ndarray] | None, metrics: dict[str, float],
+           **config: object) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site_id, **config})})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return Message(content, reply_to=msg)
+
+
+def _guarded(handler: Callable[[Message, Context, SiteRuntime], Message]) -> Callable[[Message, Context], Message]:
+    def run(msg: Message, context: Context) -> Message:
+        configure_threads()
+        try:
+            runtime = SiteRuntime.from_context(context.node_config, context.run_config)
+            fault = str(msg.content["config"].get("fault", "")) if "config" in msg.content else ""
+            if fault == "decline":
+                raise SiteDeclined(f"site {runtime.site_id}: declines this round (fault injection)")
+            if fault == "crash":
+                raise RuntimeError(f"site {runtime.site_id}: handler crashed (fault injection)")
+            return handler(msg, context, runtime)
+        except (SiteDeclined, ConfigError) as error:
+            return Message(Error(code=DECLINED, reason=str(error)), reply_to=msg)
+    return run
+
+
+def _faulty(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray], config: ConfigRecord) -> dict[str, np.ndarray]:
+    """Test drills: corrupt the reply on purpose, as a broken or malicious site would."""
+    fault = str(config.get("fault", ""))
+    if fault == "nan":
+        first = next(iter(arrays))
+        arrays[first] = np.full_like(arrays[first], np.nan)
+    elif fault == "scale":
+        factor = float(config.get("fault-factor", 1000.0))
+        arrays = {k: (reference[k] + factor * (v - reference[k])).astype(v.dtype) for k, v in arrays.items()}
+    return arrays
+
+
+@app.train()
+@_guarded
+def train(msg: Message, context: Context, runtime: SiteRuntime) -> Message:
+    config = msg.content["config"]
+    reference = _arrays(msg.content["arrays"])
+    if config["stage"] == "probes":
+        tasks = [task for task, _ in tasks_from_json(str(config["tasks"]))]
+        data = site_probe_data(runtime.probe_inputs(str(config["preset"]), str(config["encoder-sha256"])))
+        arrays, metrics = train_heads(
+            heads_from_arrays(tasks, reference), data, steps=int(config["local-steps"]), lr=float(config["lr"]),
+            batch_size=int(config["batch-size"]), weight_decay=float(config["weight-decay"]),
+            seed=int(config["seed"]) + int(config["server-round"]),
+        )
+    else:
+        stage, params = get_stage(str(config["stage"])), RoundParams.from_config(config)
+        site = runtime.inputs(stage, str(config["preset"]), str(config.get("encoder-sha256", "")))
+        model = load_arrays(stage.from_config(json.loads(str(config["model-config"]))), reference)
+        arrays, metrics = train_site_round(stage, model, site, params, runtime.device)
+    return _reply(msg, runtime.site_id, _faulty(arrays, reference, config), metrics)
+
+
+@app.evaluate()
+@_guarded
+def evaluate(msg: Message, context: Context, runtime: SiteRuntime) -> Message:
+    config = msg.content["config"]
+    if config["stage"] == "probes":
+        pairs = tasks_from_json(str(config["tasks"]))
+        heads = heads_from_arrays([t for t, _ in pairs], _arrays(msg.content["arrays"]))
+        data = site_probe_data(runtime.probe_inputs(str(config["preset"]), str(config["encoder-sha256"])))
+        return _reply(msg, runtime.site_id, None, score_heads(heads, {t.name: p for t, p in pairs}, data))
+    stage = get_stage(str(config["stage"]))
+    site = runtime.inputs(stage, str(config["preset"]), str(config.get("encoder-sha256", "")))
+    model = load_arrays(stage.from_config(json.loads(str(config["model-config"]))), _arrays(msg.content["arrays"]))
+    return _reply(msg, runtime.site_id, None, evaluate_site(stage, model, site, int(config["batch-size"]), runtime.device))
+
+
+@app.query()
+@_guarded
+def query(msg: Message, context: Context, runtime: SiteRuntime) -> Message:
+    config = msg.content["config"]
+    action, preset, sha = str(config["action"]), str(config["preset"]), str(config.get("encoder-sha256", ""))
+    if action == "hello":
+        described = runtime.describe(preset, sha)
+        return _reply(msg, runtime.site_id, None, {"problems": float(described.pop("problems"))},
+                      **{k: v for k, v in described.items() if k != "site-id"})
+    if action == "install_encoder":
+        runtime.install_encoder(sha, _arrays(msg.content["encoder"]), json.loads(str(config["encoder-config"])))
+        return _reply(msg, runtime.site_id, None, {"installed": 1.0})
+    if action == "token_moments":
+        stage = get_stage("dit")
+        moments = site_token_moments(stage, runtime.inputs(stage, preset, sha), int(config["token-dim"]))
+        return _reply(msg, runtime.site_id, moments_to_arrays(moments), {"num-examples": float(moments.count)})
+    if action == "probe_census":
+        data = site_probe_data(runtime.probe_inputs(preset, sha))
+        if len(data.fit_table) == 0:
+            raise SiteDeclined(f"site {runtime.site_id}: no usable train/val scans for the probes")
+        stats = FeatureStats.from_features(data.fit_features)
+        return _reply(msg, runtime.site_id, stats.to_arrays(), {"num-examples": float(stats.count)},
+                      census=json.dumps(label_census(data)))
+    raise SiteDeclined(f"site {runtime.site_id}: unknown query action {action!r}")

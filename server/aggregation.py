@@ -1,0 +1,150 @@
+"""Which Flower strategy aggregates a stage, and which replies it may see.
+
+Every train reply is screened before aggregation (`screen_replies`): an error reply is a *declined*
+site; a reply without exactly one ArrayRecord and one MetricRecord, with keys / shapes / dtypes that
+differ from the global arrays, NaN or Inf values, a non-positive example count, or an update
+‖w_site − w_global‖₂ above the run's `update_norm_bound` is *rejected*. Each verdict names its site.
+Only accepted replies reach the strategy, so one broken hospital never spoils a round.
+
+Strategies come from Flower's Message API (`flwr.serverapp.strategy`); FedAdam/FedYogi/FedAdagrad keep
+moments (`m_t`, `v_t`) across rounds, which `strategy_state` / `restore_strategy_state` move in and out of
+the per-round checkpoint so a resumed run continues the same optimiser trajectory.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message
+from flwr.serverapp.strategy import (
+    FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy,
+)
+
+from braing3n_core.federated import check_metrics, check_reply_arrays
+from braing3n_core.runconfig import (
+    FedAvgConfig, FedMedianConfig, FedOptConfig, FedProxConfig, FedTrimmedAvgConfig, KrumConfig, MultiKrumConfig,
+    StrategyConfig,
+)
+
+_FEDOPT = {"fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}
+
+
+def build_strategy(config: StrategyConfig, min_sites: int) -> FedAvg:
+    """A fresh strategy object per stage (strategies hold per-stage state such as FedAdam's moments)."""
+    common = dict(min_train_nodes=min_sites, min_evaluate_nodes=min_sites, min_available_nodes=min_sites)
+    if isinstance(config, FedAvgConfig):
+        return FedAvg(**common)
+    if isinstance(config, FedProxConfig):
+        return FedProx(**common, proximal_mu=config.mu)
+    if isinstance(config, FedOptConfig):
+        return _FEDOPT[config.name](**common, eta=config.eta, eta_l=config.eta_l, beta_1=config.beta_1,
+                                    beta_2=config.beta_2, tau=config.tau)
+    if isinstance(config, FedMedianConfig):
+        return FedMedian(**common)
+    if isinstance(config, FedTrimmedAvgConfig):
+        return FedTrimmedAvg(**common, beta=config.beta)
+    if isinstance(config, KrumConfig):
+        return Krum(**common, num_malicious_nodes=config.num_malicious_nodes)
+    if isinstance(config, MultiKrumConfig):
+        return MultiKrum(**common, num_malicious_nodes=config.num_malicious_nodes,
+                         num_nodes_to_select=config.num_nodes_to_select)
+    raise ValueError(f"no strategy for {config!r}")
+
+
+def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
+    """Optimiser state a strategy carries between rounds, as named arrays (empty for stateless ones)."""
+    state: dict[str, np.ndarray] = {}
+    for name in ("m_t", "v_t"):
+        for key, value in (getattr(strategy, name, None) or {}).items():
+            state[f"{name}.{key}"] = np.asarray(value)
+    return state
+
+
+def restore_strategy_state(strategy: Strategy, state: Mapping[str, np.ndarray]) -> None:
+    for name in ("m_t", "v_t"):
+        values = {k[len(name) + 1 :]: np.array(v) for k, v in state.items() if k.startswith(name + ".")}
+        if values:
+            setattr(strategy, name, values)
+
+
+def as_reference_dtypes(arrays: ArrayRecord, reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Aggregates in the global arrays' dtypes (FedOpt's numpy arithmetic may promote fp32 to fp64)."""
+    return {k: arrays[k].numpy().astype(reference[k].dtype, copy=False) for k in reference}
+
+
+def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+@dataclass(frozen=True)
+class Verdict:
+    node_id: int
+    site: str
+    kind: str  # "accepted" | "rejected" | "declined"
+    reason: str = ""
+    update_norm: float = float("nan")
+
+
+def reply_site(message: Message, node_sites: Mapping[int, str]) -> str:
+    """The site a reply speaks for: the one it names, else the one its node introduced itself as."""
+    node = message.metadata.src_node_id
+    if message.has_content() and "site" in message.content.config_records:
+        return str(message.content.config_records["site"].get("site-id", node_sites.get(node, f"node-{node}")))
+    return node_sites.get(node, f"node-{node}")
+
+
+def short_reason(reason: str | None, limit: int = 400) -> str:
+    """The informative end of an error reason (a crash's reason is a whole traceback)."""
+    lines = [line.strip() for line in (reason or "no reason given").strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else "no reason given"
+    for line in reversed(lines):  # Flower wraps the handler's exception; prefer the original message
+        if "Error" in line and ":" in line and "ClientAppException" not in line:
+            text = line
+            break
+    return text[:limit]
+
+
+def screen_replies(
+    replies: Sequence[Message], reference: Mapping[str, np.ndarray], norm_bound: float | None,
+    node_sites: Mapping[int, str], arrays_key: str = "arrays",
+) -> tuple[list[Message], list[Verdict]]:
+    """Split train replies into those the strategy may aggregate and a verdict for every reply."""
+    verdicts: list[Verdict] = []
+    accepted: list[Message] = []
+    candidates: list[tuple[Message, str, float]] = []
+    for message in replies:
+        site, node = reply_site(message, node_sites), message.metadata.src_node_id
+        if message.has_error():
+            verdicts.append(Verdict(node, site, "declined", short_reason(message.error.reason)))
+            continue
+        content = message.content
+        if list(content.array_records) != [arrays_key] or len(content.metric_records) != 1:
+            verdicts.append(Verdict(node, site, "rejected",
+                                    f"reply must hold one ArrayRecord {arrays_key!r} and one MetricRecord, got "
+                                    f"{list(content.array_records)} / {list(content.metric_records)}"))
+            continue
+        metrics = next(iter(content.metric_records.values()))
+        reason = check_metrics(metrics)
+        norm = float("nan")
+        if reason is None:
+            arrays = {k: v.numpy() for k, v in content[arrays_key].items()}
+            reason, norm = check_reply_arrays(arrays, reference, norm_bound)
+        if reason is not None:
+            verdicts.append(Verdict(node, site, "rejected", reason, norm))
+            continue
+        candidates.append((message, site, norm))
+    # Flower refuses to aggregate replies whose metric names differ; the most common set is the norm.
+    keysets = Counter(frozenset(next(iter(m.content.metric_records.values())).keys()) for m, _, _ in candidates)
+    usual = keysets.most_common(1)[0][0] if keysets else frozenset()
+    for message, site, norm in candidates:
+        keys = frozenset(next(iter(message.content.metric_records.values())).keys())
+        if keys != usual:
+            verdicts.append(Verdict(message.metadata.src_node_id, site, "rejected",
+                                    f"metric names {sorted(keys ^ usual)} differ from the other sites'", norm))
+            continue
+        accepted.append(message)
+        verdicts.append(Verdict(message.metadata.src_node_id, site, "accepted", "", norm))
+    return accepted, verdicts

@@ -1,0 +1,122 @@
+"""The federated linear-probe benchmark of the frozen encoder.
+
+1. `probe_census` query: each site embeds its own scans with the frozen encoder (pooled = mean of its
+   cached tokens) and returns only aggregates: feature sums (n, Σx, Σx²) over its train+val subjects
+   and label counts/sums (`federated.label_census`).
+2. The server picks the tasks the federation can probe (same thresholds as the centralised
+   `probes.select_tasks`) and builds one `LinearHead` per task, standardised with the combined sums.
+3. `rounds` rounds of FedAvg per task: sites run `LinearHead.fit_steps` on their own rows; each head is
+   averaged over the sites holding rows of its task, weighted by those rows. Heads are checkpointed
+   per round (`checkpoints/probes/round-NNNN`, the plan in the manifest), so probes resume too.
+4. An evaluate message: each site scores every head on its held-out test subjects with
+   `probes.evaluate_predictions`; the server logs per-site metrics and the example-weighted pooled
+   values (kind "probe") and writes `probes.json`.
+
+No scan, embedding or label leaves a site: replies carry head weights, sums and counts only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+from flwr.app import MessageType
+
+from braing3n_core.fileio import atomic_write_json
+from braing3n_core.federated import (
+    aggregate_heads, head_arrays, plan_probes, plan_to_json, pooled_probe_metrics, tasks_from_json,
+)
+from braing3n_core.probes import FeatureStats
+from server.aggregation import reply_site, screen_replies, to_array_record
+from server.rounds import Federation, FederationError, say
+from server.state import RoundCheckpoint
+
+STAGE = "probes"
+
+
+def _census(federation: Federation) -> dict[str, Any]:
+    replies = federation.log_declines(federation.query("probe_census", STAGE), STAGE, 0)
+    censuses, stats = [], []
+    for reply in replies:
+        arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+        if not all(np.all(np.isfinite(v)) for v in arrays.values()):
+            federation.run.log(STAGE, 0, reply_site(reply, federation.node_sites), "rejected", reason="non-finite feature sums")
+            continue
+        stats.append(FeatureStats.from_arrays(arrays))
+        censuses.append(json.loads(str(reply.content.config_records["site"]["census"])))
+    if len(stats) < federation.config.min_sites:
+        raise FederationError(f"probe census from {len(stats)} sites; min_sites is {federation.config.min_sites}")
+    plan = plan_probes(censuses, stats)
+    return {"plan": plan_to_json(plan), "tasks_json": plan.tasks_json(), "arrays": head_arrays(plan.heads())}
+
+
+def run_probes(federation: Federation) -> None:
+    run, settings = federation.run, federation.config.probes
+    if run.is_final(STAGE):
+        say("probes: already finished, skipped")
+        return
+    federation.ensure_encoder(STAGE)
+    last = run.latest_round(STAGE)
+    if last is None:
+        setup = _census(federation)
+        plan, tasks_json, arrays, start = setup["plan"], setup["tasks_json"], setup["arrays"], 1
+        for skipped in plan["skipped"]:
+            say(f"probes: task {skipped['task']} skipped: {skipped['reason']}")
+    else:
+        plan, tasks_json, arrays, start = last.meta["plan"], last.meta["tasks_json"], last.model, last.server_round + 1
+        say(f"probes: resuming after round {last.server_round}")
+    tasks = [task for task, _ in tasks_from_json(tasks_json)]
+    if not tasks:
+        raise FederationError(f"probes: no task can be probed on this federation ({plan['skipped']})")
+    base = {"stage": STAGE, "tasks": tasks_json, "local-steps": settings.local_steps, "lr": settings.lr,
+            "batch-size": settings.batch_size, "weight-decay": settings.weight_decay, "seed": federation.config.seed,
+            "preset": federation.config.preset, "encoder-sha256": federation.encoder_sha}
+    for server_round in range(start, settings.rounds + 1):
+        started = time.perf_counter()
+        record = to_array_record(arrays)
+        messages = [federation.message(n, MessageType.TRAIN, {**base, "server-round": server_round}, {"arrays": record})
+                    for n in federation.wait_for_nodes()]
+        replies = federation.send(federation.inject_faults(messages, STAGE, server_round), STAGE, server_round)
+        accepted, verdicts = screen_replies(replies, arrays, federation.config.update_norm_bound, federation.node_sites)
+        federation.log_verdicts(STAGE, server_round, verdicts, replies)
+        if len(accepted) < federation.config.min_sites:
+            raise FederationError(f"probes round {server_round}: {len(accepted)} accepted replies, "
+                                  f"min_sites is {federation.config.min_sites}")
+        contributions = [({k: v.numpy() for k, v in m.content["arrays"].items()},
+                          dict(next(iter(m.content.metric_records.values())))) for m in accepted]
+        arrays = aggregate_heads(tasks, arrays, contributions)
+        run.log(STAGE, server_round, "aggregate", "train", sites=len(accepted), round_seconds=time.perf_counter() - started)
+        meta = {"plan": plan, "tasks_json": tasks_json, "rounds": settings.rounds, "encoder_sha256": federation.encoder_sha,
+                "run": federation.config.name}
+        run.save_round(RoundCheckpoint(STAGE, server_round, arrays, {}, meta))
+        federation.write_state()
+        say(f"probes: round {server_round}/{settings.rounds} ({len(accepted)} sites)")
+    evaluate(federation, tasks, tasks_json, arrays, plan, base)
+    run.mark_final(STAGE)
+    federation.write_state()
+
+
+def evaluate(federation: Federation, tasks, tasks_json: str, arrays, plan: dict[str, Any], base: dict[str, Any]) -> None:
+    rounds = federation.config.probes.rounds
+    record = to_array_record(arrays)
+    messages = [federation.message(n, MessageType.EVALUATE, {**base, "server-round": rounds}, {"arrays": record})
+                for n in federation.wait_for_nodes()]
+    replies = federation.log_declines(federation.send(messages, STAGE, rounds), STAGE, rounds)
+    per_site: dict[str, dict[str, float]] = {}
+    for reply in replies:
+        site = reply_site(reply, federation.node_sites)
+        per_site[site] = dict(next(iter(reply.content.metric_records.values())))
+        federation.run.log(STAGE, rounds, site, "probe", **per_site[site])
+    pooled = pooled_probe_metrics(tasks, per_site)
+    federation.run.log(STAGE, rounds, "aggregate", "probe", sites=len(per_site), **pooled)
+    clean = lambda m: {k: (None if isinstance(v, float) and v != v else v) for k, v in m.items()}  # noqa: E731
+    atomic_write_json(federation.run.root / "probes.json", {
+        "encoder_sha256": federation.encoder_sha, "rounds": rounds, "settings": federation.config.probes.model_dump(),
+        "tasks": plan["tasks"], "skipped": plan["skipped"],
+        "pooled": clean(pooled), "sites": {s: clean(m) for s, m in sorted(per_site.items())},
+    })
+    for task in tasks:
+        main = task.metric_names[0]
+        say(f"probes: {task.name}: pooled {main.split('/')[1]} {pooled[main]:.3f} (chance {pooled[main + '_chance']:.3f})")

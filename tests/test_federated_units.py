@@ -1,0 +1,202 @@
+"""Federated layer without a simulation: run-config validation, reply screening on numpy arrays and real
+Flower messages, strategy state round trips, ledger pruning, and client handlers called with a real
+Message + Context (flower-1.42 notes §7.2a)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, Metadata, MetricRecord, RecordDict
+
+from braing3n_core.config import ConfigError, SiteConfig
+from braing3n_core.federated import (
+    check_reply_arrays, heads_from_arrays, head_arrays, plan_probes, pooled_probe_metrics, update_norm,
+)
+from braing3n_core.probes import FeatureStats
+from braing3n_core.runconfig import FedAvgConfig, FedOptConfig, RunConfig
+from server.aggregation import build_strategy, restore_strategy_state, screen_replies, strategy_state
+from server.state import RunFolder
+
+REFERENCE = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# --- run config ------------------------------------------------------------------------------------------------
+
+
+def test_run_config_resolves_defaults_and_schedule(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "run.yaml", {
+        "name": "r", "preset": "tiny", "stages": [
+            {"name": "mae", "rounds": 4, "local_steps": 2, "lr": 1e-3, "warmup_rounds": 1},
+            {"name": "dit", "rounds": 2, "local_steps": 1, "strategy": "fedyogi"},
+        ]})
+    config = RunConfig.from_yaml(path)
+    mae, dit = config.stages
+    assert isinstance(dit.strategy, FedOptConfig) and dit.strategy.name == "fedyogi"
+    assert [round(mae.lr_at_round(r), 6) for r in (1, 2, 4)] == [1e-3, 1e-3, 0.00025]  # warm-up, peak, cosine
+    assert dit.resolved_batch_size == 8 and mae.evaluates_in(4) and mae.evaluates_in(1)
+    assert RunConfig.from_yaml(write_yaml(tmp_path / "again.yaml", yaml.safe_load(config.to_yaml()))).stages == config.stages
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"stages": [{"name": "dit", "rounds": 1, "local_steps": 1}]}, "need an encoder"),
+    ({"stages": [{"name": "decoder", "rounds": 1, "local_steps": 1}, {"name": "mae", "rounds": 1, "local_steps": 1}]}, "order"),
+    ({"stages": [{"name": "mae", "rounds": 1, "local_steps": 1, "strategy": {"name": "fedsgd"}}]}, "unknown strategy 'fedsgd'"),
+    ({"stages": [{"name": "mae", "rounds": 1, "local_steps": 1, "strategy": {"name": "fedtrimmedavg", "beta": 0.7}}]}, "beta"),
+    ({"stages": [{"name": "mae", "rounds": 0, "local_steps": 1}]}, "stages.0.rounds"),
+    ({"stages": [{"name": "mae", "rounds": 1, "local_steps": 1, "lr_rate": 1}]}, "unknown setting"),
+    ({"preset": "huge", "stages": [{"name": "mae", "rounds": 1, "local_steps": 1}]}, "unknown preset"),
+    ({"stages": [], "start_from": {"mae": "missing.json"}, "probes": {"enabled": True}}, "not found"),
+])
+def test_run_config_errors_name_the_file_and_field(tmp_path: Path, change: dict, message: str) -> None:
+    path = write_yaml(tmp_path / "bad-run.yaml", {"name": "r", "preset": "tiny", **change})
+    with pytest.raises(ConfigError) as raised:
+        RunConfig.from_yaml(path)
+    assert str(path) in str(raised.value) and message in str(raised.value)
+
+
+# --- reply screening -------------------------------------------------------------------------------------------
+
+
+def test_check_reply_arrays_catches_each_defect() -> None:
+    good = {"w": np.ones((3, 4), np.float32), "b": np.zeros(4, np.float32)}
+    assert check_reply_arrays(good, REFERENCE, 10.0) == (None, pytest.approx(math.sqrt(12)))
+    nan = {**good, "b": np.array([0, np.nan, 0, np.inf], np.float32)}
+    cases = {
+        "NaN/Inf": nan,
+        "shape": {**good, "w": np.ones((4, 3), np.float32)},
+        "dtype": {**good, "w": np.ones((3, 4), np.float64)},
+        "keys": {"w": good["w"]},
+    }
+    for word, arrays in cases.items():
+        reason, _ = check_reply_arrays(arrays, REFERENCE, None)
+        assert reason is not None and word.split("/")[0] in reason, (word, reason)
+    reason, norm = check_reply_arrays(good, REFERENCE, 3.0)
+    assert "exceeds the bound" in reason and norm == pytest.approx(update_norm(good, REFERENCE))
+
+
+def _reply(node: int, site: str, arrays: dict | None = None, metrics: dict | None = None, error: str = "") -> Message:
+    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
+                        group_id="1", created_at=0.0, ttl=60.0, message_type="train")
+    if error:
+        return Message(Error(code=4001, reason=error), metadata=metadata)
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          "metrics": MetricRecord(metrics or {"num-examples": 10, "train/loss": 0.5}),
+                          "site": ConfigRecord({"site-id": site})})
+    return Message(content, metadata=metadata)
+
+
+def test_screen_replies_names_each_site_and_keeps_the_good_ones() -> None:
+    good = {"w": np.full((3, 4), 0.1, np.float32), "b": np.zeros(4, np.float32)}
+    replies = [
+        _reply(1, "good-1", good),
+        _reply(2, "nan-site", {**good, "w": np.full((3, 4), np.nan, np.float32)}),
+        _reply(3, "far-site", {**good, "w": np.full((3, 4), 100.0, np.float32)}),
+        _reply(4, "dropped", error="site dropped declines: data unavailable"),
+        _reply(5, "no-examples", good, {"num-examples": 0, "train/loss": 0.5}),
+        _reply(6, "odd-metrics", good, {"num-examples": 3, "train/other": 1.0}),
+        _reply(7, "good-2", good),
+    ]
+    accepted, verdicts = screen_replies(replies, REFERENCE, norm_bound=5.0, node_sites={4: "dropped"})
+    kinds = {v.site: (v.kind, v.reason) for v in verdicts}
+    assert [m.metadata.src_node_id for m in accepted] == [1, 7]
+    assert kinds["nan-site"][0] == "rejected" and "NaN" in kinds["nan-site"][1]
+    assert kinds["far-site"][0] == "rejected" and "exceeds" in kinds["far-site"][1]
+    assert kinds["dropped"] == ("declined", "site dropped declines: data unavailable")
+    assert "num-examples" in kinds["no-examples"][1] and "metric names" in kinds["odd-metrics"][1]
+    # The survivors aggregate with a real Flower strategy.
+    arrays, _ = build_strategy(FedAvgConfig(), 1).aggregate_train(1, accepted)
+    assert np.allclose(arrays["w"].numpy(), 0.1)
+
+
+def test_fedadam_moments_survive_a_checkpoint_round_trip() -> None:
+    strategy = build_strategy(FedOptConfig(name="fedadam", eta=0.1), min_sites=1)
+    strategy.m_t = {"w": np.full((3, 4), 0.5, np.float32)}
+    strategy.v_t = {"w": np.full((3, 4), 0.25, np.float32)}
+    state = strategy_state(strategy)
+    assert set(state) == {"m_t.w", "v_t.w"}
+    fresh = build_strategy(FedOptConfig(name="fedadam", eta=0.1), min_sites=1)
+    restore_strategy_state(fresh, state)
+    assert np.array_equal(fresh.m_t["w"], strategy.m_t["w"]) and np.array_equal(fresh.v_t["w"], strategy.v_t["w"])
+    assert strategy_state(build_strategy(FedOptConfig(name="fedyogi"), 1)) == {}
+
+
+def test_uncommitted_ledger_lines_are_dropped(tmp_path: Path) -> None:
+    run = RunFolder(tmp_path)
+    for stage, rnd in (("mae", 1), ("mae", 2), ("mae", 3), ("decoder", 1), ("setup", 0)):
+        run.log(stage, rnd, "site-a", "train")
+    with open(run.metrics_path, "a") as handle:
+        handle.write('{"stage": "mae", "rou')  # a line cut by the crash
+    removed = run.prune_uncommitted({"mae": 2, "decoder": 0})
+    assert removed == 3
+    assert [(r["stage"], r["round"]) for r in run.records()] == [("mae", 1), ("mae", 2), ("setup", 0)]
+
+
+# --- probes on summed statistics -------------------------------------------------------------------------------
+
+
+def _census(n_fit: int, classes: dict[str, int], ages: list[float]) -> dict:
+    side = {"sex": {}, "diagnosis": {c: [2 * k, k] for c, k in classes.items()}, "modality": {"T1w": [n_fit, n_fit // 2]},
+            "field_strength": {}, "site_id": {}, "age": [len(ages), len(ages) // 2, sum(ages), sum(a * a for a in ages)],
+            "mmse": [0, 0, 0.0, 0.0]}
+    return {"fit": side, "test": json.loads(json.dumps(side))}
+
+
+def test_probe_plan_from_two_censuses_and_pooled_metrics() -> None:
+    a = _census(20, {"CN": 3, "AD": 3}, [60.0 + i for i in range(20)])
+    b = _census(20, {"CN": 2, "AD": 1, "MCI": 1}, [70.0 + i for i in range(20)])
+    stats = [FeatureStats.from_features(np.random.default_rng(i).normal(size=(20, 6))) for i in range(2)]
+    plan = plan_probes([a, b], stats)
+    names = {t.name for t in plan.tasks}
+    assert {"age", "diagnosis", "ad_vs_cn"} <= names and "mci_vs_cn" not in names  # MCI: 2 subjects < 4
+    diagnosis = next(t for t in plan.tasks if t.name == "diagnosis")
+    assert diagnosis.classes == ("CN", "AD") and "dropped rare classes" in diagnosis.note
+    age_stats = plan.target_stats["age"]
+    assert age_stats.count == 40 and age_stats.mean[0] == pytest.approx(np.mean([60.0 + i for i in range(20)] + [70.0 + i for i in range(20)]))
+    heads = heads_from_arrays(plan.tasks, head_arrays(plan.heads()))
+    assert set(heads) == names
+    pooled = pooled_probe_metrics(plan.tasks[:1], {"a": {"probe/age_mae": 2.0, "n/age": 10}, "b": {"probe/age_mae": 5.0, "n/age": 30},
+                                                   "c": {"probe/age_mae": math.nan, "n/age": 0}})
+    assert pooled["probe/age_mae"] == pytest.approx(4.25) and pooled["n/age"] == 40
+
+
+# --- client handlers with a real Message + Context --------------------------------------------------------------
+
+
+def _message(message_type: str, content: RecordDict) -> Message:
+    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
+                        created_at=0.0, ttl=3600.0, message_type=message_type)
+    return Message(content, metadata=metadata)
+
+
+def test_client_hello_and_refused_encoder(synthetic_cohort, tmp_path: Path) -> None:
+    from client.app import DECLINED, app as client_app
+
+    site = SiteConfig.from_yaml(synthetic_cohort[0])
+    site_yaml = write_yaml(tmp_path / "site.yaml", {**site.to_yaml_dict(), "cache_dir": str(tmp_path / "cache")})
+    context = Context(run_id=1, node_id=1, node_config={"site-config": str(site_yaml)}, state=RecordDict(), run_config={})
+    hello = client_app(_message("query", RecordDict({"config": ConfigRecord({"action": "hello", "preset": "tiny"})})), context)
+    described = hello.content["site"]
+    assert described["site-id"] == site.site_id and described["has-encoder"] is False
+    assert sum(json.loads(described["scans"]).values()) > 0
+    # An encoder whose weights do not hash to the announced value is refused, clearly, and not stored.
+    install = ConfigRecord({"action": "install_encoder", "preset": "tiny", "encoder-sha256": "0" * 64,
+                            "encoder-config": json.dumps({})})
+    reply = client_app(_message("query", RecordDict({"config": install, "encoder": ArrayRecord(
+        {"w": Array(np.zeros(2, np.float32))})})), context)
+    assert reply.has_error() and reply.error.code == DECLINED and "hashes to" in reply.error.reason
+    assert not (tmp_path / "cache" / "encoders").exists() or not any((tmp_path / "cache" / "encoders").iterdir())
+    # A decoder round naming an encoder the site does not hold is declined with the reason.
+    train = ConfigRecord({"stage": "decoder", "preset": "tiny", "encoder-sha256": "f" * 64, "server-round": 1,
+                          "local-steps": 1, "batch-size": 2, "lr": 1e-3, "weight-decay": 0.0, "model-config": "{}"})
+    reply = client_app(_message("train", RecordDict({"config": train, "arrays": ArrayRecord({"w": Array(np.zeros(2, np.float32))})})), context)
+    assert reply.has_error() and "does not hold encoder ffffffffffff" in reply.error.reason

@@ -70,7 +70,9 @@ def main() -> int:
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
+            # Other jobs on a shared machine slow the wall time but hardly the CPU time: report both.
             "load_average_before": [round(v, 2) for v in load_before],
+            "load_average_after": [round(v, 2) for v in os.getloadavg()],
         },
         "command": " ".join(["braing3n", *command[3:]]),
         **counts,

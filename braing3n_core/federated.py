@@ -39,6 +39,7 @@ from braing3n_core.probes import (
     _class_key,
     candidate_tasks,
     evaluate_predictions,
+    probe_metric_name,
 )
 from braing3n_core.stages import (
     ProximalTerm,
@@ -451,38 +452,109 @@ def aggregate_heads(
     return out
 
 
+SCORE_BINS = 20  # class-probability histogram resolution for the pooled AUROC
+
+
+def prediction_sums(task: ProbeTask, y: np.ndarray, scores: np.ndarray) -> list[float]:
+    """Additive summaries of one site's held-out predictions, from which pooled metrics follow exactly
+    (MAE, R², Pearson r, balanced accuracy) or to histogram resolution (AUROC); counts and sums only.
+
+    Regression: [n, Σ|e|, Σe², Σy, Σy², Σŷ, Σŷ², Σyŷ]. Classification with K classes: the K×K confusion
+    matrix (true × predicted), then for each true class t and score column c a SCORE_BINS histogram of
+    scores[:, c], flattened.
+    """
+    if task.kind is TaskKind.REGRESSION:
+        y, p = np.asarray(y, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+        e = p - y
+        return [float(len(y)), float(np.abs(e).sum()), float((e * e).sum()), float(y.sum()), float((y * y).sum()),
+                float(p.sum()), float((p * p).sum()), float((y * p).sum())]
+    k = len(task.classes)
+    y = np.asarray(y, dtype=np.int64)
+    confusion = np.zeros((k, k))
+    np.add.at(confusion, (y, scores.argmax(axis=1)), 1.0)
+    bins = np.minimum((np.asarray(scores) * SCORE_BINS).astype(np.int64), SCORE_BINS - 1)
+    histogram = np.zeros((k, k, SCORE_BINS))
+    for column in range(k):
+        np.add.at(histogram[:, column], (y, bins[:, column]), 1.0)
+    return confusion.ravel().tolist() + histogram.ravel().tolist()
+
+
+def metrics_from_sums(task: ProbeTask, sums: Sequence[float]) -> dict[str, float]:
+    """`evaluate_predictions`' metrics of the union of sites, from their summed `prediction_sums`."""
+    values: dict[str, float]
+    if task.kind is TaskKind.REGRESSION:
+        n, abs_err, sq_err, sy, syy, sp, spp, syp = sums
+        if n == 0:
+            return {m: math.nan for m in task.metric_names}
+        sst = syy - sy * sy / n
+        cov, var_y, var_p = syp - sy * sp / n, sst, spp - sp * sp / n
+        values = {"mae": abs_err / n, "r2": 1.0 - sq_err / sst if sst > 1e-12 else math.nan,
+                  "pearson_r": cov / math.sqrt(var_y * var_p) if var_y > 1e-12 and var_p > 1e-12 else math.nan}
+    else:
+        k = len(task.classes)
+        confusion = np.asarray(sums[: k * k]).reshape(k, k)
+        histogram = np.asarray(sums[k * k :]).reshape(k, k, SCORE_BINS)
+        support = confusion.sum(axis=1)
+        present = np.flatnonzero(support > 0)
+        if len(present) == 0:
+            return {m: math.nan for m in task.metric_names}
+        bacc = float(np.mean([confusion[c, c] / support[c] for c in present]))
+        columns = [1] if k == 2 else list(present)
+        aurocs = [_binned_auroc(histogram[c, c], histogram[np.arange(k) != c, c].sum(axis=0)) for c in columns]
+        values = {"auroc": float(np.mean(aurocs)) if len(present) >= 2 else math.nan, "bacc": bacc}
+    return {probe_metric_name(task.name, m): float(v) for m, v in values.items()}
+
+
+def _binned_auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(score_pos > score_neg) + ½ P(same bin), from two score histograms (Mann–Whitney on bins)."""
+    n_pos, n_neg = positive.sum(), negative.sum()
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    below = np.concatenate([[0.0], np.cumsum(negative)[:-1]])  # negatives in strictly lower bins
+    return float((positive * (below + 0.5 * negative)).sum() / (n_pos * n_neg))
+
+
 def score_heads(
     heads: Mapping[str, LinearHead], priors: Mapping[str, Sequence[float]], data: SiteProbeData
-) -> dict[str, float]:
+) -> dict[str, float | list[float]]:
     """Each task's metrics on the site's held-out (test) rows, and the features-blind chance level.
 
-    Keys: `probe/<task>_<metric>`, `probe/<task>_<metric>_chance`, `n/<task>`; NaN where undefined
-    (no rows, or one class only).
+    Keys: `probe/<task>_<metric>`, `probe/<task>_<metric>_chance`, `n/<task>` (NaN where undefined: no
+    rows, one class only), and `sums/<task>`, `sums/<task>_chance` (`prediction_sums`) for pooling.
     """
-    metrics: dict[str, float] = {"num-examples": float(len(data.test_table))}
+    metrics: dict[str, float | list[float]] = {"num-examples": float(len(data.test_table))}
     for name, head in heads.items():
         x, y = task_rows(head.task, data.test_features, data.test_table)
         metrics[f"n/{name}"] = float(len(y))
         names = head.task.metric_names
-        if len(y) == 0:
-            metrics |= {m: math.nan for m in names} | {f"{m}_chance": math.nan for m in names}
-            continue
-        metrics |= evaluate_predictions(head.task, y, head.predict_scores(x))
         prior = np.asarray(priors[name], dtype=np.float64)
+        if len(y) == 0:
+            empty = prediction_sums(head.task, np.zeros(0), np.zeros((0,) if head.task.kind is TaskKind.REGRESSION
+                                                                     else (0, len(head.task.classes))))
+            metrics |= {m: math.nan for m in names} | {f"{m}_chance": math.nan for m in names}
+            metrics |= {f"sums/{name}": empty, f"sums/{name}_chance": empty}
+            continue
+        scores = head.predict_scores(x)
         chance = np.full(len(y), prior[0]) if head.task.kind is TaskKind.REGRESSION else np.tile(prior, (len(y), 1))
+        metrics |= evaluate_predictions(head.task, y, scores)
         metrics |= {f"{k}_chance": v for k, v in evaluate_predictions(head.task, y, chance).items()}
+        metrics |= {f"sums/{name}": prediction_sums(head.task, y, scores),
+                    f"sums/{name}_chance": prediction_sums(head.task, y, chance)}
     return metrics
 
 
-def pooled_probe_metrics(tasks: Sequence[ProbeTask], per_site: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """Example-weighted mean of each site's held-out metrics (sites with no rows or NaN left out)."""
+def pooled_probe_metrics(tasks: Sequence[ProbeTask], per_site: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """The metrics of all sites' held-out rows together, from the summed `prediction_sums`."""
     pooled: dict[str, float] = {}
     for task in tasks:
-        weight = f"n/{task.name}"
-        pooled[weight] = float(sum(m.get(weight, 0.0) for m in per_site.values()))
-        for metric in task.metric_names:
-            for key in (metric, f"{metric}_chance"):
-                pooled[key] = weighted_mean([(m.get(key, math.nan), m.get(weight, 0.0)) for m in per_site.values()])
+        pooled[f"n/{task.name}"] = float(sum(m.get(f"n/{task.name}", 0.0) for m in per_site.values()))
+        for suffix in ("", "_chance"):
+            parts = [np.asarray(m[f"sums/{task.name}{suffix}"], dtype=np.float64) for m in per_site.values()
+                     if f"sums/{task.name}{suffix}" in m]
+            if not parts:
+                continue
+            values = metrics_from_sums(task, np.sum(parts, axis=0).tolist())
+            pooled |= {f"{k}{suffix}": v for k, v in values.items()}
     return pooled
 
 

@@ -9,8 +9,10 @@
    averaged over the sites holding rows of its task, weighted by those rows. Heads are checkpointed
    per round (`checkpoints/probes/round-NNNN`, the plan in the manifest), so probes resume too.
 4. An evaluate message: each site scores every head on its held-out test subjects with
-   `probes.evaluate_predictions`; the server logs per-site metrics and the example-weighted pooled
-   values (kind "probe") and writes `probes.json`.
+   `probes.evaluate_predictions`, and returns additive prediction summaries (`federated.prediction_sums`:
+   error sums, confusion matrix, class-probability histograms) from which the server computes the
+   pooled metrics of all held-out rows together (exact for MAE/R²/r/balanced accuracy, AUROC to
+   histogram resolution); per-site and pooled results go to metrics.jsonl (kind "probe") and `probes.json`.
 
 No scan, embedding or label leaves a site: replies carry head weights, sums and counts only.
 """
@@ -98,6 +100,11 @@ def run_probes(federation: Federation) -> None:
     federation.write_state()
 
 
+def _readable(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A site's probe metrics without the prediction sums used for pooling."""
+    return {k: v for k, v in metrics.items() if not k.startswith("sums/")}
+
+
 def evaluate(federation: Federation, tasks, tasks_json: str, arrays, plan: dict[str, Any], base: dict[str, Any]) -> None:
     rounds = federation.config.probes.rounds
     record = to_array_record(arrays)
@@ -108,14 +115,14 @@ def evaluate(federation: Federation, tasks, tasks_json: str, arrays, plan: dict[
     for reply in replies:
         site = reply_site(reply, federation.node_sites)
         per_site[site] = dict(next(iter(reply.content.metric_records.values())))
-        federation.run.log(STAGE, rounds, site, "probe", **per_site[site])
+        federation.run.log(STAGE, rounds, site, "probe", **_readable(per_site[site]))
     pooled = pooled_probe_metrics(tasks, per_site)
     federation.run.log(STAGE, rounds, "aggregate", "probe", sites=len(per_site), **pooled)
     clean = lambda m: {k: (None if isinstance(v, float) and v != v else v) for k, v in m.items()}  # noqa: E731
     atomic_write_json(federation.run.root / "probes.json", {
         "encoder_sha256": federation.encoder_sha, "rounds": rounds, "settings": federation.config.probes.model_dump(),
         "tasks": plan["tasks"], "skipped": plan["skipped"],
-        "pooled": clean(pooled), "sites": {s: clean(m) for s, m in sorted(per_site.items())},
+        "pooled": clean(pooled), "sites": {s: clean(_readable(m)) for s, m in sorted(per_site.items())},
     })
     for task in tasks:
         main = task.metric_names[0]

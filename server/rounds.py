@@ -49,8 +49,11 @@ class FederationError(RuntimeError):
     """The federation cannot go on (too few sites, nothing aggregated); the run can be resumed later."""
 
 
+_T0 = time.monotonic()
+
+
 def say(text: str) -> None:
-    print(f"[braing3n] {text}", flush=True)
+    print(f"[braing3n {time.monotonic() - _T0:6.1f}s] {text}", flush=True)
 
 
 def _summary(message: Message) -> dict[str, Any]:
@@ -358,6 +361,7 @@ def run_federation(grid: Grid, config_path: Path, run_dir: Path | None, expected
     from server.probes import run_probes
 
     started = time.time()
+    say(f"ServerApp started; run config {config_path}")
     config, run = load_run_config(config_path, run_dir)
     run.complete_path.unlink(missing_ok=True)
     committed = run.committed_rounds([s for s in STAGES] + ["probes"])

@@ -15,7 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 
 from braing3n_core.config import ConfigError, SiteConfig
 from braing3n_core.federated import (
-    check_reply_arrays, heads_from_arrays, head_arrays, plan_probes, pooled_probe_metrics, update_norm,
+    check_reply_arrays, heads_from_arrays, head_arrays, plan_probes, pooled_probe_metrics, prediction_sums, update_norm,
 )
 from braing3n_core.probes import FeatureStats
 from braing3n_core.runconfig import FedAvgConfig, FedOptConfig, RunConfig
@@ -164,9 +164,30 @@ def test_probe_plan_from_two_censuses_and_pooled_metrics() -> None:
     assert age_stats.count == 40 and age_stats.mean[0] == pytest.approx(np.mean([60.0 + i for i in range(20)] + [70.0 + i for i in range(20)]))
     heads = heads_from_arrays(plan.tasks, head_arrays(plan.heads()))
     assert set(heads) == names
-    pooled = pooled_probe_metrics(plan.tasks[:1], {"a": {"probe/age_mae": 2.0, "n/age": 10}, "b": {"probe/age_mae": 5.0, "n/age": 30},
-                                                   "c": {"probe/age_mae": math.nan, "n/age": 0}})
-    assert pooled["probe/age_mae"] == pytest.approx(4.25) and pooled["n/age"] == 40
+
+
+def test_pooled_probe_metrics_match_the_metrics_of_all_rows_together() -> None:
+    from braing3n_core.probes import ProbeTask, TaskKind, evaluate_predictions
+
+    rng = np.random.default_rng(0)
+    age = ProbeTask("age", "age", TaskKind.REGRESSION)
+    dx = ProbeTask("diagnosis", "diagnosis", TaskKind.CLASSIFICATION, ("CN", "MCI", "AD"))
+    sites, ys, ps, yc, pc = {}, [], [], [], []
+    for i, n in enumerate((7, 12, 0)):  # the third site holds no held-out rows
+        y, p = rng.uniform(50, 90, n), rng.uniform(50, 90, n)
+        labels = rng.integers(0, 3 if i else 1, n)  # site 0 holds one class only: its own AUROC is undefined
+        probs = rng.dirichlet(np.ones(3), n)
+        sites[str(i)] = {"n/age": float(n), "n/diagnosis": float(n), "sums/age": prediction_sums(age, y, p),
+                         "sums/diagnosis": prediction_sums(dx, labels, probs.reshape(n, 3))}
+        ys.append(y), ps.append(p), yc.append(labels), pc.append(probs.reshape(n, 3))
+    pooled = pooled_probe_metrics([age, dx], sites)
+    exact = evaluate_predictions(age, np.concatenate(ys), np.concatenate(ps))
+    for key, value in exact.items():
+        assert pooled[key] == pytest.approx(value, abs=1e-9), key
+    exact = evaluate_predictions(dx, np.concatenate(yc), np.concatenate(pc))
+    assert pooled["probe/diagnosis_bacc"] == pytest.approx(exact["probe/diagnosis_bacc"], abs=1e-9)
+    assert pooled["probe/diagnosis_auroc"] == pytest.approx(exact["probe/diagnosis_auroc"], abs=0.05)  # binned scores
+    assert pooled["n/age"] == 19
 
 
 # --- client handlers with a real Message + Context --------------------------------------------------------------

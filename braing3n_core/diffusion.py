@@ -25,7 +25,7 @@ import math
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from braing3n_core.conditions import CONDITION_SCHEMA, ConditionBatch, null_conditions, random_drop_mask
 from braing3n_core.models.dit import DiT
@@ -46,6 +46,15 @@ def shift_time(t: Tensor, shift: float) -> Tensor:
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
+def _unwrap(model: nn.Module) -> DiT:
+    """The DiT itself, also when it is wrapped by Opacus' GradSampleModule for DP-SGD (`_module`): the
+    forward pass goes through the wrapper, the token statistics and config come from the DiT."""
+    inner = getattr(model, "_module", model)
+    if not isinstance(inner, DiT):
+        raise TypeError(f"expected a DiT (or an Opacus wrapper around one), got {type(model).__name__}")
+    return inner
+
+
 def _model_shift(model: DiT, time_shift: float | None) -> float:
     if time_shift is not None:
         if time_shift <= 0:
@@ -63,7 +72,7 @@ def _missing_interval(interval: Tensor | None, batch: int, device: torch.device)
 
 
 def training_loss(
-    model: DiT,
+    model: nn.Module,
     x0: Tensor,
     cond: ConditionBatch,
     *,
@@ -74,21 +83,23 @@ def training_loss(
     time_shift: float | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Flow-matching loss (scalar, mean over samples of each sample's MSE).
+    """Flow-matching loss (scalar, mean over samples of each sample's MSE). `model` is a DiT or an
+    Opacus `GradSampleModule` around one.
 
     x0 [B, N, E] raw encoder tokens of the target scans; baseline [B, N, E] raw tokens of the same
     subject's earlier scan (rows of NaN or None = cross-sectional sample); interval [B] years.
     """
+    dit = _unwrap(model)
     batch, device = x0.shape[0], x0.device
-    target = model.normalize(x0.float())
-    base = None if baseline is None else model.normalize(baseline.float())
+    target = dit.normalize(x0.float())
+    base = None if baseline is None else dit.normalize(baseline.float())
     interval = _missing_interval(interval, batch, device)
     drop = random_drop_mask(batch, len(CONDITION_SCHEMA) + 1, p_drop, p_drop_all, generator, device)  # [B, 7]
     cond = cond.to(device).without(drop[:, :-1])
     interval = torch.where(drop[:, -1], torch.full_like(interval, math.nan), interval)
 
     source = generator.device if generator is not None else device
-    t = shift_time(torch.rand(batch, generator=generator, device=source), _model_shift(model, time_shift)).to(device)
+    t = shift_time(torch.rand(batch, generator=generator, device=source), _model_shift(dit, time_shift)).to(device)
     noise = torch.randn(target.shape, generator=generator, device=source).to(device)
     x_t = (1.0 - t[:, None, None]) * target + t[:, None, None] * noise
     velocity = model(x_t, t, cond, base, interval)
@@ -97,7 +108,7 @@ def training_loss(
 
 @torch.no_grad()
 def sample(
-    model: DiT,
+    model: nn.Module,
     shape: tuple[int, int, int],
     cond: ConditionBatch,
     steps: int = DEFAULT_STEPS,
@@ -111,6 +122,7 @@ def sample(
     """Generate raw encoder tokens of `shape` = (B, N, E) by integrating the ODE from noise (t = 1) to
     data (t = 0). guidance_scale 1 disables classifier-free guidance (one network call per evaluation);
     baseline/interval as in `training_loss` (forecasting when given)."""
+    model = _unwrap(model)  # sampling needs no per-sample hooks
     batch = shape[0]
     if tuple(shape[1:]) != (model.config.num_tokens, model.config.token_dim):
         raise ValueError(f"sample shape {tuple(shape)} does not match the DiT's [B, {model.config.num_tokens}, "

@@ -177,9 +177,8 @@ def test_one_opacus_dp_sgd_step() -> None:
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
         poisson_sampling=False,
     )
-    assert private._module is model  # `training_loss` takes the wrapped module; its layers carry the hooks
     batch_tokens, batch_baseline, batch_interval = next(iter(loader))
-    diffusion.training_loss(model, batch_tokens, cond, baseline=batch_baseline, interval=batch_interval,
+    diffusion.training_loss(private, batch_tokens, cond, baseline=batch_baseline, interval=batch_interval,
                             p_drop=0.0, p_drop_all=0.0, generator=torch.Generator().manual_seed(0)).backward()
     for name, param in model.named_parameters():
         assert param.grad_sample is not None and param.grad_sample.shape == (4, *param.shape), name

@@ -25,7 +25,7 @@ module, so a checkpoint carries everything needed to turn samples back into enco
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -71,31 +71,33 @@ class DiTConfig:
         return cls(**data)
 
 
-@dataclass
 class TokenMoments:
-    """Per-channel running sums of tokens, mergeable across batches and sites (float64)."""
+    """Per-channel sums of tokens (float64), mergeable across batches and sites, so the normalisation
+    statistics of a federated training set can be computed without pooling any tokens."""
 
-    dim: int
-    count: int = 0
-    total: Tensor = field(default=None)  # type: ignore[assignment]
-    total_sq: Tensor = field(default=None)  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        self.total = torch.zeros(self.dim, dtype=torch.float64) if self.total is None else self.total
-        self.total_sq = torch.zeros(self.dim, dtype=torch.float64) if self.total_sq is None else self.total_sq
+    def __init__(self, dim: int) -> None:
+        self.count = 0  # number of token vectors summed
+        self.total = torch.zeros(dim, dtype=torch.float64)  # [E] Σ x
+        self.total_sq = torch.zeros(dim, dtype=torch.float64)  # [E] Σ x²
 
     def add(self, tokens: Tensor) -> "TokenMoments":
-        """Accumulate tokens [B, N, E] (or [M, E])."""
-        flat = tokens.detach().reshape(-1, self.dim).to("cpu", torch.float64)
+        """Accumulate tokens [B, N, E] (or [M, E]) in place; returns self."""
+        flat = tokens.detach().reshape(-1, self.total.shape[0]).to("cpu", torch.float64)
         self.count += flat.shape[0]
         self.total += flat.sum(0)
         self.total_sq += (flat * flat).sum(0)
         return self
 
     def merge(self, other: "TokenMoments") -> "TokenMoments":
-        return TokenMoments(self.dim, self.count + other.count, self.total + other.total, self.total_sq + other.total_sq)
+        """A new accumulator holding both sets of sums."""
+        merged = TokenMoments(self.total.shape[0])
+        merged.count = self.count + other.count
+        merged.total = self.total + other.total
+        merged.total_sq = self.total_sq + other.total_sq
+        return merged
 
     def mean_std(self, floor: float = 1e-6) -> tuple[Tensor, Tensor]:
+        """(mean [E], unbiased std [E]) as float32; std is floored so constant channels stay finite."""
         if self.count < 2:
             raise ValueError("token statistics need at least two token vectors")
         mean = self.total / self.count

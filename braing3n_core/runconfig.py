@@ -155,7 +155,7 @@ class ProbeRunConfig(StrictModel):
     enabled: bool = False
     rounds: int = Field(5, ge=1)
     local_steps: int = Field(20, ge=1, description="SGD steps per head per site per round")
-    lr: float = Field(0.05, gt=0.0)
+    lr: float = Field(0.5, gt=0.0, description="SGD rate per feature: heads step with lr / F")
     batch_size: int = Field(32, ge=1)
     weight_decay: float = Field(1e-3, ge=0.0)
 

@@ -185,6 +185,9 @@ def simulate(
                 [_executable("flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
                  "--host", "127.0.0.1", "--port", str(port)],
                 stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=out,
+                # Its own session: a terminal's Ctrl-C reaches only this wrapper, which then stops the
+                # SuperLink and its tree in order (a SuperLink dying first would orphan Ray).
+                start_new_session=True,
             )
         atomic_write_json(logs / "simulation.json", {"superlink_pid": link.pid, "port": port, "flwr_home": str(home),
                                                      "started": started, "sites": [str(p) for p in site_yamls]})

@@ -102,8 +102,8 @@ class RunFolder:
                 except json.JSONDecodeError:  # a line cut by the crash
                     removed += 1
                     continue
-                stage, rnd = record.get("stage"), record.get("round")
-                if isinstance(rnd, int) and rnd > committed.get(stage, 0 if stage in committed else 10**9):
+                limit, rnd = committed.get(record.get("stage")), record.get("round")
+                if limit is not None and isinstance(rnd, int) and rnd > limit:
                     removed += 1
                     continue
                 kept.append(line)

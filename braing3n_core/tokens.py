@@ -23,6 +23,7 @@ from braing3n_core.data.checks import Problem
 from braing3n_core.data.transforms import PreprocessingError
 from braing3n_core.models import MAEEncoder
 from braing3n_core.presets import Preset
+from braing3n_core.probes import ProbeSample, ProbeTable
 from braing3n_core.runtime import autocast
 
 
@@ -100,3 +101,19 @@ class TokenCache:
             tokens, _ = self.encoder.encode(batch)  # [B, N, E]
         for key, value in zip(keys, tokens.float().cpu().numpy()):
             self.store.put(key, value)
+
+
+# --- pooled features for linear probes -----------------------------------------------------------------
+
+
+def pooled_features(cache: TokenCache, records: Sequence[ScanRecord]) -> np.ndarray:
+    """[n, E] mean of each scan's tokens (the probe feature, spec §9); records must be `ensure`d."""
+    return np.stack([cache.tokens(r).mean(dim=0).numpy() for r in records]) if records else np.zeros((0, 0))
+
+
+def probe_table(records: Sequence[ScanRecord]) -> ProbeTable:
+    return ProbeTable([
+        ProbeSample.from_scan_labels(subject=r.subject, site_id=r.site_id, modality=r.modality, labels=r.labels,
+                                     session=r.session)
+        for r in records
+    ])

@@ -131,6 +131,15 @@ def _executable(name: str) -> str:
     return found
 
 
+def _last_error(log: Path) -> str:
+    """The last exception line the ServerApp printed (e.g. `FederationError: …`), if any."""
+    if not log.is_file():
+        return ""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+    errors = [line for line in lines if line.split(":", 1)[0].endswith(("Error", "Exception")) and ": " in line]
+    return errors[-1][:500] if errors else ""
+
+
 # --- the run -------------------------------------------------------------------------------------------------
 
 
@@ -222,8 +231,10 @@ def simulate(
 
     complete = out / "run_complete.json"
     if not complete.is_file():
+        cause = _last_error(logs / "flwr-run.log")
         raise SimulationError(
-            f"the federated run did not complete (flwr run exit code {process.returncode}); the run folder {out} can be "
-            f"resumed with --resume. Logs: {logs / 'flwr-run.log'}, {link_log}"
+            f"the federated run did not complete (flwr run exit code {process.returncode})"
+            f"{': ' + cause if cause else ''}; the run folder {out} can be resumed with --resume. "
+            f"Logs: {logs / 'flwr-run.log'}, {link_log}"
         )
     return SimulationResult(out, time.time() - started, json.loads(complete.read_text()))

@@ -244,3 +244,21 @@ def test_rejected_and_dropped_sites_do_not_stop_the_federation(faulty_run) -> No
     # Probes ran by themselves from the given MAE checkpoint: the encoder reached each site once.
     installs = Counter(m["site"] for m in messages(faulty_run["dir"]) if m["direction"] == "out" and "encoder" in m.get("records", {}))
     assert len(installs) == 8 and set(installs.values()) == {1}
+
+
+def test_a_round_without_enough_sites_stops_the_run_resumably(synthetic_cohort, tmp_path: Path) -> None:
+    from braing3n_core.simulate import SimulationError
+
+    sites = site_yamls(synthetic_cohort, tmp_path / "sites")
+    faults = [{"site": s, "stage": "mae", "kind": "decline", "from_round": 2} for s in ("site-a", "site-b")]
+    config = {"name": "stops", "preset": "tiny", "min_sites": 1, "fault_injection": faults,
+              "stages": [{"name": "mae", "rounds": 3, "local_steps": 1, "batch_size": 2, "evaluate_every": 0}]}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SimulationError) as raised:
+        simulate(sites, tmp_path / "run.yaml", tmp_path / "run", echo=False)
+    assert "FederationError" in str(raised.value) and "0 accepted replies, min_sites is 1" in str(raised.value)
+    assert "--resume" in str(raised.value)
+    state = json.loads((tmp_path / "run" / "server_state.json").read_text())
+    assert state["stages"]["mae"]["completed_round"] == 1 and not state["stages"]["mae"]["done"]
+    assert not (tmp_path / "run" / "run_complete.json").exists()
+    assert {r["site"] for r in records(tmp_path / "run") if r["kind"] == "declined" and r["round"] == 2} == {"site-a", "site-b"}

@@ -246,10 +246,20 @@ class RunConfig(StrictModel):
                 raise ConfigError(f"{path}: start_from.{stage}: checkpoint {manifest} not found")
         return config.model_copy(update={"source_file": path.resolve()})
 
+    def resolved(self) -> "RunConfig":
+        """Stage defaults (lr, weight decay, batch size) written out, so the run folder states what ran."""
+        stages = tuple(s.model_copy(update={"lr": s.resolved_lr, "weight_decay": s.resolved_weight_decay,
+                                            "batch_size": s.resolved_batch_size}) for s in self.stages)
+        return self.model_copy(update={"stages": stages})
+
+    def same_recipe(self, other: "RunConfig") -> bool:
+        """Whether two configurations describe the same run (what a resume requires)."""
+        dump = lambda c: c.resolved().model_dump(mode="json", exclude={"source_file"})  # noqa: E731
+        return dump(self) == dump(other)
+
     def to_yaml(self) -> str:
         """The resolved configuration (defaults filled in, absolute checkpoint paths), as written to the run folder."""
-        data = self.model_dump(mode="json")
-        return yaml.safe_dump(data, sort_keys=False)
+        return yaml.safe_dump(self.resolved().model_dump(mode="json"), sort_keys=False)
 
 
 def write_resolved(config: RunConfig, path: Path) -> None:

@@ -151,7 +151,7 @@ def prepare_run_dir(config: RunConfig, out: Path, resume: bool) -> Path:
         raise ConfigError(f"{out}: holds a run already; pass --resume to continue it or choose another --out")
     if pinned.is_file():
         previous = RunConfig.from_yaml(pinned)
-        if previous.model_dump(exclude={"source_file"}) != config.model_dump(exclude={"source_file"}):
+        if not previous.same_recipe(config):
             raise ConfigError(f"{config.source_file}: differs from the configuration pinned in {pinned}; "
                               "a run is resumed with its own configuration")
     out.mkdir(parents=True, exist_ok=True)

@@ -346,7 +346,7 @@ def load_run_config(path: Path, run_dir: Path | None) -> tuple[RunConfig, RunFol
     pinned = run.root / "run.yaml"
     if pinned.is_file() and pinned.resolve() != Path(path).resolve():
         previous = RunConfig.from_yaml(pinned)
-        if previous.model_dump(exclude={"source_file"}) != config.model_dump(exclude={"source_file"}):
+        if not previous.same_recipe(config):
             raise FederationError(f"{pinned}: the run folder holds a different run configuration than {path}; "
                                   "use a new run folder or the same configuration to resume")
     elif not pinned.is_file():

@@ -44,7 +44,9 @@ def test_run_config_resolves_defaults_and_schedule(tmp_path: Path) -> None:
     assert isinstance(dit.strategy, FedOptConfig) and dit.strategy.name == "fedyogi"
     assert [round(mae.lr_at_round(r), 6) for r in (1, 2, 4)] == [1e-3, 1e-3, 0.00025]  # warm-up, peak, cosine
     assert dit.resolved_batch_size == 8 and mae.evaluates_in(4) and mae.evaluates_in(1)
-    assert RunConfig.from_yaml(write_yaml(tmp_path / "again.yaml", yaml.safe_load(config.to_yaml()))).stages == config.stages
+    pinned = RunConfig.from_yaml(write_yaml(tmp_path / "again.yaml", yaml.safe_load(config.to_yaml())))
+    assert pinned.same_recipe(config) and pinned.stages[1].lr == 3e-4  # the stage default, written out
+    assert not pinned.same_recipe(config.model_copy(update={"seed": 1}))
 
 
 @pytest.mark.parametrize("change, message", [

@@ -176,7 +176,10 @@ def simulate(
     logs.mkdir(exist_ok=True)
 
     home = Path(tempfile.mkdtemp(prefix="braing3n-flwr-"))
-    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home), "BRAING3N_NUM_THREADS": str(cpus_per_site)}
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home), "BRAING3N_NUM_THREADS": str(cpus_per_site),
+           # The SuperLink starts `flower-superexec` (and that `flwr-simulation`) through PATH: put this
+           # environment's scripts first, also when it was never activated (CI runs .venv/bin/python).
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     port = free_port()
     link_log = logs / "superlink.log"
     started = time.time()

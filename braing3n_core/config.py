@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -43,10 +43,52 @@ class SplitConfig(StrictModel):
         return self
 
 
+class StagePrivacyConfig(StrictModel):
+    """DP-SGD settings of one stage: a noise multiplier σ, or a target ε from which σ is calibrated.
+
+    `target_epsilon` is what this stage's whole schedule (its rounds × local steps at the site's sampling
+    rate) may spend on its own; the site's `epsilon_budget` caps the total over every stage and run.
+    """
+
+    noise_multiplier: float | None = Field(None, gt=0.0, description="σ: noise std / max_grad_norm")
+    target_epsilon: float | None = Field(None, gt=0.0, description="calibrate σ so the stage spends this ε")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="per-subject gradient clipping bound C")
+
+    @model_validator(mode="after")
+    def _one_noise_setting(self) -> "StagePrivacyConfig":
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+        return self
+
+
 class SitePrivacyConfig(StrictModel):
-    """Site-side differential privacy. Filled in by the privacy work; off by default."""
+    """Site-side, subject-level differential privacy (DP-SGD with Opacus) and the site's hard ε budget.
+
+    ```yaml
+    privacy:
+      enabled: true
+      epsilon_budget: 8.0        # cumulative, over every round, stage and run; a round that would pass it is declined
+      delta: 1.0e-5              # default: min(1e-5, 0.1 / n) for the site's n training subjects
+      accountant: rdp            # rdp (default) or prv
+      stages:
+        mae: {noise_multiplier: 1.0, max_grad_norm: 1.0}
+        decoder: {target_epsilon: 2.0}
+        dit: {noise_multiplier: 1.2, max_grad_norm: 0.5}
+    ```
+    A stage left out of `stages` uses `default_stage`. The ledger (`braing3n_core.privacy.ledger`) lives
+    at `ledger` or, by default, beside the cache folder (not inside it: clearing a cache must never reset ε).
+    """
 
     enabled: bool = False
+    epsilon_budget: float = Field(8.0, gt=0.0)
+    delta: float | None = Field(None, gt=0.0, lt=1.0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    stages: dict[Literal["mae", "decoder", "dit"], StagePrivacyConfig] = Field(default_factory=dict)
+    default_stage: StagePrivacyConfig = StagePrivacyConfig(noise_multiplier=1.0)
+    ledger: Path | None = None
+
+    def stage(self, name: str) -> StagePrivacyConfig:
+        return self.stages.get(name, self.default_stage)  # type: ignore[call-overload]
 
 
 _DEVICE_PATTERN = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
@@ -96,6 +138,13 @@ class SiteConfig(StrictModel):
         """Preprocessed-volume and token caches live on the site's own disk, beside its data."""
         return self.cache_dir if self.cache_dir is not None else self.data_root / "derivatives" / "braing3n-cache"
 
+    @property
+    def privacy_ledger_path(self) -> Path:
+        """The site's privacy ledger: `privacy.ledger`, else beside (never inside) the cache folder."""
+        if self.privacy.ledger is not None:
+            return self.privacy.ledger
+        return self.resolved_cache_dir.parent / "braing3n-privacy" / f"{self.site_id}-ledger.jsonl"
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SiteConfig":
         path = Path(path)
@@ -104,16 +153,25 @@ class SiteConfig(StrictModel):
         for key in ("data_root", "cache_dir"):
             if isinstance(raw.get(key), str):
                 raw[key] = str((base / raw[key]).resolve()) if not Path(raw[key]).is_absolute() else raw[key]
+        privacy = raw.get("privacy")
+        if isinstance(privacy, dict) and isinstance(privacy.get("ledger"), str) and not Path(privacy["ledger"]).is_absolute():
+            raw["privacy"] = {**privacy, "ledger": str((base / privacy["ledger"]).resolve())}
         config = _validate(cls, raw, path)
         return config.model_copy(update={"source_file": path.resolve()})
 
     def to_yaml_dict(self, relative_to: Path | None = None) -> dict[str, Any]:
         """Plain mapping for writing a site YAML; paths relative to `relative_to` when given."""
         data = self.model_dump(mode="json", exclude_none=True)
+        # Privacy settings left at their defaults stay out of the file, so a written site YAML shows only
+        # the choices a person made.
+        data["privacy"] = {"enabled": self.privacy.enabled,
+                           **self.privacy.model_dump(mode="json", exclude_none=True, exclude_defaults=True)}
         if relative_to is not None:
             for key in ("data_root", "cache_dir"):
                 if key in data:
                     data[key] = _relative_path(Path(data[key]), relative_to)
+            if "ledger" in data.get("privacy", {}):
+                data["privacy"]["ledger"] = _relative_path(Path(data["privacy"]["ledger"]), relative_to)
         return data
 
 

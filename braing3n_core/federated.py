@@ -17,9 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -53,6 +54,9 @@ from braing3n_core.stages import (
     trainable_state,
 )
 from braing3n_core.tokens import TokenCache
+
+if TYPE_CHECKING:
+    from braing3n_core.privacy.ledger import PrivacyLedger
 
 Arrays = dict[str, np.ndarray]
 
@@ -96,11 +100,13 @@ class RoundParams:
     weight_decay: float
     proximal_mu: float = 0.0
     seed: int = 0
+    rounds: int = 0  # the stage's total rounds (a site calibrating DP noise to a target ε needs it)
+    run: str = ""  # the run's name (recorded in a site's privacy ledger)
 
     def to_config(self) -> dict[str, Any]:
         return {"stage": self.stage, "server-round": self.server_round, "local-steps": self.local_steps,
                 "batch-size": self.batch_size, "lr": self.lr, "weight-decay": self.weight_decay,
-                "proximal-mu": self.proximal_mu, "seed": self.seed}
+                "proximal-mu": self.proximal_mu, "seed": self.seed, "rounds": self.rounds, "run": self.run}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "RoundParams":
@@ -109,7 +115,7 @@ class RoundParams:
                 stage=str(config["stage"]), server_round=int(config["server-round"]),
                 local_steps=int(config["local-steps"]), batch_size=int(config["batch-size"]), lr=float(config["lr"]),
                 weight_decay=float(config["weight-decay"]), proximal_mu=float(config.get("proximal-mu", 0.0)),
-                seed=int(config.get("seed", 0)),
+                seed=int(config.get("seed", 0)), rounds=int(config.get("rounds", 0)), run=str(config.get("run", "")),
             )
         except KeyError as error:
             raise ValueError(f"train message config lacks {error.args[0]!r}; has {sorted(config)}") from None
@@ -129,12 +135,18 @@ def train_site_round(
     A fresh AdamW per round (optimizer state never crosses rounds or sites); FedProx adds μ/2‖w − w_g‖²
     when `proximal_mu` > 0. Returns the new weights and metrics: `num-examples` is the site's number of
     training examples (FedAvg's n_k), `train/examples` the examples actually processed.
+
+    A site whose config enables `privacy` trains with subject-level DP-SGD instead (`_train_private`):
+    same loop, privatised optimizer, the round recorded in the site's ledger before the weights leave,
+    and `privacy/*` metrics; a round that would exceed the site's ε budget is declined before training.
     """
     from braing3n_core.runtime import infinite
 
     dataset = stage_dataset(stage, [site], "train")
     if len(dataset) == 0:
         raise SiteDeclined(f"site {site.data.config.site_id}: no usable training scans for stage {stage.name}")
+    if site.data.config.privacy.enabled:
+        return _train_private(stage, model, site, params, device, dataset)
     seed = round_seed(params.seed, stage.name, params.server_round, site.data.config.site_id)
     model = model.to(device)
     optimizer = make_optimizer(model, params.lr, params.weight_decay)
@@ -146,6 +158,61 @@ def train_site_round(
     )
     metrics = {"num-examples": float(len(dataset)), **result.metrics(), "train/steps": float(result.steps)}
     return module_arrays(model.cpu()), metrics
+
+
+def site_ledger(config) -> "PrivacyLedger":
+    """The site's privacy ledger (on its own disk; see `braing3n_core.privacy.ledger`)."""
+    from braing3n_core.privacy.ledger import PrivacyLedger
+
+    return PrivacyLedger(config.privacy_ledger_path, config.site_id, config.privacy.accountant)
+
+
+def _train_private(stage: Stage, model: nn.Module, site: SiteInputs, params: RoundParams, device: torch.device,
+                   dataset) -> tuple[Arrays, dict[str, float]]:
+    """One DP-SGD round (see `braing3n_core.privacy.dp` for the subject-level guarantee)."""
+    from braing3n_core.privacy.dp import (
+        default_delta, make_private, os_generator, privacy_metrics, proximal_after_noise, resolve_round,
+        subject_groups, subject_loader,
+    )
+    from braing3n_core.privacy.ledger import LedgerError, PrivacyBudgetExceeded
+
+    config = site.data.config
+    privacy = config.privacy
+    ledger = site_ledger(config)
+    subjects = len(subject_groups(dataset))
+    try:
+        delta = ledger.resolve_delta(privacy.delta, default_delta(subjects))
+        settings = resolve_round(privacy, stage.name, params.server_round, subjects, params.batch_size,
+                                 params.local_steps, params.rounds, delta, params.run)
+        ledger.check(settings.release, delta, privacy.epsilon_budget)  # before any training
+    except (LedgerError, PrivacyBudgetExceeded, ValueError) as error:
+        raise SiteDeclined(str(error) if str(error).startswith("site ") else f"site {config.site_id}: {error}") from None
+    model = model.to(device)
+    optimizer = make_optimizer(model, params.lr, params.weight_decay)
+    after_noise = proximal_after_noise(model, params.proximal_mu) if params.proximal_mu > 0 else None
+    private = make_private(model, optimizer, settings, after_noise=after_noise)
+    seed = round_seed(params.seed, stage.name, params.server_round, config.site_id)
+    try:
+        # The Poisson draw uses OS entropy (privacy.dp); the stage's own randomness (masks, diffusion
+        # time and noise) keeps the round's seed.
+        batches = iter(subject_loader(dataset, settings.release.sample_rate, params.local_steps, os_generator()))
+        with warnings.catch_warnings():
+            # Opacus' backward hooks on a first layer whose input needs no gradient: expected, harmless.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            result = train_steps(
+                stage, model, batches, private.optimizer, params.local_steps, lr_at=lambda _: params.lr,
+                device=device, generator=torch.Generator(device=device).manual_seed(seed), max_grad_norm=None,
+            )
+    finally:
+        private.close()
+    arrays = module_arrays(model.cpu())
+    try:  # recorded before the weights leave the site: a crash after this over-counts, never under-counts
+        entry = ledger.record(settings.release, delta, privacy.epsilon_budget)
+    except (LedgerError, PrivacyBudgetExceeded) as error:
+        raise SiteDeclined(str(error)) from None
+    metrics = {"num-examples": float(len(dataset)), **result.metrics(), "train/steps": float(result.steps),
+               **privacy_metrics(entry.epsilon_after, settings, privacy.epsilon_budget)}
+    return arrays, metrics
 
 
 def evaluate_site(stage: Stage, model: nn.Module, site: SiteInputs, batch_size: int, device: torch.device) -> dict[str, float]:
@@ -218,7 +285,9 @@ def check_metrics(metrics: Mapping[str, Any]) -> str | None:
     if not isinstance(examples, (int, float)) or not math.isfinite(examples) or examples <= 0:
         return f"num-examples must be a positive number, got {examples!r}"
     loss = metrics.get("train/loss")
-    if loss is not None and not (isinstance(loss, (int, float)) and math.isfinite(loss)):
+    # A DP-SGD round whose Poisson draws were all empty processed no example and has no loss (noise only).
+    drew_nobody = metrics.get("train/examples") == 0
+    if loss is not None and not (isinstance(loss, (int, float)) and math.isfinite(loss)) and not drew_nobody:
         return f"train/loss is not finite ({loss!r})"
     return None
 

@@ -320,7 +320,8 @@ def train_steps(
     `lr_at(i)` gives the learning rate of local step i (the caller owns the schedule: a global cosine in
     centralized training, the round's rate in federated training). `on_step(i, loss, examples)` feeds
     progress bars. Gradients are clipped to `max_grad_norm` (None disables; under DP-SGD the privacy
-    engine clips per sample instead).
+    engine clips per sample instead, see `privacy.dp`). An empty batch (`{}`, which DP-SGD's Poisson
+    sampling can draw) takes an optimizer step without a loss.
     """
     model.train()
     started = time.perf_counter()
@@ -331,6 +332,12 @@ def train_steps(
         batch = to_device(next(batches), device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
+        if not batch:  # DP-SGD's Poisson sampling drew nobody: the step still happens (noise only)
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+            if on_step is not None:
+                on_step(step, math.nan, 0)
+            continue
         with autocast(device):
             loss, extra = stage.loss(model, batch, generator)
             if proximal is not None:

@@ -38,7 +38,13 @@ def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 def _reply(msg: Message, site_id: str, arrays: dict[str, np.ndarray] | None, metrics: dict[str, float],
            **config: object) -> Message:
+    # `privacy/*` values travel in their own ConfigRecord: strategies average every MetricRecord key and
+    # refuse replies whose keys differ, while a site's ε is its own (and only DP sites have one).
+    privacy = {k: v for k, v in metrics.items() if k.startswith("privacy/")}
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("privacy/")}
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site_id, **config})})
+    if privacy:
+        content["privacy"] = ConfigRecord(privacy)
     if arrays is not None:
         content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
     return Message(content, reply_to=msg)

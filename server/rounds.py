@@ -205,7 +205,8 @@ class Federation:
 
     def stage_config(self, spec: StageRunConfig, model_config: str, server_round: int) -> dict[str, Any]:
         params = RoundParams(spec.name, server_round, spec.local_steps, spec.resolved_batch_size,
-                             spec.lr_at_round(server_round), spec.resolved_weight_decay, 0.0, self.config.seed)
+                             spec.lr_at_round(server_round), spec.resolved_weight_decay, 0.0, self.config.seed,
+                             rounds=spec.rounds, run=self.config.name)
         return {**params.to_config(), "preset": self.config.preset, "model-config": model_config,
                 "encoder-sha256": self.encoder_sha if get_stage(spec.name).needs_encoder else ""}
 
@@ -293,8 +294,11 @@ class Federation:
         by_node = {r.metadata.src_node_id: r for r in replies}
         for verdict in verdicts:
             if verdict.kind == "accepted":
-                metrics = next(iter(by_node[verdict.node_id].content.metric_records.values()))
-                self.run.log(stage, server_round, verdict.site, "train", update_norm=verdict.update_norm, **dict(metrics))
+                content = by_node[verdict.node_id].content
+                metrics = dict(next(iter(content.metric_records.values())))
+                privacy = content.config_records.get("privacy")  # a DP site's ε etc. (never aggregated)
+                self.run.log(stage, server_round, verdict.site, "train", update_norm=verdict.update_norm, **metrics,
+                             **(dict(privacy) if privacy is not None else {}))
             else:
                 self.run.log(stage, server_round, verdict.site, verdict.kind, reason=verdict.reason,
                              update_norm=verdict.update_norm)

@@ -60,6 +60,10 @@ if TYPE_CHECKING:
 
 Arrays = dict[str, np.ndarray]
 
+# Train-config keys of the privacy protocols (server/privacy.py sets them, client/mods.py reads them).
+CLIPPING_MODE_KEY = "client-dp-clipping"  # client-level DP with client-side clipping: "fixed" | "adaptive"
+SECAGG_ARRAY_NAMES_KEY = "secagg-array-names"  # SecAgg+'s legacy Parameters have no names; JSON list
+
 
 class SiteDeclined(RuntimeError):
     """A site cannot take part in this request (no usable scans, missing encoder…); the message says why."""

@@ -182,6 +182,62 @@ class FaultInjection(StrictModel):
                 and (self.until_round is None or server_round <= self.until_round))
 
 
+# --- client-level DP and secure aggregation -------------------------------------------------------------
+
+
+class ClientDPConfig(StrictModel):
+    """Client-level (site-level) central DP through Flower's DP strategy wrappers.
+
+    Each round's site updates are clipped to `clipping_norm` (on the server, or on the site with
+    `side: client`) and the uniform mean gets N(0, (z·C/m)²) noise for m aggregated sites. ε is
+    accounted over every DP round of the run by Flower's `RdpAccountant` (no sampling amplification:
+    every site takes part) at `delta`; adaptive clipping (Andrew et al. 2021) is accounted at the same
+    overall noise multiplier z, which Flower splits between the update and the clipped-count bits.
+    """
+
+    enabled: bool = False
+    clipping: Literal["fixed", "adaptive"] = "fixed"
+    side: Literal["server", "client"] = "server"
+    noise_multiplier: float = Field(1.0, gt=0.0, description="z: noise std / clipping norm, for the sum")
+    clipping_norm: float = Field(1.0, gt=0.0, description="C (adaptive: the initial C)")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    max_epsilon: float | None = Field(None, gt=0.0, description="stop the run before a round would pass it")
+    target_clipped_quantile: float = Field(0.5, ge=0.0, le=1.0)
+    clip_norm_lr: float = Field(0.2, gt=0.0)
+    clipped_count_stddev: float | None = Field(
+        None, gt=0.0, description="adaptive; default max(n_sites / 20, noise_multiplier) (Flower needs z < 2σ_b)")
+    stages: tuple[StageName, ...] = STAGE_ORDER
+
+    def applies_to(self, stage: str) -> bool:
+        return self.enabled and stage in self.stages
+
+
+class SecureAggregationConfig(StrictModel):
+    """SecAgg+ (Flower's legacy `SecAggPlusWorkflow` + `secaggplus_mod`): the server learns only the
+    weighted sum of the sites' updates. Sites mask quantised updates w_site − w_global, so
+    `clipping_range` bounds an update coordinate (a site whose update exceeds it declines the round),
+    not a weight."""
+
+    enabled: bool = False
+    stages: tuple[StageName, ...] = STAGE_ORDER
+    num_shares: float = Field(1.0, gt=0.0, description="≤ 1: fraction of the round's sites; > 2: a count")
+    reconstruction_threshold: float = Field(0.67, gt=0.0, description="≤ 1: fraction of the shares; ≥ 2: a count")
+    clipping_range: float = Field(1.0, gt=0.0, description="max |update coordinate| before quantisation")
+    quantization_range: int = Field(2**22, gt=0)
+    modulus_range: int = Field(2**32, gt=0)
+    max_weight: float = Field(10000.0, gt=0.0, description="largest num-examples a site may weigh")
+
+    def applies_to(self, stage: str) -> bool:
+        return self.enabled and stage in self.stages
+
+    def shares(self) -> int | float:
+        return int(self.num_shares) if self.num_shares > 2 else float(min(self.num_shares, 1.0))
+
+    def threshold(self) -> int | float:
+        value = self.reconstruction_threshold
+        return int(value) if value >= 2 else float(min(value, 1.0))
+
+
 class RunConfig(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     preset: str = "small"
@@ -193,6 +249,8 @@ class RunConfig(StrictModel):
     probes: ProbeRunConfig = ProbeRunConfig()
     start_from: dict[StageName, Path] = Field(default_factory=dict)
     fault_injection: tuple[FaultInjection, ...] = ()
+    client_dp: ClientDPConfig = ClientDPConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     source_file: Path | None = Field(default=None, exclude=True)
 
     @field_validator("preset")
@@ -218,7 +276,27 @@ class RunConfig(StrictModel):
             raise ValueError("the decoder, dit and probes need an encoder: train the mae stage or give start_from.mae")
         if not names and not self.probes.enabled:
             raise ValueError("nothing to do: list stages or enable probes")
+        self._privacy_layers_consistent()
         return self
+
+    def _privacy_layers_consistent(self) -> None:
+        dp, secagg = self.client_dp, self.secure_aggregation
+        for stage in self.stages:
+            strategy = stage.strategy.name
+            if secagg.applies_to(stage.name) and strategy not in ("fedavg", "fedprox"):
+                raise ValueError(f"secure_aggregation: stage {stage.name} uses {strategy}, which needs each site's "
+                                 "update; under SecAgg+ the server sees only their sum: use fedavg or fedprox")
+            if dp.applies_to(stage.name) and strategy not in ("fedavg", "fedprox"):
+                raise ValueError(f"client_dp: stage {stage.name} uses {strategy}; the DP noise is calibrated to a "
+                                 "uniform mean of clipped updates (FedAvg/FedProx aggregation)")
+            if secagg.applies_to(stage.name) and dp.applies_to(stage.name) and (
+                dp.side != "client" or dp.clipping != "fixed"
+            ):
+                raise ValueError("client_dp with secure_aggregation needs side: client and clipping: fixed (the "
+                                 "server cannot clip, or count clipped updates, in a sum it cannot see)")
+        if secagg.enabled and self.min_sites < 3:
+            raise ValueError("secure_aggregation needs min_sites ≥ 3: with two sites each one can subtract its own "
+                             "update from the sum and read the other's")
 
     def stage(self, name: str) -> StageRunConfig:
         for stage in self.stages:
@@ -269,5 +347,5 @@ def write_resolved(config: RunConfig, path: Path) -> None:
 
 
 __all__ = [
-    "ConfigError", "FaultInjection", "ProbeRunConfig", "RunConfig", "StageRunConfig", "StrategyConfig", "write_resolved",
+    "ClientDPConfig", "ConfigError", "SecureAggregationConfig", "FaultInjection", "ProbeRunConfig", "RunConfig", "StageRunConfig", "StrategyConfig", "write_resolved",
 ]

@@ -4,6 +4,8 @@
   reply = exactly one ArrayRecord ("arrays") + one MetricRecord ("metrics") + the site id ("site").
 - evaluate (same stages): validation metrics on the site's val split (probes: held-out test split).
 - query (`config["action"]`): hello, install_encoder, token_moments, probe_census.
+- train messages pass `client.mods.privacy_mod` first: client-side clipping for client-level DP, and
+  the SecAgg+ protocol steps (whose fit step runs this same train handler).
 
 A site that cannot take part (no usable scans, data unavailable, encoder missing) replies with an
 `Error(code=DECLINED)` whose reason names the site and the cause, instead of failing the round.
@@ -26,6 +28,7 @@ from braing3n_core.federated import (
 )
 from braing3n_core.probes import FeatureStats
 from braing3n_core.stages import get_stage
+from client.mods import privacy_mod
 from client.site import SiteRuntime, configure_threads
 
 DECLINED = 4001  # Error code of a clean refusal (vs Flower's own codes for crashes)
@@ -56,6 +59,8 @@ def _guarded(handler: Callable[[Message, Context, SiteRuntime], Message]) -> Cal
         try:
             runtime = SiteRuntime.from_context(context.node_config, context.run_config)
             fault = str(msg.content["config"].get("fault", "")) if "config" in msg.content else ""
+            if fault and msg.content["config"].get("fault-site", runtime.site_id) != runtime.site_id:
+                fault = ""  # a drill in a round whose one config goes to every site (SecAgg+) names its site
             if fault == "decline":
                 raise SiteDeclined(f"site {runtime.site_id}: declines this round (fault injection)")
             if fault == "crash":
@@ -66,9 +71,12 @@ def _guarded(handler: Callable[[Message, Context, SiteRuntime], Message]) -> Cal
     return run
 
 
-def _faulty(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray], config: ConfigRecord) -> dict[str, np.ndarray]:
+def _faulty(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray], config: ConfigRecord,
+            site_id: str) -> dict[str, np.ndarray]:
     """Test drills: corrupt the reply on purpose, as a broken or malicious site would."""
     fault = str(config.get("fault", ""))
+    if config.get("fault-site", site_id) != site_id:
+        return arrays
     if fault == "nan":
         first = next(iter(arrays))
         arrays[first] = np.full_like(arrays[first], np.nan)
@@ -78,7 +86,7 @@ def _faulty(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray], con
     return arrays
 
 
-@app.train()
+@app.train(mods=[privacy_mod])  # client-side DP clipping and SecAgg+ (client/mods.py); train only
 @_guarded
 def train(msg: Message, context: Context, runtime: SiteRuntime) -> Message:
     config = msg.content["config"]
@@ -96,7 +104,7 @@ def train(msg: Message, context: Context, runtime: SiteRuntime) -> Message:
         site = runtime.inputs(stage, str(config["preset"]), str(config.get("encoder-sha256", "")))
         model = load_arrays(stage.from_config(json.loads(str(config["model-config"]))), reference)
         arrays, metrics = train_site_round(stage, model, site, params, runtime.device)
-    return _reply(msg, runtime.site_id, _faulty(arrays, reference, config), metrics)
+    return _reply(msg, runtime.site_id, _faulty(arrays, reference, config, runtime.site_id), metrics)
 
 
 @app.evaluate()

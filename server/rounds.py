@@ -42,6 +42,7 @@ from server.aggregation import (
     Verdict, as_reference_dtypes, build_strategy, reply_site, restore_strategy_state, screen_replies,
     short_reason, strategy_state, to_array_record,
 )
+from server.privacy import ClientLevelDP, LoggingGrid, secure_aggregate, update_within
 from server.state import RoundCheckpoint, RunFolder
 
 
@@ -82,6 +83,8 @@ class Federation:
     encoder_sha: str = ""
     encoder_arrays: dict[str, np.ndarray] = field(default_factory=dict)
     encoder_config: dict[str, Any] = field(default_factory=dict)
+    client_dp: ClientLevelDP | None = None  # one per run: its accountant spans every DP stage
+    untrained: list[str] = field(default_factory=list)  # the current stage's arrays that are not parameters
 
     # --- transport ----------------------------------------------------------------------------------------
 
@@ -240,6 +243,9 @@ class Federation:
         if stage.needs_encoder:
             self.ensure_encoder(spec.name)
         strategy = build_strategy(spec.strategy, self.config.min_sites)
+        if self.config.client_dp.applies_to(spec.name):
+            self.start_client_dp(spec.name, last)
+            strategy = self.client_dp.wrap(strategy, spec.name)
         if last is None:
             if spec.name == "dit":
                 model.set_token_statistics(*self.token_statistics(model.config.token_dim))
@@ -249,34 +255,132 @@ class Federation:
             restore_strategy_state(strategy, last.strategy)
             say(f"stage {spec.name}: resuming after round {last.server_round}")
         model_config = json.dumps(stage.model_config(model))
+        trained = {name for name, _ in model.named_parameters()}
+        self.untrained = [k for k in arrays if k not in trained]  # buffers (DiT token statistics)
         for server_round in range(start, spec.rounds + 1):
             started = time.perf_counter()
-            arrays = self.train_round(spec, strategy, server_round, arrays, model_config)
+            if self.config.secure_aggregation.applies_to(spec.name):
+                arrays = self.secure_train_round(spec, server_round, arrays, model_config)
+            else:
+                arrays = self.train_round(spec, strategy, server_round, arrays, model_config)
             if spec.evaluates_in(server_round):
                 self.evaluate_round(spec, strategy, server_round, arrays, model_config)
             meta = {"model_config": json.loads(model_config), "preset": self.config.preset, "rounds": spec.rounds,
                     "strategy": spec.strategy.name, "encoder_sha256": self.encoder_sha if stage.needs_encoder else None,
                     "run": self.config.name}
+            if self.client_dp is not None:
+                meta["client_dp"] = self.client_dp.state()
             run.save_round(RoundCheckpoint(spec.name, server_round, arrays, strategy_state(strategy), meta))
             self.write_state()
             say(f"stage {spec.name}: round {server_round}/{spec.rounds} done in {time.perf_counter() - started:.1f} s")
         run.mark_final(spec.name)
         self.write_state()
 
+    # --- privacy layers (server/privacy.py) -------------------------------------------------------------
+
+    def start_client_dp(self, stage: str, last: RoundCheckpoint | None) -> None:
+        """The run's client-level DP, with the accountant state of the newest committed DP round."""
+        if self.client_dp is not None:
+            return
+        state = last.meta.get("client_dp") if last is not None else None
+        if state is None:  # a fresh stage: the newest finished stage before it may have spent ε already
+            names = [s.name for s in self.config.stages]
+            for earlier in reversed(names[: names.index(stage)]):
+                if self.run.is_final(earlier):
+                    state = load_checkpoint(self.run.final_path(earlier)).meta.get("client_dp")
+                    if state is not None:
+                        break
+        population = max(len(self.node_sites), self.config.min_sites)
+        self.client_dp = ClientLevelDP(self.config.client_dp, population, state)
+
+    def log_client_dp(self, stage: str, server_round: int) -> None:
+        assert self.client_dp is not None
+        values = self.client_dp.metrics(stage)
+        self.run.log(stage, server_round, "server", "client_dp", **values)
+        say(f"{stage} round {server_round}: client-level DP ε = {values['privacy/epsilon']:.3f} "
+            f"(δ = {values['privacy/delta']:g}, {values['privacy/releases']:.0f} releases)")
+
+    def secure_train_round(self, spec: StageRunConfig, server_round: int, arrays: dict[str, np.ndarray],
+                           model_config: str) -> dict[str, np.ndarray]:
+        """One round through SecAgg+: the server learns only the weighted mean of the sites' updates."""
+        started = time.perf_counter()
+        settings, dp = self.config.secure_aggregation, self.client_dp
+        if dp is not None and (reason := dp.check_budget(len(self.node_sites))):
+            raise FederationError(f"stage {spec.name} round {server_round}: {reason}")
+        config = {**self.stage_config(spec, model_config, server_round),
+                  "update-norm-bound": self.config.update_norm_bound or 0.0,
+                  "secagg-clipping-range": settings.clipping_range, "secagg-max-weight": settings.max_weight}
+        if dp is not None:
+            config |= {"clipping_norm": dp.config.clipping_norm, "uniform-weight": True}
+            config = dict(dp.train_config(ConfigRecord(config)))
+        nodes = self.wait_for_nodes()
+        faults = self.config.faults_for(spec.name, server_round)
+        for site, fault in faults.items():  # one config for all: a drill names its site in the config
+            config |= {"fault": fault.kind, "fault-site": site, "fault-factor": fault.factor}
+            self.run.log(spec.name, server_round, site, "fault_injected", fault=fault.kind)
+
+        def record(message: Message, direction: str) -> None:
+            node = message.metadata.dst_node_id if direction == "out" else message.metadata.src_node_id
+            self.run.log_message({"direction": direction, "stage": spec.name, "round": server_round,
+                                  "type": message.metadata.message_type, "node": node, "site": self.node_sites.get(node),
+                                  "secure_aggregation": True, **_summary(message)})
+
+        names = list(arrays)
+        mean, results, failures = secure_aggregate(
+            LoggingGrid(self.grid, record), server_round, nodes, config, names, arrays, settings,
+            timeout=self.config.round_timeout_s)
+        for node, weight, metrics in results:
+            site = str(metrics.pop("site-id", self.node_sites.get(node, f"node-{node}")))
+            self.run.log(spec.name, server_round, site, "train", secure_aggregation=True, weight=weight, **metrics)
+        for reason in failures:
+            self.run.log(spec.name, server_round, "unknown", "declined", reason=short_reason(reason))
+            say(f"{spec.name} round {server_round}: a site left the secure round: {short_reason(reason)}")
+        if mean is None or len(results) < self.config.min_sites:
+            raise FederationError(f"stage {spec.name} round {server_round}: secure aggregation produced no sum from "
+                                  f"{len(results)} sites (min_sites {self.config.min_sites}); "
+                                  f"{'; '.join(short_reason(f) for f in failures) or 'see the ServerApp log'}")
+        if dp is not None:
+            mean = dp.noise_mean(mean, len(results), self.untrained)
+        new = {k: (arrays[k].astype(np.float64) + mean[k]).astype(arrays[k].dtype) if k not in self.untrained
+               else arrays[k] for k in names}  # quantisation would blur the (unchanged) buffers
+        if not all(np.all(np.isfinite(v)) for v in new.values()):
+            raise FederationError(f"stage {spec.name} round {server_round}: the secure aggregate has NaN/Inf")
+        losses = [(float(m.get("train/loss", float("nan"))), float(w)) for _, w, m in results]
+        self.run.log(spec.name, server_round, "aggregate", "train", sites=len(results), secure_aggregation=True,
+                     lr=float(config["lr"]), round_seconds=time.perf_counter() - started,
+                     **{"train/loss": weighted_mean(losses), "update_norm": update_within(mean, None)[1]})
+        if dp is not None:
+            self.log_client_dp(spec.name, server_round)
+        say(f"{spec.name} round {server_round}: secure sum of {len(results)}/{len(nodes)} sites")
+        return new
+
     def train_round(self, spec: StageRunConfig, strategy, server_round: int, arrays: dict[str, np.ndarray],
                     model_config: str) -> dict[str, np.ndarray]:
         started = time.perf_counter()
+        dp = self.client_dp if self.config.client_dp.applies_to(spec.name) else None
         config = ConfigRecord(self.stage_config(spec, model_config, server_round))
+        if dp is not None:
+            if reason := dp.check_budget(len(self.node_sites)):
+                raise FederationError(f"stage {spec.name} round {server_round}: {reason}")
+            config = dp.train_config(config)
         messages = list(strategy.configure_train(server_round, to_array_record(arrays), config, self.grid))
         replies = self.send(self.inject_faults(messages, spec.name, server_round), spec.name, server_round)
         accepted, verdicts = screen_replies(replies, arrays, self.config.update_norm_bound, self.node_sites)
+        if dp is not None:  # Flower's DP clipping divides by the update norm (flwrlabs/flower#7631)
+            zero = {v.node_id for v in verdicts if v.kind == "accepted" and v.update_norm == 0.0}
+            accepted = [m for m in accepted if m.metadata.src_node_id not in zero]
+            verdicts = [Verdict(v.node_id, v.site, "rejected", "zero update (nothing trained); left out of the DP mean",
+                                0.0) if v.node_id in zero else v for v in verdicts]
         self.log_verdicts(spec.name, server_round, verdicts, replies)
         if len(accepted) < self.config.min_sites:
             raise FederationError(
                 f"stage {spec.name} round {server_round}: {len(accepted)} accepted replies, min_sites is "
                 f"{self.config.min_sites} ({'; '.join(f'{v.site}: {v.reason}' for v in verdicts if v.reason)})"
             )
-        aggregated, metrics = strategy.aggregate_train(server_round, accepted)
+        if dp is not None:
+            aggregated, metrics = dp.aggregate(strategy, spec.name, server_round, accepted, arrays, self.untrained)
+        else:
+            aggregated, metrics = strategy.aggregate_train(server_round, accepted)
         if aggregated is None:
             raise FederationError(f"stage {spec.name} round {server_round}: the strategy aggregated nothing")
         new = as_reference_dtypes(aggregated, arrays)
@@ -286,6 +390,8 @@ class Federation:
         values = dict(metrics or {})
         self.run.log(spec.name, server_round, "aggregate", "train", sites=len(accepted),
                      lr=float(config["lr"]), round_seconds=time.perf_counter() - started, **values)
+        if dp is not None:
+            self.log_client_dp(spec.name, server_round)
         say(f"{spec.name} round {server_round}: {len(accepted)}/{len(messages)} sites accepted, "
             f"train/loss {values.get('train/loss', float('nan')):.4f}")
         return new

@@ -71,6 +71,25 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synthesize(args: argparse.Namespace) -> int:
+    from braing3n_core.simulate import SimulationError
+    from braing3n_core.synthesize import SynthesisError, synthesize
+
+    try:
+        result = synthesize(
+            Path(args.checkpoint), args.n, Path(args.out), conditions=Path(args.conditions) if args.conditions else None,
+            sites=[Path(p) for p in args.sites or []], audit=Path(args.audit) if args.audit else None,
+            skip_audit=args.no_audit, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+            membership=not args.no_membership,
+        )
+    except (SynthesisError, SimulationError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{result.exported} of {result.generated} synthetic scans exported to {result.bids} "
+          f"({len(result.excluded)} excluded by the audit); data card {result.datacard}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from braing3n_core.demo import run_demo
 
@@ -125,6 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     sim.add_argument("--cpus-per-site", type=int, default=1, help="CPU cores reserved per virtual site (default 1)")
     sim.set_defaults(handler=_simulate)
+
+    synth = groups.add_parser("synthesize", help="audited synthetic scans (BIDS + data card) from a trained DiT")
+    synth.add_argument("--checkpoint", required=True, help="run folder, or a DiT checkpoint (.json) inside one")
+    synth.add_argument("--n", type=int, required=True, help="number of scans to generate (before the audit)")
+    synth.add_argument("--conditions", default=None, help="TSV of age, sex, diagnosis, modality, field_strength, "
+                       "mmse (n/a = missing), cycled to --n (default: a balanced table)")
+    synth.add_argument("--out", required=True, help="output folder: bids/, datacard.json/.md, staging/, audit-run/")
+    synth.add_argument("--sites", nargs="+", default=None, help="site YAMLs: run the federated audit in a simulation")
+    synth.add_argument("--audit", default=None, help="privacy_audit.json of a deployment's audit run of this set")
+    synth.add_argument("--no-audit", action="store_true", help="export without an audit (the data card says so)")
+    synth.add_argument("--no-membership", action="store_true", help="skip the DiT membership-inference test")
+    synth.add_argument("--steps", type=int, default=25, help="ODE steps (default 25)")
+    synth.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(handler=_synthesize)
 
     demo = groups.add_parser("demo", help="the end-to-end demo (README command 1)")
     demo.add_argument("--out", default="runs/demo")

@@ -21,7 +21,7 @@ run's server or by `braing3n train`) instead of training it, e.g. to train the D
 there must not also be listed under `stages`.
 
 `fault_injection` exists for tests and drills only: each entry makes one site misbehave on purpose from
-a given round (send NaN weights, an oversized update, decline, or crash) so that the server's
+a given round (send NaN weights, an oversized update, decline, crash, or answer late) so that the server's
 rejection and drop-out handling can be exercised in a real simulation. It is empty unless set, and the
 server logs every injected fault.
 
@@ -160,14 +160,15 @@ class ProbeRunConfig(StrictModel):
     weight_decay: float = Field(1e-3, ge=0.0)
 
 
-FaultKind = Literal["nan", "scale", "decline", "crash"]
+FaultKind = Literal["nan", "scale", "decline", "crash", "delay"]
 
 
 class FaultInjection(StrictModel):
     """Test/drill only: `site` misbehaves in `stage` from round `from_round` to `until_round` (inclusive).
 
     nan: replies with NaN weights; scale: multiplies its update by `factor` (trips the norm bound);
-    decline: refuses the round with an error reply; crash: its handler raises (Flower reports an error).
+    decline: refuses the round with an error reply; crash: its handler raises (Flower reports an error);
+    delay: trains normally but answers `factor` seconds late (a slow site; `round_timeout_s` bounds the wait).
     """
 
     site: str
@@ -238,6 +239,14 @@ class SecureAggregationConfig(StrictModel):
         return int(value) if value >= 2 else float(min(value, 1.0))
 
 
+class AuditRunConfig(StrictModel):
+    """A federated privacy audit of a staged synthetic set (written by `braing3n synthesize`): every site
+    answers a `privacy_audit` query with aggregates and flags (`braing3n_core.privacy.audit`)."""
+
+    synthetic: Path = Field(description="the staged set's manifest, <synthesize out>/staging/synthetic.json")
+    dit: Path | None = Field(None, description="the DiT checkpoint, for the membership-inference test")
+
+
 class RunConfig(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     preset: str = "small"
@@ -251,6 +260,7 @@ class RunConfig(StrictModel):
     fault_injection: tuple[FaultInjection, ...] = ()
     client_dp: ClientDPConfig = ClientDPConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+    audit: AuditRunConfig | None = None
     source_file: Path | None = Field(default=None, exclude=True)
 
     @field_validator("preset")
@@ -270,12 +280,13 @@ class RunConfig(StrictModel):
         both = sorted(set(names) & set(self.start_from))
         if both:
             raise ValueError(f"start_from: {both} are also listed under stages; a stage is either trained or given")
-        if (any(get_stage(n).needs_encoder for n in names) or self.probes.enabled) and not (
+        if (any(get_stage(n).needs_encoder for n in names) or self.probes.enabled or self.audit is not None) and not (
             "mae" in names or "mae" in self.start_from
         ):
-            raise ValueError("the decoder, dit and probes need an encoder: train the mae stage or give start_from.mae")
-        if not names and not self.probes.enabled:
-            raise ValueError("nothing to do: list stages or enable probes")
+            raise ValueError("the decoder, dit, probes and audit need an encoder: train the mae stage or give "
+                             "start_from.mae")
+        if not names and not self.probes.enabled and self.audit is None:
+            raise ValueError("nothing to do: list stages, enable probes or give an audit")
         self._privacy_layers_consistent()
         return self
 
@@ -317,11 +328,19 @@ class RunConfig(StrictModel):
             raw["start_from"] = {
                 k: str(v if Path(str(v)).is_absolute() else (base / str(v)).resolve()) for k, v in raw["start_from"].items()
             }
+        if isinstance(raw.get("audit"), dict):
+            raw["audit"] = {k: (str(v if Path(str(v)).is_absolute() else (base / str(v)).resolve()) if v else v)
+                            for k, v in raw["audit"].items()}
         config = _validate(cls, raw, path)
         for stage, checkpoint in config.start_from.items():
             manifest = checkpoint if checkpoint.suffix == ".json" else checkpoint.with_suffix(".json")
             if not manifest.is_file():
                 raise ConfigError(f"{path}: start_from.{stage}: checkpoint {manifest} not found")
+        if config.audit is not None:
+            for key in ("synthetic", "dit"):
+                target = getattr(config.audit, key)
+                if target is not None and not Path(target).with_suffix(".json").is_file():
+                    raise ConfigError(f"{path}: audit.{key}: {target} not found")
         return config.model_copy(update={"source_file": path.resolve()})
 
     def resolved(self) -> "RunConfig":
@@ -347,5 +366,5 @@ def write_resolved(config: RunConfig, path: Path) -> None:
 
 
 __all__ = [
-    "ClientDPConfig", "ConfigError", "SecureAggregationConfig", "FaultInjection", "ProbeRunConfig", "RunConfig", "StageRunConfig", "StrategyConfig", "write_resolved",
+    "AuditRunConfig", "ClientDPConfig", "ConfigError", "SecureAggregationConfig", "FaultInjection", "ProbeRunConfig", "RunConfig", "StageRunConfig", "StrategyConfig", "write_resolved",
 ]

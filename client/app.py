@@ -3,7 +3,7 @@
 - train (`config["stage"]` ∈ mae | decoder | dit | probes): local steps from the global weights;
   reply = exactly one ArrayRecord ("arrays") + one MetricRecord ("metrics") + the site id ("site").
 - evaluate (same stages): validation metrics on the site's val split (probes: held-out test split).
-- query (`config["action"]`): hello, install_encoder, token_moments, probe_census.
+- query (`config["action"]`): hello, install_encoder, token_moments, probe_census, privacy_audit.
 - train messages pass `client.mods.privacy_mod` first: client-side clipping for client-level DP, and
   the SecAgg+ protocol steps (whose fit step runs this same train handler).
 
@@ -15,6 +15,7 @@ Fault injection (`config["fault"]`, test drills only, see `braing3n_core.runconf
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -65,6 +66,8 @@ def _guarded(handler: Callable[[Message, Context, SiteRuntime], Message]) -> Cal
                 raise SiteDeclined(f"site {runtime.site_id}: declines this round (fault injection)")
             if fault == "crash":
                 raise RuntimeError(f"site {runtime.site_id}: handler crashed (fault injection)")
+            if fault == "delay":  # a slow site: it answers, `fault-factor` seconds late
+                time.sleep(float(msg.content["config"].get("fault-factor", 0.0)))
             return handler(msg, context, runtime)
         except (SiteDeclined, ConfigError) as error:
             return Message(Error(code=DECLINED, reason=str(error)), reply_to=msg)
@@ -145,4 +148,26 @@ def query(msg: Message, context: Context, runtime: SiteRuntime) -> Message:
         stats = FeatureStats.from_features(data.fit_features)
         return _reply(msg, runtime.site_id, stats.to_arrays(), {"num-examples": float(stats.count)},
                       census=json.dumps(label_census(data)))
+    if action == "privacy_audit":
+        return _privacy_audit(msg, runtime, preset, sha)
     raise SiteDeclined(f"site {runtime.site_id}: unknown query action {action!r}")
+
+
+def _privacy_audit(msg: Message, runtime: SiteRuntime, preset: str, sha: str) -> Message:
+    """The synthetic set against this site's scans: aggregates and one flag per synthetic scan only."""
+    import torch
+
+    from braing3n_core.models import DiT, DiTConfig
+    from braing3n_core.privacy.audit import run_site_audit
+
+    config = msg.content["config"]
+    site = runtime.inputs(get_stage("dit"), preset, sha)  # the data and the token cache of the frozen encoder
+    volumes = torch.from_numpy(_arrays(msg.content["synthetic"])["volumes"].astype(np.float32))
+    if volumes.shape[0] != int(config["n-synthetic"]) or tuple(volumes.shape[1:]) != (1, *site.data.preset.shape):
+        raise SiteDeclined(f"site {runtime.site_id}: synthetic volumes {tuple(volumes.shape)} do not fit preset {preset}")
+    dit = None
+    if "dit" in msg.content:
+        dit = load_arrays(DiT(DiTConfig.from_dict(json.loads(str(config["dit-config"])))), _arrays(msg.content["dit"]))
+    audit = run_site_audit(site, site.tokens.encoder, volumes, dit)
+    return _reply(msg, runtime.site_id, None, {"num-examples": float(audit.n_train + audit.n_held),
+                                               "flagged": float(sum(audit.flags))}, audit=json.dumps(audit.to_json()))

@@ -1,7 +1,7 @@
 """The staged round loop, written on the Message-API strategy objects instead of `Strategy.start`.
 
 `Strategy.start` cannot begin at round k nor checkpoint between rounds, so each round is driven here:
-`strategy.configure_train` → `grid.send_and_receive(timeout)` → `aggregation.screen_replies` →
+`strategy.configure_train` → `transport.exchange(timeout)` → `aggregation.screen_replies` →
 `strategy.aggregate_train` → (every `evaluate_every` rounds) `configure_evaluate` + per-site metrics →
 round checkpoint (global weights + strategy state) → `server_state.json`. A restarted run continues
 after the last checkpointed round of the first unfinished stage; finished stages (`final.json`) are
@@ -44,6 +44,7 @@ from server.aggregation import (
 )
 from server.privacy import ClientLevelDP, LoggingGrid, secure_aggregate, update_within
 from server.state import RoundCheckpoint, RunFolder
+from server.transport import exchange
 
 
 class FederationError(RuntimeError):
@@ -105,7 +106,12 @@ class Federation:
             self.run.log_message({"direction": "out", "stage": stage, "round": server_round,
                                   "type": message.metadata.message_type, "node": message.metadata.dst_node_id,
                                   "site": self.node_sites.get(message.metadata.dst_node_id), **_summary(message)})
-        replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout_s))
+        def resent(node: int, reason: str) -> None:
+            site = self.node_sites.get(node, f"node-{node}")
+            self.run.log(stage, server_round, site, "resent", reason=reason)
+            say(f"{stage} round {server_round}: site {site} is back; message sent again ({reason})")
+
+        replies = exchange(self.grid, messages, self.config.round_timeout_s, resent)
         for reply in replies:
             self.run.log_message({"direction": "in", "stage": stage, "round": server_round,
                                   "type": reply.metadata.message_type, "node": reply.metadata.src_node_id,
@@ -490,6 +496,10 @@ def run_federation(grid: Grid, config_path: Path, run_dir: Path | None, expected
         if spec.name == "mae" and config.probes.enabled and not probes_done:
             run_probes(federation)
             probes_done = True
+    if config.audit is not None:
+        from server.privacy import run_audit
+
+        say(f"privacy audit written to {run_audit(federation)}")
     federation.write_state()
     finals = {s.name: str(run.final_path(s.name).relative_to(run.root)) for s in config.stages}
     from braing3n_core.fileio import atomic_write_json

@@ -1,0 +1,446 @@
+"""`braing3n synthesize`: audited synthetic scans for sharing, as a BIDS dataset with a data card.
+
+1. **Models** from a run folder (its final DiT, decoder and frozen encoder) or from a DiT checkpoint
+   (the decoder and encoder are looked up in the same run folder).
+2. **Conditions**: a balanced table by default (diagnosis × sex × modality × field strength cycled so
+   every prefix is as even as possible; ages and MMSE drawn in clinically plausible ranges per
+   diagnosis), or the rows of `--conditions table.tsv` (columns age, sex, diagnosis, modality,
+   field_strength, mmse; `n/a` for missing), cycled to N.
+3. **Generation**: the DiT samples encoder tokens (flow-matching ODE, classifier-free guidance), the
+   decoder turns them into volumes in the preprocessed space (LPS, z-scored, the preset's grid).
+4. **Staging**: the volumes and their conditions are written to `<out>/staging/` (safetensors + JSON),
+   nothing is exported yet.
+5. **Federated privacy audit** (`braing3n_core.privacy.audit`): the staged set goes to every site,
+   which answers with aggregates and one flag per synthetic scan. With `--sites` the audit runs as a
+   Flower simulation of those sites (the same ServerApp/ClientApp as a deployment: an audit-only run
+   in `<out>/audit-run/`); in a deployment, run that audit run config with `flwr run` and pass its
+   `privacy_audit.json` with `--audit`.
+6. **Export**: the scans no site flagged → `<out>/bids/` (one subject per synthetic scan), and the data
+   card `<out>/datacard.json` + `datacard.md`: model and config hashes, each site's ε spent (from the
+   run's metrics) and the client-level ε, the conditioning distribution, the audit's results.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from braing3n_core.checkpoint import load_checkpoint, save_checkpoint
+from braing3n_core.conditions import CONDITION_SCHEMA, ConditionBatch, ContinuousVariable
+from braing3n_core.config import ConfigError
+from braing3n_core.fileio import atomic_write_bytes, atomic_write_json, file_sha256
+from braing3n_core.labels import DIAGNOSES, FIELD_STRENGTHS_T, MODALITIES, SEXES, Modality
+from braing3n_core.models import CNNDecoder, DiT, MAEEncoder
+from braing3n_core.presets import Preset, get_preset
+
+COLUMNS = ("age", "sex", "diagnosis", "modality", "field_strength", "mmse")
+MISSING = "n/a"
+# Plausible ranges per diagnosis (years; MMSE points): the cohort the models learn from looks like this.
+AGE_BY_DIAGNOSIS = {"CN": (55.0, 85.0), "MCI": (60.0, 88.0), "AD": (62.0, 90.0), "glioma": (25.0, 75.0)}
+MMSE_BY_DIAGNOSIS = {"CN": (27.0, 30.0), "MCI": (22.0, 27.0), "AD": (12.0, 22.0), "glioma": None}
+
+
+class SynthesisError(RuntimeError):
+    """Synthesis cannot go on (missing checkpoint, audit that does not match the staged set…)."""
+
+
+# --- models -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SynthesisModels:
+    dit: DiT
+    decoder: CNNDecoder
+    encoder: MAEEncoder
+    preset: Preset
+    run_dir: Path
+    checkpoints: dict[str, Path]  # stage -> manifest (.json)
+
+
+def _final(run_dir: Path, stage: str) -> Path | None:
+    path = run_dir / "checkpoints" / stage / "final.json"
+    return path if path.is_file() else None
+
+
+def load_synthesis_models(checkpoint: Path) -> SynthesisModels:
+    """From a run folder, or a DiT checkpoint inside one (`<run>/checkpoints/dit/<name>.json`)."""
+    from braing3n_core.runconfig import RunConfig
+    from braing3n_core.train import load_encoder, load_stage_model
+
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        run_dir, dit_path = checkpoint, _final(checkpoint, "dit")
+    else:
+        dit_path = checkpoint if checkpoint.suffix == ".json" else checkpoint.with_suffix(".json")
+        run_dir = dit_path.parents[2]
+    if dit_path is None or not dit_path.is_file():
+        raise SynthesisError(f"{checkpoint}: no DiT checkpoint (expected checkpoints/dit/final.json in a run folder)")
+    paths = {"dit": dit_path}
+    pinned = RunConfig.from_yaml(run_dir / "run.yaml") if (run_dir / "run.yaml").is_file() else None
+    for stage in ("decoder", "mae"):
+        found = _final(run_dir, stage) or (pinned.start_from.get(stage) if pinned is not None else None)
+        if found is None:
+            raise SynthesisError(f"{run_dir}: no {stage} checkpoint (neither checkpoints/{stage}/final.json nor "
+                                 f"start_from.{stage} in run.yaml); the DiT's samples need it")
+        paths[stage] = Path(found)
+    dit, meta = load_stage_model(paths["dit"], expected_stage="dit")
+    decoder, _ = load_stage_model(paths["decoder"], expected_stage="decoder")
+    encoder = load_encoder(paths["mae"])
+    preset = get_preset(str(meta.meta.get("preset") or (pinned.preset if pinned else "small")))
+    return SynthesisModels(dit.eval(), decoder.eval(), encoder, preset, run_dir, paths)
+
+
+# --- conditions -------------------------------------------------------------------------------------------
+
+
+def balanced_conditions(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """N rows cycling diagnosis fastest, then sex, modality and field strength (even in every prefix)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        diagnosis = DIAGNOSES[i % len(DIAGNOSES)]
+        low, high = AGE_BY_DIAGNOSIS[diagnosis]
+        mmse_range = MMSE_BY_DIAGNOSIS[diagnosis]
+        rows.append({
+            "age": round(float(rng.uniform(low, high)), 1),
+            "sex": SEXES[(i // len(DIAGNOSES)) % len(SEXES)],
+            "diagnosis": diagnosis,
+            "modality": MODALITIES[(i // (len(DIAGNOSES) * len(SEXES))) % len(MODALITIES)].value,
+            "field_strength": FIELD_STRENGTHS_T[(i // (len(DIAGNOSES) * len(SEXES) * len(MODALITIES))) % len(FIELD_STRENGTHS_T)],
+            "mmse": None if mmse_range is None else float(round(rng.uniform(*mmse_range))),
+        })
+    return rows
+
+
+def read_conditions(path: Path) -> list[dict[str, Any]]:
+    """Rows of a conditions TSV; every value is checked, errors name the file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle, delimiter="\t")
+        missing = [c for c in ("modality",) if c not in (reader.fieldnames or [])]
+        unknown = [c for c in (reader.fieldnames or []) if c not in COLUMNS]
+        if missing or unknown:
+            raise ConfigError(f"{path}: columns must be among {list(COLUMNS)} and include 'modality' "
+                              f"(missing {missing}, unknown {unknown})")
+        rows = []
+        for line, raw in enumerate(reader, start=2):
+            row: dict[str, Any] = {}
+            for column in COLUMNS:
+                value = (raw.get(column) or MISSING).strip()
+                row[column] = None if value in (MISSING, "") else value
+            try:
+                rows.append(_checked_row(row, f"{path}:{line}"))
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+    if not rows:
+        raise ConfigError(f"{path}: no condition rows")
+    return rows
+
+
+def _checked_row(row: Mapping[str, Any], where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for variable in CONDITION_SCHEMA:
+        value = row.get(variable.name)
+        if value is None:
+            out[variable.name] = None
+        elif isinstance(variable, ContinuousVariable):
+            try:
+                out[variable.name] = variable.check(float(value), where)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{where}: {variable.name} = {value!r}: {error}") from None
+        elif variable.name == "field_strength":
+            out[variable.name] = float(variable.categories[variable.index(float(value), where)])
+        else:
+            out[variable.name] = variable.categories[variable.index(str(value), where)]
+    if out["modality"] is None:
+        raise ValueError(f"{where}: modality is required (it names the BIDS file)")
+    return out
+
+
+def condition_batch(rows: Sequence[Mapping[str, Any]]) -> ConditionBatch:
+    from braing3n_core.conditions import conditions_from_labels
+    from braing3n_core.labels import ScanLabels
+
+    labels = [ScanLabels(age=r["age"], sex=r["sex"], diagnosis=r["diagnosis"], mmse=r["mmse"],
+                         field_strength=r["field_strength"]) for r in rows]
+    return conditions_from_labels(labels, [Modality(r["modality"]) for r in rows])
+
+
+def distribution(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What the data card shows of the conditions: counts per category, summaries of the numbers."""
+    out: dict[str, Any] = {"n": len(rows)}
+    for variable in CONDITION_SCHEMA:
+        values = [r[variable.name] for r in rows]
+        if isinstance(variable, ContinuousVariable):
+            known = [float(v) for v in values if v is not None]
+            out[variable.name] = {"missing": len(values) - len(known), **({"min": min(known), "mean": float(np.mean(known)),
+                                                                          "max": max(known)} if known else {})}
+        else:
+            out[variable.name] = {str(k if k is not None else MISSING): c for k, c in sorted(
+                Counter(values).items(), key=lambda kv: str(kv[0]))}
+    return out
+
+
+# --- generation -------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate(models: SynthesisModels, rows: Sequence[Mapping[str, Any]], steps: int = 25, guidance_scale: float = 1.5,
+             seed: int = 0, batch_size: int = 4) -> torch.Tensor:
+    """Volumes [n, 1, D, H, W] (preprocessed space) for the condition rows."""
+    from braing3n_core.diffusion import sample
+
+    generator = torch.Generator().manual_seed(seed)
+    dit, shape = models.dit, (models.dit.config.num_tokens, models.dit.config.token_dim)
+    volumes = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        tokens = sample(dit, (len(chunk), *shape), condition_batch(chunk), steps=steps, guidance_scale=guidance_scale,
+                        generator=generator)
+        volumes.append(models.decoder(tokens.float()).float())
+    return torch.cat(volumes)
+
+
+def stage_synthetic(folder: Path, volumes: torch.Tensor, rows: Sequence[Mapping[str, Any]],
+                    meta: Mapping[str, Any]) -> Path:
+    """The staged set (before the audit): `synthetic.safetensors` (fp16 volumes) + `synthetic.json`."""
+    return save_checkpoint(Path(folder) / "synthetic", {"volumes": volumes.to(torch.float16).contiguous()},
+                           {**meta, "kind": "staged-synthetic", "conditions": list(rows)})
+
+
+def load_staged(path: Path) -> tuple[torch.Tensor, list[dict[str, Any]], dict[str, Any]]:
+    checkpoint = load_checkpoint(path)
+    if checkpoint.meta.get("kind") != "staged-synthetic":
+        raise SynthesisError(f"{path}: not a staged synthetic set")
+    return checkpoint.tensors["volumes"], list(checkpoint.meta["conditions"]), checkpoint.meta
+
+
+def staged_sha256(path: Path) -> str:
+    path = Path(path)
+    return file_sha256(path.with_suffix(".safetensors"))
+
+
+# --- audit --------------------------------------------------------------------------------------------------
+
+
+def audit_run_config(models: SynthesisModels, staged: Path, membership: bool = True) -> dict[str, Any]:
+    """An audit-only run: the encoder from the training run, no stages, the `privacy_audit` query."""
+    return {"name": "privacy-audit", "preset": models.preset.name, "min_sites": 1, "round_timeout_s": 3600.0,
+            "start_from": {"mae": str(models.checkpoints["mae"].resolve())},
+            "audit": {"synthetic": str(Path(staged).resolve()),
+                      "dit": str(models.checkpoints["dit"].resolve()) if membership else None}}
+
+
+def federated_audit(models: SynthesisModels, staged: Path, sites: Sequence[Path], out: Path,
+                    membership: bool = True) -> dict[str, Any]:
+    """Run the audit as a Flower simulation of `sites` and return its `privacy_audit.json`."""
+    import yaml
+
+    from braing3n_core.simulate import simulate
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = out.with_name(out.name + ".yaml")
+    config.write_text(yaml.safe_dump(audit_run_config(models, staged, membership)))
+    result = simulate(list(sites), config, out, resume=(out / "run.yaml").is_file(), echo=False)
+    return json.loads((result.run_dir / "privacy_audit.json").read_text())
+
+
+# --- export -------------------------------------------------------------------------------------------------
+
+
+def _nifti_bytes(volume: np.ndarray, preset: Preset) -> bytes:
+    """A (D, H, W) LPS volume as gzipped NIfTI (nibabel's affine is RAS+: the two negative axes)."""
+    import nibabel as nib
+
+    spacing = preset.spacing_mm
+    image = nib.Nifti1Image(np.asarray(volume, dtype=np.float32), np.diag([-spacing, -spacing, spacing, 1.0]))
+    image.header.set_xyzt_units("mm")
+    return gzip.compress(image.to_bytes(), compresslevel=6)
+
+
+def privacy_spent(run_dir: Path) -> dict[str, Any]:
+    """Each site's cumulative ε at the end of the run (its ledger's value reported in the last DP round),
+    the client-level ε, and whether updates were securely aggregated."""
+    sites: dict[str, dict[str, Any]] = {}
+    client: dict[str, Any] | None = None
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("kind") == "train" and record.get("privacy/epsilon") is not None and record.get("site") != "aggregate":
+            sites[record["site"]] = {"epsilon": record["privacy/epsilon"], "delta": record.get("privacy/delta"),
+                                     "budget": record.get("privacy/budget"), "stage": record["stage"],
+                                     "round": record["round"]}
+        if record.get("kind") == "client_dp":
+            client = {"epsilon": record.get("privacy/epsilon"), "delta": record.get("privacy/delta"),
+                      "releases": record.get("privacy/releases")}
+        if record.get("kind") == "declined" and "privacy budget" in str(record.get("reason", "")):
+            sites.setdefault(record["site"], {})["declined"] = f"{record['stage']} round {record['round']}"
+    secure = False
+    if (run_dir / "run.yaml").is_file():
+        import yaml
+
+        pinned = yaml.safe_load((run_dir / "run.yaml").read_text()) or {}
+        secure = bool((pinned.get("secure_aggregation") or {}).get("enabled"))
+    return {"site_level": sites, "client_level": client, "secure_aggregation": secure,
+            "note": "site-level ε is per subject (DP-SGD, see braing3n_core/privacy/dp.py), cumulative over "
+                    "the site's whole ledger at the end of this run; sites without an entry trained without DP"}
+
+
+def write_bids(root: Path, volumes: torch.Tensor, rows: Sequence[Mapping[str, Any]], keep: Sequence[int],
+               preset: Preset, description: Mapping[str, Any]) -> list[Path]:
+    """One subject per kept synthetic scan: `sub-synthNNNN/anat/sub-synthNNNN_<suffix>.nii.gz` + sidecar."""
+    from braing3n_core.data.cohort.bids_writer import write_json, write_text, write_tsv
+
+    root.mkdir(parents=True, exist_ok=True)
+    written, participants = [], []
+    for number, index in enumerate(keep, start=1):
+        row = rows[index]
+        subject = f"sub-synth{number:04d}"
+        stem = root / subject / "anat" / f"{subject}_{Modality(row['modality']).value}"
+        atomic_write_bytes(stem.with_name(stem.name + ".nii.gz"), _nifti_bytes(volumes[index, 0].float().numpy(), preset))
+        sidecar = {"GeneratedBy": "braing3n synthesize", "SyntheticIndex": index,
+                   "Units": "z-score of brain voxels (BrainG3N preprocessed space)"}
+        if row.get("field_strength") is not None:
+            sidecar["MagneticFieldStrength"] = row["field_strength"]
+        write_json(stem.with_name(stem.name + ".json"), sidecar)
+        written.append(stem.with_name(stem.name + ".nii.gz"))
+        participants.append({"participant_id": subject, "age": row["age"], "sex": row["sex"],
+                             "diagnosis": row["diagnosis"], "mmse": row["mmse"]})
+    write_tsv(root / "participants.tsv", ["participant_id", "age", "sex", "diagnosis", "mmse"], participants)
+    write_json(root / "participants.json", {
+        "age": {"Description": "age the scan was generated for", "Units": "year"},
+        "sex": {"Description": "sex the scan was generated for", "Levels": {s: s for s in SEXES}},
+        "diagnosis": {"Description": "diagnosis the scan was generated for", "Levels": {d: d for d in DIAGNOSES}},
+        "mmse": {"Description": "Mini-Mental State Examination score the scan was generated for"},
+    })
+    write_json(root / "dataset_description.json", {
+        "Name": "BrainG3N synthetic brain MRI", "BIDSVersion": "1.9.0", "DatasetType": "raw",
+        "License": "CC0", "GeneratedBy": [{"Name": "braing3n synthesize", **description}],
+        "HowToAcknowledge": "Synthetic data; see datacard.json beside this folder for its provenance and audit.",
+    })
+    write_text(root / "README", "Synthetic brain MRI generated by a federated BrainG3N DiT and decoder.\n"
+               "No scan here is a patient's. Every scan passed a federated memorisation audit at each site;\n"
+               "see ../datacard.md for the models, the sites' privacy budgets and the audit.\n")
+    return written
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if math.isfinite(value) else "n/a"
+    return "n/a" if value is None else str(value)
+
+
+def data_card_markdown(card: Mapping[str, Any]) -> str:
+    audit = card.get("audit") or {}
+    privacy = card["privacy"]
+    lines = [f"# Data card: {card['name']}", "", f"Generated {card['created']}; {card['exported']} of "
+             f"{card['generated']} synthetic scans exported ({len(card['excluded'])} excluded by the audit).", "",
+             "## Models", ""]
+    lines += [f"- {stage}: `{info['path']}` sha256 `{info['sha256'][:16]}…`" for stage, info in card["models"].items()]
+    lines += ["", "## Privacy", "", "| site | ε | δ | budget |", "|---|---|---|---|"]
+    for site, spent in sorted(privacy["site_level"].items()):
+        lines.append(f"| {site} | {_fmt(spent.get('epsilon'))} | {_fmt(spent.get('delta'))} | {_fmt(spent.get('budget'))} |")
+    if privacy.get("client_level"):
+        client = privacy["client_level"]
+        lines += ["", f"Client-level DP: ε = {_fmt(client['epsilon'])} at δ = {_fmt(client['delta'])}."]
+    lines += ["", f"Secure aggregation: {'yes' if privacy['secure_aggregation'] else 'no'}.", "", "## Audit", ""]
+    if audit:
+        lines += [f"- criterion: {audit.get('criterion')}", f"- excluded synthetic scans: {audit.get('excluded')}",
+                  f"- positive controls caught: {audit.get('positive_controls_caught')} of {audit.get('calibrated_sites')} sites",
+                  f"- membership-inference AUC (DiT loss threshold, pooled within sites): {_fmt(audit.get('membership_auc'))}"]
+    else:
+        lines += ["**Not audited.**"]
+    lines += ["", "## Conditions", "", "```", json.dumps(card["conditions"], indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SynthesisResult:
+    out: Path
+    bids: Path
+    datacard: Path
+    generated: int
+    exported: int
+    excluded: list[int]
+
+
+def synthesize(checkpoint: Path, n: int, out: Path, conditions: Path | None = None, sites: Sequence[Path] = (),
+               audit: Path | None = None, skip_audit: bool = False, steps: int = 25, guidance_scale: float = 1.5,
+               seed: int = 0, membership: bool = True,
+               plant: Mapping[int, torch.Tensor] | None = None) -> SynthesisResult:
+    """Generate, stage, audit, export (module docstring). `plant` (tests and drills: index → volume)
+    overwrites staged scans before the audit, e.g. with a copy of a training scan as a positive control."""
+    if not (sites or audit or skip_audit):
+        raise ConfigError("synthesize: give --sites (federated audit in a simulation), --audit privacy_audit.json "
+                          "(from a deployment's audit run), or --no-audit (the data card then says so)")
+    out = Path(out)
+    models = load_synthesis_models(checkpoint)
+    rows = read_conditions(conditions) if conditions is not None else balanced_conditions(n, seed)
+    if conditions is not None and n > 0:
+        rows = [rows[i % len(rows)] for i in range(n)]
+    started = time.time()
+    volumes = generate(models, rows, steps=steps, guidance_scale=guidance_scale, seed=seed)
+    for index, volume in (plant or {}).items():
+        volumes[index] = volume.reshape(volumes.shape[1:]).to(volumes.dtype)
+    hashes = {stage: {"path": str(path), "sha256": file_sha256(path.with_suffix(".safetensors"))}
+              for stage, path in models.checkpoints.items()}
+    staged = stage_synthetic(out / "staging", volumes, rows, {"models": hashes, "seed": seed, "steps": steps,
+                                                              "guidance_scale": guidance_scale})
+    if sites:
+        result = federated_audit(models, staged, sites, out / "audit-run", membership)
+    elif audit is not None:
+        result = json.loads(Path(audit).read_text())
+    else:
+        result = None
+    if result is not None and result.get("staged_sha256") != staged_sha256(staged):
+        raise SynthesisError(f"{audit}: this audit is of another synthetic set (staged sha256 differs); audit "
+                             f"{staged} itself")
+    excluded = sorted(result["excluded"]) if result is not None else []
+    keep = [i for i in range(len(rows)) if i not in set(excluded)]
+    volumes = load_staged(staged)[0]  # exactly what was audited (fp16)
+    run_yaml = models.run_dir / "run.yaml"
+    card = {
+        "name": out.name, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": time.time() - started,
+        "generated": len(rows), "exported": len(keep), "excluded": excluded,
+        "models": hashes, "run": {"folder": str(models.run_dir),
+                                  "run_yaml_sha256": file_sha256(run_yaml) if run_yaml.is_file() else None},
+        "generation": {"steps": steps, "guidance_scale": guidance_scale, "seed": seed, "preset": models.preset.name,
+                       "solver": "heun"},
+        "privacy": privacy_spent(models.run_dir),
+        "conditions": {"generated": distribution(rows), "exported": distribution([rows[i] for i in keep])},
+        "audit": result,
+        "staged_sha256": staged_sha256(staged),
+    }
+    bids = out / "bids"
+    write_bids(bids, volumes, rows, keep, models.preset, {"Version": "0.1.0", "Description": f"{len(keep)} scans"})
+    atomic_write_json(out / "datacard.json", _finite(card))
+    atomic_write_bytes(out / "datacard.md", data_card_markdown(card).encode())
+    return SynthesisResult(out, bids, out / "datacard.json", len(rows), len(keep), excluded)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+

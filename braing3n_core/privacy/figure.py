@@ -1,0 +1,86 @@
+"""ε over the run, per site, for the report: read from the run's `metrics.jsonl`, drawn with matplotlib.
+
+Site-level lines are the sites' own cumulative ε (their ledgers, reported with every DP round); the
+client-level line is the server's accountant (`kind == "client_dp"`). Budgets are drawn as dashed
+lines, and a round a site declined for its budget is marked with a cross.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from braing3n_core.stages import STAGE_ORDER
+
+
+def privacy_series(run_dir: Path) -> dict[str, Any]:
+    """{"sites": {site: [(step, ε)]}, "budgets": {site: ε}, "declined": {site: [step]}, "client": [(step, ε)],
+    "ticks": [(step, "stage r")]}; `step` counts rounds across stages in training order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = []
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    rounds = sorted({(r["stage"], r["round"]) for r in records if r.get("stage") in STAGE_ORDER and r.get("round", 0) > 0},
+                    key=lambda sr: (STAGE_ORDER.index(sr[0]), sr[1]))
+    step = {key: i + 1 for i, key in enumerate(rounds)}
+    out: dict[str, Any] = {"sites": {}, "budgets": {}, "declined": {}, "client": [],
+                           "ticks": [(i, f"{s} {r}") for (s, r), i in step.items()]}
+    for record in records:
+        key = (record.get("stage"), record.get("round"))
+        if key not in step:
+            continue
+        if record.get("kind") == "train" and record.get("privacy/epsilon") is not None and record.get("site") != "aggregate":
+            out["sites"].setdefault(record["site"], []).append((step[key], float(record["privacy/epsilon"])))
+            if record.get("privacy/budget") is not None:
+                out["budgets"][record["site"]] = float(record["privacy/budget"])
+        elif record.get("kind") == "declined" and "privacy budget" in str(record.get("reason", "")):
+            out["declined"].setdefault(record["site"], []).append(step[key])
+        elif record.get("kind") == "client_dp":
+            out["client"].append((step[key], float(record["privacy/epsilon"])))
+    return out
+
+
+def privacy_figure(run_dir: Path, path: Path | None = None) -> Path | None:
+    """Draw ε per site (and client-level ε) to `path` (default `<run>/report/privacy.png`); None if the
+    run has no DP at all."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = privacy_series(run_dir)
+    if not series["sites"] and not series["client"]:
+        return None
+    path = Path(path) if path is not None else Path(run_dir) / "report" / "privacy.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axis = plt.subplots(figsize=(7.5, 3.8), dpi=120)
+    colours: Mapping[str, Any] = {}
+    for index, (site, points) in enumerate(sorted(series["sites"].items())):
+        colour = f"C{index % 10}"
+        colours = {**colours, site: colour}
+        xs, ys = zip(*sorted(points))
+        axis.plot(xs, ys, marker="o", color=colour, label=f"{site} (site, per subject)")
+        if site in series["budgets"]:
+            axis.axhline(series["budgets"][site], color=colour, linestyle="--", linewidth=0.8)
+        for x in series["declined"].get(site, []):
+            axis.plot([x], [series["budgets"].get(site, ys[-1])], marker="x", color=colour, markersize=9)
+    if series["client"]:
+        xs, ys = zip(*sorted(series["client"]))
+        axis.plot(xs, ys, marker="s", color="black", label="client-level (server accountant)")
+    ticks = series["ticks"]
+    axis.set_xticks([t for t, _ in ticks], [label for _, label in ticks], rotation=60, fontsize=7)
+    axis.set_ylabel("cumulative ε")
+    axis.set_title("Privacy spent (dashed: budget, ×: round declined for the budget)", fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    temp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(temp)
+    plt.close(figure)
+    temp.replace(path)
+    return path

@@ -40,6 +40,108 @@ def _site_check(args: argparse.Namespace) -> int:
     return 0 if report.usable_scans else 1
 
 
+def _comma_list(values: list[str] | None) -> list[str]:
+    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+
+
+def _deployment(run: Callable[[], int]) -> int:
+    """Run a deployment command; Flower failures and Ctrl-C end it with a message, not a traceback."""
+    from braing3n_core.deploy import DeploymentError
+
+    try:
+        return run()
+    except DeploymentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; every process started here was stopped.", file=sys.stderr)
+        return 130
+
+
+def _consortium_init(args: argparse.Namespace) -> int:
+    from braing3n_core.consortium import init_consortium
+
+    consortium = init_consortium(Path(args.dir), _comma_list([args.sites]), args.host, _comma_list(args.ip),
+                                 _comma_list(args.dns), server_days=args.days)
+    layout = consortium.layout
+    print(f"consortium folder {layout.root}")
+    print(f"  SuperLink certificate {layout.server_cert}: DNS {', '.join(consortium.dns_names)}; "
+          f"IP {', '.join(consortium.ip_addresses)}")
+    print(f"  release signing key {layout.release_key} (public: {layout.release_pub})")
+    for site, entry in sorted(consortium.sites.items()):
+        print(f"  site {site}: hand over {layout.bundle(site)} (key {entry.fingerprint})")
+    print("Keep ca/ca.key, superlink/server.key and release/release.key on the consortium server only.")
+    return 0
+
+
+def _consortium_add_site(args: argparse.Namespace) -> int:
+    from braing3n_core.consortium import add_site, load_consortium
+    from braing3n_core.deploy import running_superlink, sync_registrations
+
+    entry = add_site(Path(args.dir), args.site, Path(args.public_key) if args.public_key else None)
+    consortium = load_consortium(Path(args.dir))
+    print(f"site {args.site}: hand over {consortium.layout.bundle(args.site)} (key {entry.fingerprint})")
+    if running_superlink(consortium) is not None:  # register now; otherwise `consortium serve` does at start
+        return _deployment(lambda: sync_registrations(consortium) and 0)
+    return 0
+
+
+def _consortium_revoke(args: argparse.Namespace) -> int:
+    from braing3n_core.deploy import revoke
+
+    return _deployment(lambda: revoke(Path(args.dir), args.site) or 0)
+
+
+def _consortium_serve(args: argparse.Namespace) -> int:
+    from braing3n_core.deploy import serve
+
+    return _deployment(lambda: serve(Path(args.dir), args.address, args.port, print_only=args.print_command))
+
+
+def _consortium_run(args: argparse.Namespace) -> int:
+    from braing3n_core.deploy import submit
+
+    def run() -> int:
+        result = submit(Path(args.dir), Path(args.run_config), Path(args.out) if args.out else None, resume=args.resume,
+                        superlink=args.superlink, expected_sites=args.expect_sites, sign=not args.no_sign,
+                        print_only=args.print_command)
+        if result is not None:
+            print(f"federated run complete in {result.seconds:.0f} s: {result.run_dir}"
+                  + (f"; signed release {result.release}" if result.release else ""))
+        return 0
+
+    return _deployment(run)
+
+
+def _site_join(args: argparse.Namespace) -> int:
+    from braing3n_core.deploy import join
+
+    return _deployment(lambda: join(Path(args.site_yaml), Path(args.credentials), args.superlink, args.port,
+                                    rejoin_wait_s=args.rejoin_wait, print_only=args.print_command))
+
+
+def _release_sign(args: argparse.Namespace) -> int:
+    from braing3n_core.release import sign_directory, sign_run
+
+    path = Path(args.path)
+    if (path / "server_state.json").is_file() and (path / "run.yaml").is_file():
+        manifest = sign_run(path, Path(args.key), Path(args.out) if args.out else None)
+    else:
+        manifest = sign_directory(path, Path(args.key), {"kind": args.kind, "name": path.resolve().name})
+    print(manifest)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from braing3n_core.release import verify_directory
+
+    report = verify_directory(Path(args.path), Path(args.public_key) if args.public_key else None)
+    print(report.summary())
+    if not report.ok:
+        return 1
+    return 0 if report.trusted else 3
+
+
 def _train(args: argparse.Namespace) -> int:
     from braing3n_core.config import load_site_configs
     from braing3n_core.train import TrainOptions, train_centralized
@@ -118,6 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("site_yaml", help="site config, e.g. sites/site-a.yaml")
     check.add_argument("-v", "--verbose", action="store_true", help="list every scan, not only a summary")
     check.set_defaults(handler=_site_check)
+    join = site.add_parser("join", help="run this site's Flower SuperNode (TLS, site key) until stopped")
+    join.add_argument("site_yaml", help="site config, e.g. sites/site-a.yaml (its site_id must match the credentials)")
+    join.add_argument("--credentials", required=True, help="this site's bundle from `consortium init` (ca.crt, supernode.key)")
+    join.add_argument("--superlink", required=True, help="the consortium SuperLink as HOST:PORT")
+    join.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's ClientApp API (loopback; default 9094)")
+    join.add_argument("--rejoin-wait", type=float, default=120.0,
+                      help="seconds to keep retrying while the SuperLink refuses the key (a crashed session expires in <= 60 s)")
+    join.add_argument("--print-command", action="store_true", help="print the flower-supernode command and exit")
+    join.set_defaults(handler=_site_join)
 
     train = groups.add_parser("train", help="centralized training of one stage on the pooled sites")
     train.add_argument("stage", choices=["mae", "decoder", "dit"])
@@ -136,6 +247,54 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
     train.add_argument("--restart", action="store_true", help="ignore existing checkpoints instead of resuming")
     train.set_defaults(handler=_train)
+
+    consortium = groups.add_parser("consortium", help="the consortium's keys, SuperLink and federated jobs").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    init = consortium.add_parser("init", help="CA, SuperLink TLS certificate, site keys and bundles, release key")
+    init.add_argument("dir", help="new consortium folder (private keys are written 0600)")
+    init.add_argument("--sites", required=True, help="comma-separated site ids, e.g. site-a,site-b")
+    init.add_argument("--host", required=True, help="the SuperLink's DNS name (or IP) as sites dial it")
+    init.add_argument("--ip", action="append", help="extra IP address SAN(s), comma-separated or repeated")
+    init.add_argument("--dns", action="append", help="extra DNS name SAN(s), comma-separated or repeated")
+    init.add_argument("--days", type=int, default=825, help="SuperLink certificate validity (default 825 days)")
+    init.set_defaults(handler=_consortium_init)
+    add = consortium.add_parser("add-site", help="a credentials bundle for a new site")
+    add.add_argument("dir")
+    add.add_argument("site", help="site id (must match site_id in the site's YAML)")
+    add.add_argument("--public-key", default=None, help="the site's own OpenSSH ECDSA public key instead of a new key pair")
+    add.set_defaults(handler=_consortium_add_site)
+    revoke = consortium.add_parser("revoke", help="revoke a site: its key is unregistered and refused from then on")
+    revoke.add_argument("dir")
+    revoke.add_argument("site")
+    revoke.set_defaults(handler=_consortium_revoke)
+    serve = consortium.add_parser("serve", help="run the SuperLink (TLS, SuperNode authentication) until stopped")
+    serve.add_argument("dir")
+    serve.add_argument("--address", default="0.0.0.0", help="interface to listen on (default 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=9092, help="the one port sites connect to (default 9092)")
+    serve.add_argument("--print-command", action="store_true", help="print the Flower commands and exit")
+    serve.set_defaults(handler=_consortium_serve)
+    crun = consortium.add_parser("run", help="submit a federated job to the SuperLink and stream its progress")
+    crun.add_argument("dir")
+    crun.add_argument("--run-config", required=True, help="run YAML (stages, rounds, strategies, probes)")
+    crun.add_argument("--out", default=None, help="run folder on this server (default runs/<name>)")
+    crun.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    crun.add_argument("--superlink", default=None, help="HOST:PORT (default: the SuperLink `serve` runs here)")
+    crun.add_argument("--expect-sites", type=int, default=None, help="sites to wait for (default: every active site)")
+    crun.add_argument("--no-sign", action="store_true", help="do not sign the finished run's release")
+    crun.add_argument("--print-command", action="store_true", help="print the flwr run command and exit")
+    crun.set_defaults(handler=_consortium_run)
+
+    release = groups.add_parser("release", help="signed releases").add_subparsers(dest="action", required=True, metavar="ACTION")
+    sign = release.add_parser("sign", help="sign a finished run (into RUN_DIR/release/) or a dataset folder")
+    sign.add_argument("path", help="run folder or dataset folder")
+    sign.add_argument("--key", required=True, help="the consortium's Ed25519 key (release/release.key)")
+    sign.add_argument("--out", default=None, help="release folder for a run (default RUN_DIR/release)")
+    sign.add_argument("--kind", default="dataset", help="what a signed folder holds (metadata; default dataset)")
+    sign.set_defaults(handler=_release_sign)
+    verify = groups.add_parser("verify", help="check a signed release: names missing, extra or changed files and bad signatures")
+    verify.add_argument("path", help="release folder or its RELEASE.json")
+    verify.add_argument("--public-key", default=None, help="the consortium's release.pub (without it only integrity is checked)")
+    verify.set_defaults(handler=_verify)
 
     sim = groups.add_parser("simulate", help="federated run of N virtual sites on Flower's simulation engine")
     sim.add_argument("--sites", nargs="+", required=True, help="site YAML files, one virtual site each")

@@ -1,10 +1,14 @@
 """ServerApp: reads the Flower run config and hands the federation to `server.rounds`.
 
-Flower's `[tool.flwr.app.config]` carries three paths only; the recipe itself is the run YAML:
+Flower's `[tool.flwr.app.config]` carries paths and two deployment settings; the recipe itself is the run YAML:
 - `run-config`: the run YAML (`braing3n_core.runconfig.RunConfig`);
 - `run-dir`: the run folder (default `runs/<name>`); resuming = running again with the same folder;
 - `site-configs`: comma-separated site YAMLs, virtual node `partition-id` i ↦ the i-th (simulation;
-  in deployment each SuperNode names its own with `--node-config "site-config='…'"`).
+  in deployment each SuperNode names its own with `--node-config "site-config='…'"`);
+- `expected-sites` (deployment): how many sites to wait for before the run starts (0: the number of
+  `site-configs`; at least `min_sites` either way);
+- `signing-key` (deployment): the consortium's Ed25519 release key; when set, the finished run's final
+  checkpoints are released signed in `<run-dir>/release/` (`braing3n_core.release.sign_run`).
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from braing3n_core.consortium import load_release_private_key
+from braing3n_core.release import sign_run
 from braing3n_core.runtime import set_threads
-from server.rounds import run_federation
+from server.rounds import run_federation, say
 
 app = ServerApp()
 
@@ -28,5 +34,10 @@ def main(grid: Grid, context: Context) -> None:
         raise ValueError("set the run config: flwr run . <connection> --run-config \"run-config='/abs/run.yaml' ...\"")
     run_dir = str(settings.get("run-dir", "") or "")
     sites = [p for p in str(settings.get("site-configs", "") or "").split(",") if p.strip()]
+    expected = int(settings.get("expected-sites", 0) or 0) or len(sites) or None
+    signing = str(settings.get("signing-key", "") or "")
+    key = load_release_private_key(Path(signing)) if signing else None  # a bad key stops the run before training
     set_threads(None)  # BRAING3N_NUM_THREADS when set; the server mostly waits and averages arrays
-    run_federation(grid, Path(config_path), Path(run_dir) if run_dir else None, len(sites) or None)
+    complete = run_federation(grid, Path(config_path), Path(run_dir) if run_dir else None, expected)
+    if key is not None:
+        say(f"release signed: {sign_run(complete.parent, key)}")

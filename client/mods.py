@@ -31,7 +31,7 @@ from braing3n_core.federated import CLIPPING_MODE_KEY, SECAGG_ARRAY_NAMES_KEY
 SECAGG_RECORD = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS
 
 
-class SecureRoundRefused(RuntimeError):
+class SecureRoundError(RuntimeError):
     """This site will not put its update into the secure sum; the message says why (the protocol then
     treats the site as dropped and removes its masks)."""
 
@@ -84,12 +84,12 @@ def _legacy_fit(msg: Message, context: Context, call_next: ClientAppCallable) ->
     names = json.loads(str(config.pop(SECAGG_ARRAY_NAMES_KEY)))
     weights = parameters_to_ndarrays(fitins.parameters)
     if len(names) != len(weights):
-        raise SecureRoundRefused(f"received {len(weights)} arrays for {len(names)} names")
+        raise SecureRoundError(f"received {len(weights)} arrays for {len(names)} names")
     sent = ArrayRecord({k: Array(np.ascontiguousarray(w)) for k, w in zip(names, weights)})
     inner = Message(RecordDict({"config": ConfigRecord(config), "arrays": sent}), metadata=msg.metadata)
     reply = _clipped(inner, context, call_next)
     if reply.has_error():
-        raise SecureRoundRefused(reply.error.reason)
+        raise SecureRoundError(reply.error.reason)
     arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
     update = [arrays[k].astype(np.float64) - w.astype(np.float64) for k, w in zip(names, weights)]
     site = str(reply.content["site"]["site-id"])
@@ -99,7 +99,7 @@ def _legacy_fit(msg: Message, context: Context, call_next: ClientAppCallable) ->
         metrics |= dict(reply.content["privacy"])
     weight = 1 if config.get("uniform-weight") else int(round(float(metrics["num-examples"])))
     if weight > float(config["secagg-max-weight"]):
-        raise SecureRoundRefused(f"site {site}: its weight {weight} exceeds secure_aggregation.max_weight="
+        raise SecureRoundError(f"site {site}: its weight {weight} exceeds secure_aggregation.max_weight="
                                  f"{config['secagg-max-weight']:g}; the masked sum could overflow")
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([u.astype(np.float32) for u in update]), weight, metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
@@ -108,13 +108,13 @@ def _legacy_fit(msg: Message, context: Context, call_next: ClientAppCallable) ->
 def _check_own_update(site: str, update: list[np.ndarray], config: dict) -> None:
     """What the server would have screened, checked here (it only ever sees the masked sum)."""
     if not all(bool(np.all(np.isfinite(u))) for u in update):
-        raise SecureRoundRefused(f"site {site}: its update holds NaN/Inf; not adding it to the secure sum")
+        raise SecureRoundError(f"site {site}: its update holds NaN/Inf; not adding it to the secure sum")
     norm = math.sqrt(sum(float(np.dot(u.ravel(), u.ravel())) for u in update))
     bound = float(config.get("update-norm-bound", 0.0) or 0.0)
     if bound and norm > bound:
-        raise SecureRoundRefused(f"site {site}: update norm {norm:.4g} exceeds the bound {bound:.4g}")
+        raise SecureRoundError(f"site {site}: update norm {norm:.4g} exceeds the bound {bound:.4g}")
     largest = max((float(np.abs(u).max()) for u in update if u.size), default=0.0)
     limit = float(config["secagg-clipping-range"])
     if largest > limit:
-        raise SecureRoundRefused(f"site {site}: an update coordinate of {largest:.4g} exceeds "
+        raise SecureRoundError(f"site {site}: an update coordinate of {largest:.4g} exceeds "
                                  f"secure_aggregation.clipping_range={limit:g}; it would be cut when quantised")

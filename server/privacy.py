@@ -216,7 +216,10 @@ def _legacy_strategy(nodes: Sequence[int], config: Mapping[str, Any]):
 
         def aggregate_fit(self, server_round, results, failures):
             self.results = [(proxy.node_id, fit.num_examples, dict(fit.metrics)) for proxy, fit in results]
-            self.failures = [str(f) for f in failures]
+            # The workflow wraps each error reply as Exception(Error) (a site's error can be listed twice).
+            reasons = [str(getattr(f.args[0], "reason", f)) if isinstance(f, Exception) and f.args else str(f)
+                       for f in failures]
+            self.failures = list(dict.fromkeys(reasons))
             if not results:
                 return None, {}
             self.aggregate = results[0][1].parameters  # the workflow put the unmasked mean in every result

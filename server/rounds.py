@@ -19,6 +19,7 @@ A round counts when at least `min_sites` replies pass screening; otherwise the r
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -338,9 +339,11 @@ class Federation:
         for node, weight, metrics in results:
             site = str(metrics.pop("site-id", self.node_sites.get(node, f"node-{node}")))
             self.run.log(spec.name, server_round, site, "train", secure_aggregation=True, weight=weight, **metrics)
-        for reason in failures:
-            self.run.log(spec.name, server_round, "unknown", "declined", reason=short_reason(reason))
-            say(f"{spec.name} round {server_round}: a site left the secure round: {short_reason(reason)}")
+        for reason in failures:  # the protocol reports errors without their node; our reasons name the site
+            named = re.search(r"site ([A-Za-z0-9][A-Za-z0-9_-]*)[: ]", short_reason(reason))
+            site = named.group(1) if named else "unknown"
+            self.run.log(spec.name, server_round, site, "declined", reason=short_reason(reason))
+            say(f"{spec.name} round {server_round}: {site} left the secure round: {short_reason(reason)}")
         if mean is None or len(results) < self.config.min_sites:
             raise FederationError(f"stage {spec.name} round {server_round}: secure aggregation produced no sum from "
                                   f"{len(results)} sites (min_sites {self.config.min_sites}); "

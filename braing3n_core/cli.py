@@ -193,9 +193,40 @@ def _synthesize(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from braing3n_core.demo import run_demo
+    from braing3n_core.demo import DemoError, run_demo
+    from braing3n_core.simulate import SimulationError
 
-    return run_demo(out_dir=Path(args.out), seed=args.seed)
+    try:
+        sized = {"subjects_per_site": args.subjects} if args.subjects else {}
+        return run_demo(out_dir=Path(args.out), seed=args.seed, resume=args.resume, **sized)
+    except (DemoError, SimulationError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; continue later with `braing3n demo --resume`.", file=sys.stderr)
+        return 130
+
+
+def _report(args: argparse.Namespace) -> int:
+    from braing3n_core.report import ReportError, write_report
+
+    run_dir = Path(args.run_dir)
+    try:
+        if args.sites:
+            from braing3n_core.config import load_site_configs
+            from braing3n_core.showcase import ShowcaseError, run_showcase
+
+            try:
+                run_showcase(run_dir, load_site_configs(args.sites))
+            except ShowcaseError as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 1
+        path = write_report(run_dir, Path(args.out) if args.out else None, embed_images=args.embed)
+    except ReportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -320,9 +351,19 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(handler=_synthesize)
 
     demo = groups.add_parser("demo", help="the end-to-end demo (README command 1)")
-    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--out", default="runs/demo", help="demo folder: cohort, federated run, report (default runs/demo)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--subjects", type=int, default=None, help="subjects per site (default: sized for 15 min on 2 cores)")
+    demo.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out and rewrite its report")
     demo.set_defaults(handler=_demo)
+
+    report = groups.add_parser("report", help="HTML report of a federated run folder (curves, probes, samples)")
+    report.add_argument("run_dir", help="run folder written by `braing3n simulate` or `braing3n demo`")
+    report.add_argument("--sites", nargs="+", default=None,
+                        help="site YAMLs of the run: first compute reconstructions, samples and a forecast on their data")
+    report.add_argument("--out", default=None, help="HTML path (default RUN_DIR/report.html)")
+    report.add_argument("--embed", action="store_true", help="embed the figures in the HTML (one self-contained file)")
+    report.set_defaults(handler=_report)
     return parser
 
 

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,8 +161,9 @@ def prepare_run_dir(config: RunConfig, out: Path, resume: bool) -> Path:
 
 def simulate(
     site_yamls: Sequence[Path], run_config: Path, out: Path | None = None, resume: bool = False,
-    cpus_per_site: int = 1, app_dir: Path = APP_DIR, echo: bool = True,
+    cpus_per_site: int = 1, app_dir: Path = APP_DIR, echo: bool | Callable[[str], None] = True,
 ) -> SimulationResult:
+    """Run the federation; `echo` True streams Flower's output to stdout, a callable receives each line."""
     config = RunConfig.from_yaml(run_config)
     sites = load_site_configs(list(site_yamls))  # validates every site file up front, ids unique
     if len(sites) < config.min_sites:
@@ -221,7 +222,9 @@ def simulate(
             for line in process.stdout:
                 run_log.write(line)
                 run_log.flush()
-                if echo:
+                if callable(echo):
+                    echo(line.decode(errors="replace"))
+                elif echo:
                     sys.stdout.write(line.decode(errors="replace"))
                     sys.stdout.flush()
             process.wait()

@@ -1,4 +1,5 @@
-"""Linear probes: planted signals are recovered, noise stays at chance, subjects never straddle splits."""
+"""Linear probes: planted signals are recovered, noise stays at chance, subjects never straddle splits or
+folds, and cross-validation is a less noisy estimate than one split."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from braing3n_core.probes import (
     ProbeTask,
     SubjectSplit,
     TaskKind,
+    cross_validated_predictions,
     evaluate_predictions,
     fit_probe,
+    outer_folds,
     prior_predictions,
     render_report,
     run_probes,
@@ -118,7 +121,7 @@ def test_unplanted_labels_stay_near_chance(report) -> None:
 
 def test_pure_noise_gives_chance_auroc() -> None:
     aurocs = []
-    for seed in range(4):
+    for seed in range(2):  # each estimate pools out-of-fold predictions of all 120 subjects
         features, table = planted_cohort(n_subjects=120, sessions=1, seed=seed, signal=0.0)
         sex = ProbeTask("sex", "sex", TaskKind.CLASSIFICATION, ("F", "M"))
         result = run_probes(features, table, tasks=[sex], inner_folds=3, seed=seed).results[0]
@@ -141,6 +144,53 @@ def test_no_subject_straddles_any_split(cohort) -> None:
             for subject in test:
                 rows = in_task & (subjects == subject)
                 assert split.test[rows].all()
+
+
+def test_outer_folds_cover_every_row_once_and_group_subjects(cohort) -> None:
+    _, table = cohort
+    subjects = table.subjects
+    tasks, _ = select_tasks(table)
+    for task in tasks:
+        in_task = task.targets(table)[0]
+        folds = outer_folds(task, table, folds=5, seed=0)
+        assert 2 <= len(folds) <= 5
+        held_out = np.sum([f.test for f in folds], axis=0)
+        assert np.array_equal(held_out, in_task.astype(int)), task.name  # each task row held out exactly once
+        for fold in folds:
+            assert not (fold.train | fold.test)[~in_task].any()
+            assert not set(subjects[fold.train]) & set(subjects[fold.test]), task.name
+            assert np.array_equal(fold.train, in_task & ~fold.test)
+    sex = next(t for t in tasks if t.name == "sex")
+    seeded = [f.test for f in outer_folds(sex, table, seed=1)]
+    assert all(np.array_equal(a.test, b) for a, b in zip(outer_folds(sex, table, seed=1), seeded))
+    assert not all(np.array_equal(a.test, b) for a, b in zip(outer_folds(sex, table, seed=2), seeded))
+
+
+def test_cross_validated_metrics_pool_the_out_of_fold_predictions(cohort, report) -> None:
+    features, table = cohort
+    age = report.result("age")
+    assert age.folds == 5 and age.n_test == len(table) and age.n_test_subjects == len(set(table.subjects))
+    assert 0 < age.fold_std["probe/age_r2"] < 0.2
+    oof = cross_validated_predictions(ProbeTask("age", "age", TaskKind.REGRESSION), features, table, inner_folds=3)
+    assert sorted(set(oof.fold)) == [0, 1, 2, 3, 4] and len(oof.regularisation) == 5
+    assert evaluate_predictions(oof.task, oof.y, oof.predictions) == pytest.approx(age.metrics)
+    # The features-blind chance level is also out of fold: each fold's train mean, so R² is ≤ 0.
+    assert age.chance["probe/age_r2"] <= 0.0 and age.chance["probe/age_r2"] > -0.1
+
+
+def test_cross_validation_is_less_noisy_than_one_split() -> None:
+    """The measured motivation: with a few dozen subjects one 80/20 split's R² depends on which
+    subjects land in the test set; pooling out-of-fold predictions over all subjects averages that out."""
+    features, table = planted_cohort(n_subjects=40, sessions=1, seed=5, signal=0.35)
+    age = ProbeTask("age", "age", TaskKind.REGRESSION)
+    single, pooled = [], []
+    for seed in range(8):
+        one = task_split(age, table, seed=seed)
+        given = run_probes(features, table, split=one, tasks=[age], inner_folds=3, seed=seed)
+        single.append(given.results[0].metrics["probe/age_r2"])
+        pooled.append(run_probes(features, table, tasks=[age], inner_folds=3, seed=seed).results[0].metrics["probe/age_r2"])
+    assert np.std(pooled) < 0.5 * np.std(single), (pooled, single)
+    assert min(pooled) > 0.3  # the planted signal is found whichever subjects land in which fold
 
 
 def test_plain_subject_split_is_seeded_and_grouped() -> None:
@@ -253,17 +303,23 @@ def test_evaluate_predictions_checks_its_inputs() -> None:
     assert partial["probe/diagnosis_bacc"] == 1.0
 
 
-def test_report_renders_and_writes_json(report, tmp_path) -> None:
+def test_report_renders_and_writes_json(report, cohort, tmp_path) -> None:
     path = tmp_path / "probes" / "report.json"
     write_report_json(report, path)
-    loaded = json.loads(path.read_text())  # strict JSON: NaN was written as null
-    assert loaded["encoder"] == "planted"
+    loaded = json.loads(path.read_text())
+    assert loaded["encoder"] == "planted" and loaded["settings"]["folds"] == 5
     assert {r["task"] for r in loaded["results"]} >= {"age", "sex", "diagnosis"}
-    assert loaded["results"][0]["chance"]["probe/age_pearson_r"] is None  # a constant predictor has no r
+    assert loaded["results"][0]["fold_std"]["probe/age_r2"] > 0
+    # Strict JSON: NaN is written as null (one split's constant chance predictor has no Pearson r).
+    features, table = cohort
+    age = ProbeTask("age", "age", TaskKind.REGRESSION)
+    one_split = run_probes(features, table, split=task_split(age, table), tasks=[age], inner_folds=3)
+    write_report_json(one_split, path)
+    assert json.loads(path.read_text())["results"][0]["chance"]["probe/age_pearson_r"] is None
     console = Console(record=True, width=160)
     console.print(render_report(report))
     text = console.export_text()
-    assert "ad_vs_cn" in text and "pearson_r" in text
+    assert "ad_vs_cn" in text and "pearson_r" in text and "5-fold" in text
 
 
 def test_bad_labels_name_the_scan() -> None:

@@ -20,6 +20,11 @@ probes: {enabled: true, rounds: 3, local_steps: 20}
 run's server or by `braing3n train`) instead of training it, e.g. to train the DiT only. A stage given
 there must not also be listed under `stages`.
 
+Privacy layers (see `braing3n_core/privacy/` for the sites' own DP-SGD, set in each site YAML):
+`client_dp` adds client-level DP through Flower's DP strategy wrappers; `secure_aggregation` runs a
+stage's rounds through SecAgg+ (docs/secure-aggregation.md); `audit` makes the run a federated privacy
+audit of a synthetic set staged by `braing3n synthesize`.
+
 `fault_injection` exists for tests and drills only: each entry makes one site misbehave on purpose from
 a given round (send NaN weights, an oversized update, decline, crash, or answer late) so that the server's
 rejection and drop-out handling can be exercised in a real simulation. It is empty unless set, and the

@@ -24,7 +24,6 @@ Prints one summary line; writes bench/results/privacy.json (with the load averag
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -41,10 +40,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from braing3n_core.config import SiteConfig  # noqa: E402
-from braing3n_core.fileio import atomic_write_json  # noqa: E402
-from braing3n_core.presets import Preset, get_preset  # noqa: E402
-from braing3n_core.stages import STAGE_ORDER, SiteInputs, get_stage, make_optimizer, train_steps  # noqa: E402
+from braing3n_core.config import SiteConfig
+from braing3n_core.fileio import atomic_write_json
+from braing3n_core.presets import Preset, get_preset
+from braing3n_core.stages import STAGE_ORDER, SiteInputs, get_stage, make_optimizer, train_steps
 
 RESULTS = Path(__file__).resolve().parent / "results" / "privacy.json"
 TARGET_RATIO = 2.0
@@ -99,12 +98,12 @@ def time_steps(stage_name: str, preset: Preset, steps: int, blocks: int) -> dict
     for block in range(blocks + 1):  # block 0 warms both up and is not counted
         for mode in ("plain", "dp"):
             model, optimizer = models[mode]
-            record: list[float] = []
+            stamps: list[float] = [time.perf_counter()]
             train_steps(stage, model, iter(batches), optimizer, steps, lambda _: 1e-4, device,
                         generator=torch.Generator().manual_seed(block), max_grad_norm=None if mode == "dp" else 1.0,
-                        on_step=lambda i, loss, n: record.append(time.perf_counter()))
+                        on_step=lambda _i, _loss, _n, stamps=stamps: stamps.append(time.perf_counter()))
             if block:
-                times[mode].extend(np.diff(record).tolist())
+                times[mode].extend(np.diff(stamps).tolist())
     plain, dp = statistics.median(times["plain"]), statistics.median(times["dp"])
     return {"batch_size": batch_size, "plain_s": plain, "dp_s": dp, "ratio": dp / plain, "steps_timed": len(times["dp"])}
 
@@ -113,7 +112,8 @@ def time_steps(stage_name: str, preset: Preset, steps: int, blocks: int) -> dict
 
 
 def make_cohort(out: Path, sites: int, subjects: int, seed: int) -> list[Path]:
-    from braing3n_core.data.cohort import CohortSpec, make_cohort as generate
+    from braing3n_core.data.cohort import CohortSpec
+    from braing3n_core.data.cohort import make_cohort as generate
 
     existing = sorted((out / "cohort" / "sites").glob("*.yaml"))
     if len(existing) == sites:

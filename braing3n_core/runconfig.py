@@ -371,5 +371,6 @@ def write_resolved(config: RunConfig, path: Path) -> None:
 
 
 __all__ = [
-    "AuditRunConfig", "ClientDPConfig", "ConfigError", "SecureAggregationConfig", "FaultInjection", "ProbeRunConfig", "RunConfig", "StageRunConfig", "StrategyConfig", "write_resolved",
+    "AuditRunConfig", "ClientDPConfig", "ConfigError", "FaultInjection", "ProbeRunConfig", "RunConfig",
+    "SecureAggregationConfig", "StageRunConfig", "StrategyConfig", "write_resolved",
 ]

@@ -350,9 +350,9 @@ def _fmt(value: Any) -> str:
 def data_card_markdown(card: Mapping[str, Any]) -> str:
     audit = card.get("audit") or {}
     privacy = card["privacy"]
-    lines = [f"# Data card: {card['name']}", "", f"Generated {card['created']}; {card['exported']} of "
-             f"{card['generated']} synthetic scans exported ({len(card['excluded'])} excluded by the audit).", "",
-             "## Models", ""]
+    summary = (f"Generated {card['created']}; {card['exported']} of {card['generated']} synthetic scans exported "
+               f"({len(card['excluded'])} excluded by the audit).")
+    lines = [f"# Data card: {card['name']}", "", summary, "", "## Models", ""]
     lines += [f"- {stage}: `{info['path']}` sha256 `{info['sha256'][:16]}…`" for stage, info in card["models"].items()]
     lines += ["", "## Privacy", "", "| site | ε | δ | budget |", "|---|---|---|---|"]
     for site, spent in sorted(privacy["site_level"].items()):

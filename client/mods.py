@@ -97,10 +97,10 @@ def _legacy_fit(msg: Message, context: Context, call_next: ClientAppCallable) ->
     metrics: dict = {**dict(reply.content["metrics"]), "site-id": site}
     if "privacy" in reply.content.config_records:
         metrics |= dict(reply.content["privacy"])
-    weight = 1 if config.get("uniform-weight") else int(round(float(metrics["num-examples"])))
+    weight = 1 if config.get("uniform-weight") else round(float(metrics["num-examples"]))
     if weight > float(config["secagg-max-weight"]):
         raise SecureRoundError(f"site {site}: its weight {weight} exceeds secure_aggregation.max_weight="
-                                 f"{config['secagg-max-weight']:g}; the masked sum could overflow")
+                               f"{config['secagg-max-weight']:g}; the masked sum could overflow")
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([u.astype(np.float32) for u in update]), weight, metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 

@@ -28,7 +28,13 @@ from braing3n_core.models import MAEConfig, MaskedAutoencoder
 from braing3n_core.presets import get_preset
 from braing3n_core.privacy.audit import audit_site, membership_auc, pooled_membership_auc, run_site_audit
 from braing3n_core.privacy.dp import (
-    DPRound, SubjectPoissonSampler, default_delta, example_subjects, make_private, resolve_round, subject_loader,
+    DPRound,
+    SubjectPoissonSampler,
+    default_delta,
+    example_subjects,
+    make_private,
+    resolve_round,
+    subject_loader,
 )
 from braing3n_core.privacy.ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger, Release, epsilon_of
 from braing3n_core.runconfig import RunConfig

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def test_dp_sgd_runs_in_all_three_stages_and_epsilon_matches_the_accountant(dp_r
     for k, record in enumerate(site_a, start=1):
         assert record["privacy/epsilon"] == pytest.approx(rdp_epsilon(history[:k], ledger[0].delta), rel=1e-9)
         assert record["privacy/noise_multiplier"] == 1.0 and record["privacy/max_grad_norm"] == 1.0
-    assert all(b["privacy/epsilon"] > a["privacy/epsilon"] for a, b in zip(site_a, site_a[1:]))
+    assert all(b["privacy/epsilon"] > a["privacy/epsilon"] for a, b in itertools.pairwise(site_a))
 
 
 def test_site_over_budget_declines_and_the_federation_finishes_without_it(dp_run) -> None:

@@ -73,7 +73,7 @@ class SiteAudit:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "SiteAudit":
+    def from_json(cls, data: Mapping[str, Any]) -> SiteAudit:
         spaces = {k: DistanceStats(**v) for k, v in data["spaces"].items()}
         return cls(**{**data, "spaces": spaces})
 
@@ -95,7 +95,7 @@ def _space_stats(synthetic: Tensor, train: Tensor, held: Tensor, control: Tensor
     threshold = float(np.percentile(reference, REFERENCE_PERCENTILE))
     flags = d_train < threshold
     control_distance = float(rms_distances(control, train).min())
-    q = lambda values: [float(v) for v in np.percentile(values, [5, 50, 95])]  # noqa: E731
+    q = lambda values: [float(v) for v in np.percentile(values, [5, 50, 95])]
     ratio = d_train / np.maximum(d_held, 1e-12)
     return DistanceStats(threshold, int(flags.sum()), q(d_train), q(d_held), float(np.median(ratio)),
                          control_distance < threshold), flags

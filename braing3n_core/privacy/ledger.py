@@ -117,7 +117,7 @@ class LedgerEntry:
         return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     @classmethod
-    def parse(cls, data: dict[str, Any]) -> "LedgerEntry":
+    def parse(cls, data: dict[str, Any]) -> LedgerEntry:
         release_keys = {f for f in Release.__dataclass_fields__}
         release = Release(**{k: data[k] for k in release_keys if k in data})
         own = {k: data[k] for k in ("site_id", "accountant", "delta", "epsilon_before", "epsilon_after", "time", "prev")}

@@ -181,12 +181,16 @@ def _synthesize(args: argparse.Namespace) -> int:
         result = synthesize(
             Path(args.checkpoint), args.n, Path(args.out), conditions=Path(args.conditions) if args.conditions else None,
             sites=[Path(p) for p in args.sites or []], audit=Path(args.audit) if args.audit else None,
-            skip_audit=args.no_audit, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-            membership=not args.no_membership,
+            skip_audit=args.no_audit, stage_only=args.stage_only, steps=args.steps, guidance_scale=args.guidance,
+            seed=args.seed, membership=not args.no_membership,
         )
     except (SynthesisError, SimulationError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if args.stage_only:
+        print(f"{result.generated} synthetic scans staged in {result.out / 'staging'}; run the federated audit with "
+              f"the run config {result.datacard}, then call again with --audit <run-dir>/privacy_audit.json")
+        return 0
     print(f"{result.exported} of {result.generated} synthetic scans exported to {result.bids} "
           f"({len(result.excluded)} excluded by the audit); data card {result.datacard}")
     return 0
@@ -344,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--sites", nargs="+", default=None, help="site YAMLs: run the federated audit in a simulation")
     synth.add_argument("--audit", default=None, help="privacy_audit.json of a deployment's audit run of this set")
     synth.add_argument("--no-audit", action="store_true", help="export without an audit (the data card says so)")
+    synth.add_argument("--stage-only", action="store_true", help="generate and stage only, and write the audit "
+                       "run config for a deployment's `flwr run`")
     synth.add_argument("--no-membership", action="store_true", help="skip the DiT membership-inference test")
     synth.add_argument("--steps", type=int, default=25, help="ODE steps (default 25)")
     synth.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")

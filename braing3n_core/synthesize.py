@@ -13,8 +13,9 @@
 5. **Federated privacy audit** (`braing3n_core.privacy.audit`): the staged set goes to every site,
    which answers with aggregates and one flag per synthetic scan. With `--sites` the audit runs as a
    Flower simulation of those sites (the same ServerApp/ClientApp as a deployment: an audit-only run
-   in `<out>/audit-run/`); in a deployment, run that audit run config with `flwr run` and pass its
-   `privacy_audit.json` with `--audit`.
+   in `<out>/audit-run/`). In a deployment: `--stage-only` stages the set and writes
+   `<out>/audit-run.yaml`; run it with `flwr run` against the consortium; then
+   `--audit <run-dir>/privacy_audit.json` exports the very set the sites audited.
 6. **Export**: the scans no site flagged → `<out>/bids/` (one subject per synthetic scan), and the data
    card `<out>/datacard.json` + `datacard.md`: model and config hashes, each site's ε spent (from the
    run's metrics) and the client-level ε, the conditioning distribution, the audit's results.
@@ -382,27 +383,43 @@ class SynthesisResult:
 
 
 def synthesize(checkpoint: Path, n: int, out: Path, conditions: Path | None = None, sites: Sequence[Path] = (),
-               audit: Path | None = None, skip_audit: bool = False, steps: int = 25, guidance_scale: float = 1.5,
-               seed: int = 0, membership: bool = True,
+               audit: Path | None = None, skip_audit: bool = False, stage_only: bool = False, steps: int = 25,
+               guidance_scale: float = 1.5, seed: int = 0, membership: bool = True,
                plant: Mapping[int, torch.Tensor] | None = None) -> SynthesisResult:
-    """Generate, stage, audit, export (module docstring). `plant` (tests and drills: index → volume)
-    overwrites staged scans before the audit, e.g. with a copy of a training scan as a positive control."""
-    if not (sites or audit or skip_audit):
-        raise ConfigError("synthesize: give --sites (federated audit in a simulation), --audit privacy_audit.json "
-                          "(from a deployment's audit run), or --no-audit (the data card then says so)")
+    """Generate, stage, audit, export (module docstring). `plant` (drills: index → volume) overwrites
+    staged scans before the audit, e.g. with a copy of a training scan as a positive control.
+
+    Deployment, in three steps: `stage_only` generates and stages the set and writes
+    `<out>/audit-run.yaml`; the consortium runs that audit with `flwr run`; a second call with
+    `audit=<run-dir>/privacy_audit.json` exports the staged set the sites audited (not a new one)."""
+    if not (sites or audit or skip_audit or stage_only):
+        raise ConfigError("synthesize: give --sites (federated audit in a simulation), --stage-only then --audit "
+                          "privacy_audit.json (a deployment's audit run), or --no-audit (the data card then says so)")
     out = Path(out)
     models = load_synthesis_models(checkpoint)
-    rows = read_conditions(conditions) if conditions is not None else balanced_conditions(n, seed)
-    if conditions is not None and n > 0:
-        rows = [rows[i % len(rows)] for i in range(n)]
-    started = time.time()
-    volumes = generate(models, rows, steps=steps, guidance_scale=guidance_scale, seed=seed)
-    for index, volume in (plant or {}).items():
-        volumes[index] = volume.reshape(volumes.shape[1:]).to(volumes.dtype)
     hashes = {stage: {"path": str(path), "sha256": file_sha256(path.with_suffix(".safetensors"))}
               for stage, path in models.checkpoints.items()}
-    staged = stage_synthetic(out / "staging", volumes, rows, {"models": hashes, "seed": seed, "steps": steps,
-                                                              "guidance_scale": guidance_scale})
+    started = time.time()
+    staged = out / "staging" / "synthetic.json"
+    if audit is not None and staged.is_file():  # export what was audited
+        volumes, rows, meta = load_staged(staged)
+        if meta.get("models") != hashes:
+            raise SynthesisError(f"{staged}: staged from other models than {checkpoint}")
+        steps, guidance_scale, seed = meta["steps"], meta["guidance_scale"], meta["seed"]
+    else:
+        rows = read_conditions(conditions) if conditions is not None else balanced_conditions(n, seed)
+        if conditions is not None and n > 0:
+            rows = [rows[i % len(rows)] for i in range(n)]
+        volumes = generate(models, rows, steps=steps, guidance_scale=guidance_scale, seed=seed)
+        for index, volume in (plant or {}).items():
+            volumes[index] = volume.reshape(volumes.shape[1:]).to(volumes.dtype)
+        staged = stage_synthetic(out / "staging", volumes, rows, {"models": hashes, "seed": seed, "steps": steps,
+                                                                  "guidance_scale": guidance_scale})
+    if stage_only:
+        import yaml
+
+        (out / "audit-run.yaml").write_text(yaml.safe_dump(audit_run_config(models, staged, membership)))
+        return SynthesisResult(out, out / "bids", out / "audit-run.yaml", len(rows), 0, [])
     if sites:
         result = federated_audit(models, staged, sites, out / "audit-run", membership)
     elif audit is not None:

@@ -58,6 +58,13 @@ def _deployment(run: Callable[[], int]) -> int:
         return 130
 
 
+def _synced(consortium) -> int:
+    from braing3n_core.deploy import sync_registrations
+
+    sync_registrations(consortium)
+    return 0
+
+
 def _consortium_init(args: argparse.Namespace) -> int:
     from braing3n_core.consortium import init_consortium
 
@@ -76,13 +83,25 @@ def _consortium_init(args: argparse.Namespace) -> int:
 
 def _consortium_add_site(args: argparse.Namespace) -> int:
     from braing3n_core.consortium import add_site, load_consortium
-    from braing3n_core.deploy import running_superlink, sync_registrations
+    from braing3n_core.deploy import running_superlink
 
     entry = add_site(Path(args.dir), args.site, Path(args.public_key) if args.public_key else None)
     consortium = load_consortium(Path(args.dir))
     print(f"site {args.site}: hand over {consortium.layout.bundle(args.site)} (key {entry.fingerprint})")
     if running_superlink(consortium) is not None:  # register now; otherwise `consortium serve` does at start
-        return _deployment(lambda: sync_registrations(consortium) and 0)
+        return _deployment(lambda: _synced(consortium))
+    return 0
+
+
+def _consortium_rekey(args: argparse.Namespace) -> int:
+    from braing3n_core.consortium import load_consortium, rekey_site
+    from braing3n_core.deploy import running_superlink
+
+    entry = rekey_site(Path(args.dir), args.site, Path(args.public_key) if args.public_key else None)
+    consortium = load_consortium(Path(args.dir))
+    print(f"site {args.site}: new key {entry.fingerprint}; hand over {consortium.layout.bundle(args.site)}")
+    if running_superlink(consortium) is not None:  # swap the keys now; otherwise `consortium serve` does at start
+        return _deployment(lambda: _synced(consortium))
     return 0
 
 
@@ -298,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("site", help="site id (must match site_id in the site's YAML)")
     add.add_argument("--public-key", default=None, help="the site's own OpenSSH ECDSA public key instead of a new key pair")
     add.set_defaults(handler=_consortium_add_site)
+    rekey = consortium.add_parser("rekey", help="a new key for a site (lost, leaked or revoked key); the old one is unregistered")
+    rekey.add_argument("dir")
+    rekey.add_argument("site")
+    rekey.add_argument("--public-key", default=None, help="the site's own OpenSSH ECDSA public key instead of a new key pair")
+    rekey.set_defaults(handler=_consortium_rekey)
     revoke = consortium.add_parser("revoke", help="revoke a site: its key is unregistered and refused from then on")
     revoke.add_argument("dir")
     revoke.add_argument("site")

@@ -141,7 +141,7 @@ def _name(common_name: str) -> x509.Name:
 
 def _make_ca(days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP384R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
         x509.CertificateBuilder()
@@ -162,7 +162,8 @@ def _make_ca(days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     return key, cert
 
 
-def subject_alt_names(host: str, dns_names: Iterable[str] = (), ip_addresses: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+def subject_alt_names(host: str, dns_names: Iterable[str] = (),
+                      ip_addresses: Iterable[str] = ()) -> tuple[list[str], list[str]]:
     """(DNS names, IP addresses) for the SuperLink certificate: the host, extras, and loopback, deduplicated."""
     dns, ips = [], []
     for value in [host, *dns_names, *LOOPBACK_DNS]:
@@ -180,10 +181,12 @@ def subject_alt_names(host: str, dns_names: Iterable[str] = (), ip_addresses: It
     return list(dict.fromkeys(dns)), list(dict.fromkeys(ips))
 
 
-def _make_server_certificate(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, host: str,
-                             dns: Sequence[str], ips: Sequence[str], days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def _make_server_certificate(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, host: str, dns: Sequence[str], ips: Sequence[str],
+    days: int,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     sans = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (
@@ -208,14 +211,16 @@ def _make_server_certificate(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.C
 
 
 def _pem_private(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
 
 
 def _check_site_ids(sites: Iterable[str]) -> list[str]:
     sites = [s.strip() for s in sites if s.strip()]
     bad = [s for s in sites if not SITE_ID.match(s)]
     if bad:
-        raise ConfigError(f"--sites: {bad} are not site ids (letters, digits, '-' or '_'; they must match site_id in the site YAML)")
+        raise ConfigError(f"--sites: {bad} are not site ids (letters, digits, '-' or '_'; they must match "
+                          "site_id in the site YAML)")
     if len(set(sites)) != len(sites):
         raise ConfigError(f"--sites: duplicate site ids in {sites}")
     if not sites:
@@ -228,10 +233,10 @@ def _check_site_ids(sites: Iterable[str]) -> list[str]:
 
 BUNDLE_README = """\
 BrainG3N-FL credentials for site {site} (consortium SuperLink: {host}). Keep this folder private.
-ca.crt         consortium CA certificate: flower-supernode --root-certificates ca.crt verifies the SuperLink with it (public)
-supernode.key  this site's SuperNode authentication private key (OpenSSH ECDSA P-384): --auth-supernode-private-key; SECRET, never send it anywhere
-supernode.pub  its public key; the consortium registered it at the SuperLink (fingerprint {fingerprint}) (public)
-release.pub    consortium Ed25519 release key: braing3n verify PATH --public-key release.pub checks signed models and datasets (public)
+ca.crt         consortium CA certificate; --root-certificates ca.crt verifies the SuperLink with it (public)
+supernode.key  this site's SuperNode private key (OpenSSH ECDSA P-384) for --auth-supernode-private-key; SECRET
+supernode.pub  its public key, registered at the SuperLink (fingerprint {fingerprint}) (public)
+release.pub    consortium Ed25519 release key; braing3n verify PATH --public-key release.pub checks releases (public)
 site.json      site id, SuperLink host and the fingerprints above (public)
 Join: braing3n site join sites/{site}.yaml --credentials <this folder> --superlink {host}:<port>
 """
@@ -248,8 +253,9 @@ def _write_bundle(layout: Layout, site: str, host: str, key: ec.EllipticCurvePri
     _write_public(bundle / "supernode.pub", public + f" braing3n-{site}\n".encode())
     _write_public(bundle / "release.pub", release_pub)
     fingerprint = ssh_fingerprint(public_key)
-    atomic_write_json(bundle / "site.json", {"site_id": site, "superlink_host": host, "supernode_key_fingerprint": fingerprint,
-                                             "ca_sha256": certificate_sha256(ca_cert)})
+    atomic_write_json(bundle / "site.json", {"site_id": site, "superlink_host": host,
+                                             "ca_sha256": certificate_sha256(ca_cert),
+                                             "supernode_key_fingerprint": fingerprint})
     os.chmod(bundle / "site.json", 0o644)
     _write_public(bundle / "README.txt", BUNDLE_README.format(site=site, host=host, fingerprint=fingerprint).encode())
     return SiteEntry(site, bundle / "supernode.pub", fingerprint)
@@ -291,7 +297,8 @@ def init_consortium(root: Path, sites: Sequence[str], host: str, ip_addresses: S
 
     release = ed25519.Ed25519PrivateKey.generate()
     _write_private(layout.release_key, _pem_private(release))
-    release_pub = release.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    release_pub = release.public_key().public_bytes(serialization.Encoding.PEM,
+                                                    serialization.PublicFormat.SubjectPublicKeyInfo)
     _write_public(layout.release_pub, release_pub)
 
     entries = {}
@@ -317,8 +324,26 @@ def add_site(root: Path, site: str, public_key: Path | None = None) -> SiteEntry
         key = ec.generate_private_key(ec.SECP384R1())
         public = key.public_key()
     entry = _write_bundle(layout, site, consortium.host, key, public, ca_cert, layout.release_pub.read_bytes())
-    updated = Consortium(layout, consortium.host, consortium.dns_names, consortium.ip_addresses, {**consortium.sites, site: entry})
-    _write_manifest(updated, ca_cert, load_release_public_key(layout.release_pub))
+    _write_manifest(_with_site(consortium, entry), ca_cert, load_release_public_key(layout.release_pub))
+    return entry
+
+
+def rekey_site(root: Path, site: str, public_key: Path | None = None) -> SiteEntry:
+    """A new authentication key for an existing site (lost, leaked or revoked key; Flower never accepts a
+    revoked key again). The next registration sync unregisters the old key and registers the new one."""
+    consortium = load_consortium(root)
+    if site not in consortium.sites:
+        raise ConfigError(f"{consortium.layout.manifest}: no site {site!r}; sites are {sorted(consortium.sites)}")
+    layout = consortium.layout
+    ca_cert = x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())
+    if public_key is not None:
+        key, public = None, load_supernode_public_key(public_key)
+        (layout.bundle(site) / "supernode.key").unlink(missing_ok=True)  # the old private key must not linger
+    else:
+        key = ec.generate_private_key(ec.SECP384R1())
+        public = key.public_key()
+    entry = _write_bundle(layout, site, consortium.host, key, public, ca_cert, layout.release_pub.read_bytes())
+    _write_manifest(_with_site(consortium, entry), ca_cert, load_release_public_key(layout.release_pub))
     return entry
 
 
@@ -328,12 +353,16 @@ def set_revoked(root: Path, site: str, revoked: bool = True) -> Consortium:
     if site not in consortium.sites:
         raise ConfigError(f"{consortium.layout.manifest}: no site {site!r}; sites are {sorted(consortium.sites)}")
     entry = consortium.sites[site]
-    sites = {**consortium.sites, site: SiteEntry(entry.site_id, entry.public_key, entry.fingerprint, revoked)}
-    updated = Consortium(consortium.layout, consortium.host, consortium.dns_names, consortium.ip_addresses, sites)
+    updated = _with_site(consortium, SiteEntry(entry.site_id, entry.public_key, entry.fingerprint, revoked))
     layout = consortium.layout
     _write_manifest(updated, x509.load_pem_x509_certificate(layout.ca_cert.read_bytes()),
                     load_release_public_key(layout.release_pub))
     return updated
+
+
+def _with_site(consortium: Consortium, entry: SiteEntry) -> Consortium:
+    sites = {**consortium.sites, entry.site_id: entry}
+    return Consortium(consortium.layout, consortium.host, consortium.dns_names, consortium.ip_addresses, sites)
 
 
 def _write_manifest(consortium: Consortium, ca_cert: x509.Certificate, release_pub: ed25519.Ed25519PublicKey) -> None:
@@ -344,8 +373,8 @@ def _write_manifest(consortium: Consortium, ca_cert: x509.Certificate, release_p
                       "ip_addresses": list(consortium.ip_addresses)},
         "ca_sha256": certificate_sha256(ca_cert),
         "release_key_fingerprint": ssh_fingerprint(release_pub),
-        "sites": {s: {"public_key": str(e.public_key.relative_to(root)), "fingerprint": e.fingerprint, "revoked": e.revoked}
-                  for s, e in sorted(consortium.sites.items())},
+        "sites": {s: {"public_key": str(e.public_key.relative_to(root)), "fingerprint": e.fingerprint,
+                      "revoked": e.revoked} for s, e in sorted(consortium.sites.items())},
     })
     os.chmod(consortium.layout.manifest, 0o644)
 

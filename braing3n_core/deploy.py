@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +64,8 @@ class FlowerCommand:
     def process_env(self) -> dict[str, str]:
         # The SuperLink and SuperNode start flower-superexec (and that flwr-serverapp / flwr-clientapp)
         # through PATH: this environment's scripts come first, also when it was never activated.
-        return {**os.environ, **self.env, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        return {**os.environ, **self.env, "PATH": path}
 
 
 def _quote(word: str) -> str:
@@ -84,6 +85,17 @@ def _flower_env(home: Path) -> dict[str, str]:
 
 def _print(text: str) -> None:
     print(text, flush=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a Flower process started in its own session: its tree by PID, then what is left of its process
+    group (a SuperNode's SuperExec outlives a SuperNode that exited by itself, and is reparented)."""
+    kill_process_tree(process.pid)
+    process.wait()
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _connect_host(address: str) -> str:
@@ -140,7 +152,8 @@ def cli_command(consortium: Consortium, *args: str) -> FlowerCommand:
 
 def _run_cli(command: FlowerCommand, what: str) -> dict:
     """Run a `flwr … --format json` command; its JSON answer, or a DeploymentError naming `what` failed."""
-    done = subprocess.run(list(command.argv), capture_output=True, text=True, env=command.process_env(), timeout=120)
+    done = subprocess.run(list(command.argv), capture_output=True, text=True, env=command.process_env(), timeout=120,
+                          check=False)
     start = done.stdout.find("{")
     try:
         answer = json.loads(done.stdout[start:]) if start >= 0 else {}
@@ -157,7 +170,8 @@ def _read_registrations(state: StateFiles) -> dict[str, dict]:
 
 
 def _listed_nodes(consortium: Consortium) -> dict[int, str]:
-    answer = _run_cli(cli_command(consortium, "supernode", "list", CONNECTION, "--format", "json"), "listing SuperNodes")
+    command = cli_command(consortium, "supernode", "list", CONNECTION, "--format", "json")
+    answer = _run_cli(command, "listing SuperNodes")
     return {int(n["node-id"]): str(n["status"]) for n in answer.get("nodes", [])}
 
 
@@ -177,6 +191,8 @@ def sync_registrations(consortium: Consortium, echo: Echo = _print) -> dict[str,
             continue
         if live and known.get("fingerprint") == entry.fingerprint:
             continue
+        if live:  # the site was given a new key (`consortium rekey`): its old key goes first
+            unregister(consortium, site, int(known["node_id"]), echo)
         command = cli_command(consortium, "supernode", "register", str(entry.public_key), CONNECTION,
                               "--name", site, "--format", "json")
         echo(f"$ {command.shell()}")
@@ -210,7 +226,7 @@ class Stopper:
 
     previous: object = None
 
-    def __enter__(self) -> "Stopper":
+    def __enter__(self) -> Stopper:
         self.previous = signal.getsignal(signal.SIGTERM)
 
         def on_term(signum, frame):
@@ -237,11 +253,12 @@ def serve(root: Path, address: str = "0.0.0.0", port: int = DEFAULT_PORT, echo: 
     if print_only:
         echo(command.shell())
         for site in consortium.active_sites:
-            echo(f"flwr supernode register {consortium.sites[site].public_key} {CONNECTION} --name {site}   "
-                 f"# flwr's config.toml: [superlink.{CONNECTION}] address=\"{connect}\" root-certificates=\"{layout.ca_cert}\"")
+            echo(f"flwr supernode register {consortium.sites[site].public_key} {CONNECTION} --name {site}   # flwr's "
+                 f"config.toml: [superlink.{CONNECTION}] address=\"{connect}\" root-certificates=\"{layout.ca_cert}\"")
         return 0
     if (running := running_superlink(consortium)) is not None:
-        raise DeploymentError(f"a SuperLink for {layout.root} is running already (PID {running['pid']}, port {running['port']})")
+        raise DeploymentError(f"a SuperLink for {layout.root} is running already "
+                              f"(PID {running['pid']}, port {running['port']})")
     state = _state(consortium)
     echo(f"$ {command.shell()}")
     link: subprocess.Popen | None = None
@@ -267,8 +284,7 @@ def serve(root: Path, address: str = "0.0.0.0", port: int = DEFAULT_PORT, echo: 
             return 0
         finally:
             if link is not None:
-                kill_process_tree(link.pid)
-                link.wait()
+                stop(link)
             state.superlink.unlink(missing_ok=True)
 
 
@@ -300,7 +316,8 @@ def load_credentials(folder: Path, site_id: str) -> Credentials:
     except (OSError, json.JSONDecodeError) as error:
         raise ConfigError(f"{folder / 'site.json'}: not a credentials bundle ({error})") from None
     if info.get("site_id") != site_id:
-        raise ConfigError(f"{folder}: credentials of site {info.get('site_id')!r}, but the site YAML says site_id {site_id!r}")
+        raise ConfigError(f"{folder}: credentials of site {info.get('site_id')!r}, "
+                          f"but the site YAML says site_id {site_id!r}")
     credentials = Credentials(folder, site_id, folder / "ca.crt", folder / "supernode.key")
     for path in (credentials.ca_cert, credentials.private_key):
         if not path.is_file():
@@ -349,8 +366,9 @@ def join(site_yaml: Path, credentials_dir: Path, superlink: str, port: int = SUP
             with open(log_path, "ab") as log:  # a file, not a pipe: SuperExec children keep a pipe open after a refusal
                 node = subprocess.Popen(list(command.argv), stdout=log, stderr=subprocess.STDOUT,
                                         env=command.process_env(), cwd=home, start_new_session=True)
-            atomic_write_json(home / "supernode.json", {"pid": node.pid, "wrapper_pid": os.getpid(), "site": site.site_id,
-                                                        "superlink": superlink, "started": time.time()})
+            atomic_write_json(home / "supernode.json", {"pid": node.pid, "wrapper_pid": os.getpid(),
+                                                        "site": site.site_id, "superlink": superlink,
+                                                        "started": time.time()})
             refused, pending = False, b""
             try:
                 while True:
@@ -364,7 +382,8 @@ def join(site_yaml: Path, credentials_dir: Path, superlink: str, port: int = SUP
                         line = raw.decode(errors="replace")
                         refused |= ACTIVATION_REFUSED in line
                         if "SuperNode ID:" in line:
-                            echo(f"site {site.site_id}: connected to {superlink} as SuperNode {line.split('SuperNode ID:')[-1].strip()}")
+                            node_id = line.split("SuperNode ID:")[-1].strip()
+                            echo(f"site {site.site_id}: connected to {superlink} as SuperNode {node_id}")
                             first_refusal = None
                     if status is not None:
                         break
@@ -373,18 +392,18 @@ def join(site_yaml: Path, credentials_dir: Path, superlink: str, port: int = SUP
                 echo(f"site {site.site_id}: stopping the SuperNode")
                 return 0
             finally:
-                kill_process_tree(node.pid)
-                node.wait()
-            if not refused:
-                echo(f"site {site.site_id}: flower-supernode exited with {status}; log {log_path}")
+                stop(node)
+            if not refused:  # Flower also stops a connected SuperNode whose key was just unregistered (revoked)
+                echo(f"site {site.site_id}: flower-supernode stopped (exit status {status}); if the consortium "
+                     f"revoked this site, its key is no longer accepted. Log: {log_path}")
                 return status or 1
             first_refusal = first_refusal or time.monotonic()
             waited = time.monotonic() - first_refusal
             if waited >= rejoin_wait_s:
                 raise DeploymentError(
-                    f"site {site.site_id}: the SuperLink {superlink} refuses this site's key (for {waited:.0f} s): it is "
-                    f"not registered there, or it was revoked; ask the consortium (key {credentials.private_key}). "
-                    f"Log: {log_path}")
+                    f"site {site.site_id}: the SuperLink {superlink} refuses this site's key (for {waited:.0f} s): "
+                    f"it is not registered there, or it was revoked; ask the consortium (key "
+                    f"{credentials.private_key}). Log: {log_path}")
             echo(f"site {site.site_id}: the SuperLink refused the key; a previous session may still count as "
                  f"online, retrying ({waited:.0f}/{rejoin_wait_s:.0f} s)")
             time.sleep(3.0)
@@ -426,7 +445,8 @@ def submit(root: Path, run_config: Path, out: Path | None = None, resume: bool =
     if superlink is None:
         running = running_superlink(consortium)
         if running is None:
-            raise DeploymentError(f"no SuperLink of {consortium.layout.root} is running here; pass --superlink HOST:PORT")
+            raise DeploymentError(f"no SuperLink of {consortium.layout.root} is running here; "
+                                  "pass --superlink HOST:PORT")
         superlink = running["connect"]
     state = _state(consortium)
     write_cli_connection(state.cli_home, superlink, consortium.layout.ca_cert)
@@ -452,18 +472,19 @@ def submit(root: Path, run_config: Path, out: Path | None = None, resume: bool =
             process.wait()
         finally:  # `flwr run` only streams; stopping it leaves the run on the SuperLink (`flwr stop` ends it)
             if process.poll() is None:
-                kill_process_tree(process.pid)
-                process.wait()
+                stop(process)
     complete = out / "run_complete.json"
     if not complete.is_file():
         cause = _last_error(logs / "flwr-run.log")
         raise DeploymentError(
             f"the federated run did not complete (flwr run exit code {process.returncode})"
-            f"{': ' + cause if cause else ''}; submit again with --resume to continue {out}. Log: {logs / 'flwr-run.log'}")
+            f"{': ' + cause if cause else ''}; submit again with --resume to continue {out}. "
+            f"Log: {logs / 'flwr-run.log'}")
     release = out / "release" / "RELEASE.json"
-    if key is not None and not release.is_file():
+    if key is not None and not (release.is_file() and release.stat().st_mtime >= started):
         raise DeploymentError(f"the run completed but its release was not signed; see {logs / 'flwr-run.log'}")
-    return DeployedRun(out, time.time() - started, json.loads(complete.read_text()), release if key is not None else None)
+    return DeployedRun(out, time.time() - started, json.loads(complete.read_text()),
+                       release if key is not None else None)
 
 
 __all__ = [

@@ -94,6 +94,10 @@ def _public(key: PublicKey) -> ed25519.Ed25519PublicKey:
     return key if isinstance(key, ed25519.Ed25519PublicKey) else load_release_public_key(Path(key))
 
 
+def _raw(key: ed25519.Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
 def canonical(payload: Mapping[str, Any]) -> bytes:
     """The signed bytes: sorted keys, no whitespace, UTF-8 (stable across platforms and Python versions)."""
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
@@ -139,12 +143,12 @@ def sign_directory(path: Path, private_key: PrivateKey, metadata: Mapping[str, A
     files = {rel: {"sha256": _sha256(p), "bytes": p.stat().st_size} for rel, p in _listing(root).items()}
     if not files:
         raise ConfigError(f"{root}: nothing to sign (empty folder)")
-    payload = {"format": FORMAT, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    payload = {"format": FORMAT, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                "files": files, "metadata": json.loads(json.dumps(dict(metadata), default=str))}
     public = key.public_key()
     manifest = {"payload": payload, "signature": {
         "algorithm": "Ed25519",
-        "public_key": base64.b64encode(public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode(),
+        "public_key": base64.b64encode(_raw(public)).decode(),
         "key_fingerprint": ssh_fingerprint(public),
         "value": base64.b64encode(key.sign(canonical(payload))).decode(),
     }}
@@ -168,7 +172,8 @@ def verify_directory(path: Path, public_key: PublicKey | None = None) -> VerifyR
         value = base64.b64decode(signature["value"], validate=True)
         listed: dict[str, dict[str, Any]] = payload["files"]
     except FileNotFoundError:
-        report.problems.append(Problem("unreadable manifest", MANIFEST, "not found: this folder is not a signed release"))
+        report.problems.append(Problem("unreadable manifest", MANIFEST,
+                                       "not found: this folder is not a signed release"))
         return report
     except (OSError, ValueError, KeyError, TypeError) as error:
         report.problems.append(Problem("unreadable manifest", MANIFEST, str(error)))
@@ -177,9 +182,7 @@ def verify_directory(path: Path, public_key: PublicKey | None = None) -> VerifyR
     report.metadata = dict(payload.get("metadata", {}))
     if public_key is not None:
         trusted = _public(public_key)
-        if trusted.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) != signer.public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        ):
+        if _raw(trusted) != _raw(signer):
             report.problems.append(Problem("wrong key", MANIFEST, f"signed by {report.key_fingerprint}, "
                                            f"expected {ssh_fingerprint(trusted)}"))
         else:
@@ -196,7 +199,8 @@ def verify_directory(path: Path, public_key: PublicKey | None = None) -> VerifyR
             continue
         actual, size = _sha256(on_disk[relative]), on_disk[relative].stat().st_size
         if actual != expected.get("sha256") or size != expected.get("bytes"):
-            report.problems.append(Problem("changed hash", relative, f"sha256 {actual[:12]}…, signed {str(expected.get('sha256'))[:12]}…"))
+            signed = str(expected.get("sha256"))
+            report.problems.append(Problem("changed hash", relative, f"sha256 {actual[:12]}…, signed {signed[:12]}…"))
     for relative in sorted(set(on_disk) - set(listed)):
         report.problems.append(Problem("extra file", relative))
     report.files = len(listed)

@@ -22,7 +22,9 @@ from cryptography.x509.verification import DNSName, IPAddress, PolicyBuilder, St
 
 from braing3n_core.cli import main
 from braing3n_core.config import ConfigError, SiteConfig
-from braing3n_core.consortium import Layout, add_site, init_consortium, load_consortium, set_revoked, ssh_fingerprint
+from braing3n_core.consortium import (
+    Layout, add_site, init_consortium, load_consortium, rekey_site, set_revoked, ssh_fingerprint,
+)
 from braing3n_core.deploy import FlowerCommand, load_credentials, supernode_command, superlink_command
 
 SITES = ["site-a", "site-b", "site-c"]
@@ -184,6 +186,12 @@ def test_add_site_with_the_hospitals_own_key_and_revocation_flag(tmp_path: Path)
     set_revoked(root, "a")
     consortium = load_consortium(root)
     assert consortium.active_sites == ["b"] and consortium.sites["a"].revoked
+    # A revoked key is never accepted again: the site comes back with a new one.
+    old_key = (Layout(root.resolve()).bundle("a") / "supernode.key").read_bytes()
+    entry = rekey_site(root, "a")
+    consortium = load_consortium(root)
+    assert consortium.active_sites == ["a", "b"] and entry.fingerprint != consortium.sites["b"].fingerprint
+    assert (Layout(root.resolve()).bundle("a") / "supernode.key").read_bytes() != old_key
 
 
 def test_site_credentials_are_checked_before_flower_starts(tmp_path: Path, consortium) -> None:

@@ -24,6 +24,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from braing3n_core.config import ConfigError, SiteConfig
 from braing3n_core.consortium import Consortium, load_consortium, set_revoked
-from braing3n_core.fileio import atomic_write_json
+from braing3n_core.fileio import atomic_write_bytes, atomic_write_json
 from braing3n_core.runconfig import RunConfig
 from braing3n_core.simulate import (
     APP_DIR, FLOWER_ENV, SimulationError, _alive, _executable, _last_error, _wait_for_port, kill_process_tree,
@@ -77,6 +78,13 @@ def _quote(word: str) -> str:
     return shlex.quote(word)
 
 
+def _tool(name: str) -> str:
+    try:
+        return _executable(name)
+    except SimulationError as error:
+        raise DeploymentError(str(error)) from None
+
+
 def _flower_env(home: Path) -> dict[str, str]:
     home.mkdir(parents=True, exist_ok=True)
     os.chmod(home, 0o700)
@@ -100,7 +108,7 @@ def stop(process: subprocess.Popen) -> None:
 
 def _connect_host(address: str) -> str:
     """Where local tools reach a SuperLink listening on `address` (a bind-all address means loopback)."""
-    return "127.0.0.1" if address in ("0.0.0.0", "::", "", "localhost") else address
+    return "127.0.0.1" if address in ("0.0.0.0", "::", "", "localhost") else address.strip("[]")
 
 
 # --- the consortium side -------------------------------------------------------------------------------------
@@ -116,7 +124,6 @@ class StateFiles:
     registrations = property(lambda self: self.root / "registrations.json")
     link_home = property(lambda self: self.root / "flower-home" / "superlink")
     cli_home = property(lambda self: self.root / "flower-home" / "cli")
-    runs = property(lambda self: self.root / "runs.log")
 
 
 def _state(consortium: Consortium) -> StateFiles:
@@ -129,7 +136,7 @@ def _state(consortium: Consortium) -> StateFiles:
 def superlink_command(consortium: Consortium, address: str, port: int) -> FlowerCommand:
     layout, state = consortium.layout, _state(consortium)
     return FlowerCommand((
-        _executable("flower-superlink"),
+        _tool("flower-superlink"),
         "--ssl-ca-certfile", str(layout.ca_cert), "--ssl-certfile", str(layout.server_cert),
         "--ssl-keyfile", str(layout.server_key), "--enable-supernode-auth",
         "--disable-runtime-dependency-installation", "--database", str(state.database),
@@ -139,15 +146,14 @@ def superlink_command(consortium: Consortium, address: str, port: int) -> Flower
 
 def write_cli_connection(home: Path, superlink: str, ca_cert: Path) -> Path:
     """`$FLWR_HOME/config.toml` of the flwr CLI: one TLS connection named `consortium`."""
-    home.mkdir(parents=True, exist_ok=True)
     path = home / "config.toml"
-    path.write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                    f'address = "{superlink}"\nroot-certificates = "{Path(ca_cert).resolve()}"\n')
+    atomic_write_bytes(path, (f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+                              f'address = "{superlink}"\nroot-certificates = "{Path(ca_cert).resolve()}"\n').encode())
     return path
 
 
 def cli_command(consortium: Consortium, *args: str) -> FlowerCommand:
-    return FlowerCommand((_executable("flwr"), *args), _flower_env(_state(consortium).cli_home))
+    return FlowerCommand((_tool("flwr"), *args), _flower_env(_state(consortium).cli_home))
 
 
 def _run_cli(command: FlowerCommand, what: str) -> dict:
@@ -232,12 +238,17 @@ class Stopper:
         def on_term(signum, frame):
             raise KeyboardInterrupt(f"signal {signum}")
 
-        if self.previous is not None:  # None: not called from the main thread's Python handler
+        if self._active():
             signal.signal(signal.SIGTERM, on_term)
         return self
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
+        if self._active():
+            signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
+
+    def _active(self) -> bool:
+        # Only the main thread may set handlers; None means a handler not installed from Python.
+        return self.previous is not None and threading.current_thread() is threading.main_thread()
 
 
 def serve(root: Path, address: str = "0.0.0.0", port: int = DEFAULT_PORT, echo: Echo = _print,
@@ -270,7 +281,7 @@ def serve(root: Path, address: str = "0.0.0.0", port: int = DEFAULT_PORT, echo: 
             atomic_write_json(state.superlink, {"pid": link.pid, "wrapper_pid": os.getpid(), "address": address,
                                                 "port": port, "connect": connect, "started": time.time()})
             try:
-                _wait_for_port(port, link, state.log)
+                _wait_for_port(port, link, state.log, host=_connect_host(address))
             except SimulationError as error:
                 raise DeploymentError(str(error)) from None
             write_cli_connection(state.cli_home, connect, layout.ca_cert)
@@ -333,7 +344,7 @@ def supernode_command(site: SiteConfig, credentials: Credentials, superlink: str
         raise ConfigError("the site config must come from a YAML file (the SuperNode names it in its node config)")
     home = site.resolved_cache_dir / "flower-home"
     return FlowerCommand((
-        _executable("flower-supernode"),
+        _tool("flower-supernode"),
         "--root-certificates", str(credentials.ca_cert), "--superlink", superlink,
         "--auth-supernode-private-key", str(credentials.private_key),
         "--port", str(port), "--node-config", f"site-config='{site.source_file}'",

@@ -111,13 +111,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> None:
+def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout_s: float = 60.0,
+                   host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SimulationError(f"flower-superlink exited with {process.returncode}; see {log}")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            if sock.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.2)
     raise SimulationError(f"flower-superlink did not listen on port {port} within {timeout_s:.0f} s; see {log}")

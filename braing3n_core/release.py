@@ -28,6 +28,7 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -103,6 +104,21 @@ def canonical(payload: Mapping[str, Any]) -> bytes:
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
+def _plain(value: Any) -> Any:
+    """JSON-safe metadata: paths and other objects as text, NaN/Inf as null (the signed bytes allow no NaN)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return _plain(value.tolist())
+    return str(value)
+
+
 def _sha256(path: Path) -> str:
     with open(path, "rb") as handle:  # never memoised: a verifier must read what is on disk now
         return hashlib.file_digest(handle, "sha256").hexdigest()
@@ -144,7 +160,7 @@ def sign_directory(path: Path, private_key: PrivateKey, metadata: Mapping[str, A
     if not files:
         raise ConfigError(f"{root}: nothing to sign (empty folder)")
     payload = {"format": FORMAT, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-               "files": files, "metadata": json.loads(json.dumps(dict(metadata), default=str))}
+               "files": files, "metadata": _plain(metadata)}
     public = key.public_key()
     manifest = {"payload": payload, "signature": {
         "algorithm": "Ed25519",

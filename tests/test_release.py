@@ -39,11 +39,12 @@ def _kinds(report) -> list[tuple[str, str]]:
 
 def test_signed_folder_verifies_against_the_trusted_key(tmp_path: Path, keys) -> None:
     private, public = keys
-    manifest = sign_directory(_dataset(tmp_path / "set"), private, {"kind": "synthetic-dataset", "n": 1})
+    manifest = sign_directory(_dataset(tmp_path / "set"), private, {"kind": "synthetic-dataset", "n": 1,
+                                                                    "auroc": float("nan"), "source": tmp_path})
     assert manifest == (tmp_path / "set" / MANIFEST).resolve()
     report = verify_directory(tmp_path / "set", public)
     assert report.ok and report.trusted and report.files == 3
-    assert report.metadata == {"kind": "synthetic-dataset", "n": 1}
+    assert report.metadata == {"kind": "synthetic-dataset", "n": 1, "auroc": None, "source": str(tmp_path)}
     assert verify_directory(manifest, public).ok  # the manifest path works too
     untrusted = verify_directory(tmp_path / "set")
     assert untrusted.ok and not untrusted.trusted and "NOT checked" in untrusted.summary()

@@ -117,6 +117,20 @@ def test_per_sample_gradients_are_clipped_to_the_bound_before_noise(site, stage_
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
 
 
+def test_conv3d_per_sample_gradients_match_opacus_unfold_sampler() -> None:
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+
+    from braing3n_core.privacy.dp import conv3d_grad_sample
+
+    generator = torch.Generator().manual_seed(0)
+    for layer in (torch.nn.Conv3d(3, 4, 3, padding=1), torch.nn.Conv3d(4, 2, 3, stride=2, dilation=1, padding=1)):
+        x = torch.randn(5, layer.in_channels, 8, 10, 6, generator=generator)
+        g = torch.randn(5, layer.out_channels, *layer(x).shape[2:], generator=generator)
+        ours, theirs = conv3d_grad_sample(layer, [x], g), compute_conv_grad_sample(layer, [x], g)
+        for param in (layer.weight, layer.bias):
+            torch.testing.assert_close(ours[param], theirs[param], atol=1e-4, rtol=1e-4)
+
+
 def test_an_empty_poisson_draw_still_steps_with_noise_only(site) -> None:
     stage = get_stage("mae")
     torch.manual_seed(0)

@@ -470,6 +470,9 @@ def _section_probes(c: RunContents) -> str:
                     "train+validation subjects and scored on the same held-out subjects — what federation avoids having "
                     "to do.</p>")
     text.append(_table(headers, rows, left=2))
+    failed = (c.showcase or {}).get("centralized_probes_error")
+    if failed:
+        text.append(f"<p class=bad>The centralized comparison probes failed: {_e(failed)}</p>")
     skipped = c.probes.get("skipped", [])
     if skipped:
         text.append("<p class=muted>Tasks not probed: " + "; ".join(f"{_e(s['task'])} ({_e(s['reason'])})" for s in skipped) + "</p>")

@@ -44,7 +44,7 @@ from braing3n_core.metrics import psnr, ssim
 from braing3n_core.models import CNNDecoder, DiT, MAEEncoder
 from braing3n_core.presets import Preset, get_preset
 from braing3n_core.probes import (
-    ProbeReport, ProbeTable, ProbeTask, SubjectSplit, TaskKind, fit_probes, run_probes, select_tasks,
+    ProbeReport, ProbeTable, ProbeTask, SkippedTask, SubjectSplit, TaskKind, fit_probes, run_probes, select_tasks,
 )
 from braing3n_core.report import FIGURE_DIR, SHOWCASE_NAME, plot_montage
 from braing3n_core.stages import longitudinal_pairs
@@ -304,20 +304,33 @@ def _pooled(sites: Sequence[ShowcaseSite]) -> tuple[np.ndarray, ProbeTable, np.n
     return np.concatenate(features).astype(np.float64), probe_table(records), np.asarray(held_out, dtype=bool)
 
 
-def centralized_probes(sites: Sequence[ShowcaseSite], encoder_sha: str) -> CentralizedProbes:
-    features, table, held_out = _pooled(sites)
-    split = SubjectSplit.from_masks(~held_out, held_out, table.subjects)
-    report = run_probes(features, table, split=split, encoder=f"frozen encoder {encoder_sha[:12]}, pooled")
-    tasks = {t.name: t for t in select_tasks(table)[0]}  # the task objects run_probes selected (deterministic)
-    return CentralizedProbes(report, tasks, features, table)
-
-
 @dataclass
 class CentralizedProbes:
     report: ProbeReport
     tasks: dict[str, ProbeTask]
     features: np.ndarray  # [n, E] pooled real features
     table: ProbeTable
+
+
+def centralized_probes(sites: Sequence[ShowcaseSite], encoder_sha: str) -> CentralizedProbes:
+    """One task at a time, so that a task whose fit fails (e.g. too few subjects of a class for the inner
+    cross-validation) is reported as skipped with the reason instead of costing every other task."""
+    features, table, held_out = _pooled(sites)
+    split = SubjectSplit.from_masks(~held_out, held_out, table.subjects)
+    tasks, skipped = select_tasks(table)
+    results, fitted, settings = [], {}, {}
+    for task in tasks:
+        try:
+            report = run_probes(features, table, split=split, tasks=[task])
+        except ValueError as error:
+            skipped.append(SkippedTask(task.name, f"probe fit failed: {error}"))
+            continue
+        results += report.results
+        skipped += report.skipped
+        settings = report.settings
+        fitted[task.name] = task
+    report = ProbeReport(tuple(results), tuple(skipped), f"frozen encoder {encoder_sha[:12]}, pooled", settings)
+    return CentralizedProbes(report, fitted, features, table)
 
 
 def probe_estimates(probes: CentralizedProbes, tokens: torch.Tensor,
@@ -328,7 +341,10 @@ def probe_estimates(probes: CentralizedProbes, tokens: torch.Tensor,
     estimates: list[dict[str, Any]] = [{} for _ in range(len(tokens))]
     if not tasks:
         return estimates
-    fitted = fit_probes(probes.features, probes.table, tasks=tasks)
+    try:
+        fitted = fit_probes(probes.features, probes.table, tasks=tasks)
+    except ValueError as error:  # the estimates are a check, not a result: say why they are missing
+        return [{"error": f"probe fit failed: {error}"} for _ in range(len(tokens))]
     pooled = tokens.float().mean(dim=1).numpy().astype(np.float64)  # [B, E], the probe feature
     for name, probe in fitted.items():
         scores = probe.predict_scores(pooled)
@@ -357,9 +373,14 @@ def run_showcase(run_dir: Path, site_configs: Sequence[SiteConfig], options: Sho
     result: dict[str, Any] = {"where": WHERE, "preset": models.preset.name}
     probes = None
     if options.centralized_probes:
-        probes = centralized_probes(sites, encoder_sha256(models.encoder))
-        result["centralized_probes"] = probes.report.to_dict()
-        say(f"centralized probes (comparison): {len(probes.report.results)} tasks on {len(probes.table)} pooled scans")
+        try:
+            probes = centralized_probes(sites, encoder_sha256(models.encoder))
+        except ValueError as error:  # a comparison only: the federated results stand without it
+            result["centralized_probes_error"] = str(error)
+            say(f"centralized probes (comparison) failed: {error}")
+        else:
+            result["centralized_probes"] = probes.report.to_dict()
+            say(f"centralized probes (comparison): {len(probes.report.results)} tasks on {len(probes.table)} pooled scans")
     result["reconstructions"] = reconstructions(models, sites, options.reconstructions, out)
     if result["reconstructions"]:
         say(f"reconstructions: {len(result['reconstructions']['items'])} held-out scans, mean PSNR "

@@ -7,9 +7,11 @@ stopped with everything under them by PID. Two federated jobs share the deployme
   first training message is out and restarted at once: Flower keeps the crashed session "online" for up
   to two missed heartbeats, the restarted SuperNode is let back in after that, and the server sends it
   the lost message again, so every (stage, round, site) still trains exactly once;
-- `restarted`: a 3-round MAE job with a slow site (a `delay` fault longer than `round_timeout_s` in round
-  2) whose server side (SuperLink, ServerApp, `consortium run`) is SIGKILLed after round 2 and then
-  restarted and resubmitted: it resumes after round 2 without changing or repeating a committed round.
+- `restarted`: a 2-round MAE job with a slow site (a `delay` fault longer than `round_timeout_s` in round
+  1) whose server side (SuperLink, ServerApp, `consortium run`) is SIGKILLed after round 1 and then
+  restarted and resubmitted: it resumes after round 1 without changing or repeating a committed round.
+Alone on 2 idle cores these take about 5 minutes; most of it is one ClientApp process per message
+(~4 s of imports each), the ≤ 60 s before Flower lets a crashed SuperNode back in, and the slow round.
 """
 
 from __future__ import annotations
@@ -252,6 +254,7 @@ def trained(deployment) -> dict:
     deployment.join("site-a")  # restarted at once; Flower lets it back in once the old session expired
     assert submit.wait(timeout=900) == 0, deployment.logs["run-trained"].read_text()[-3000:]
     deployment.processes.pop("run-trained")
+    print(f"trained run: {time.perf_counter() - started:.0f} s (site-a killed after {killed_at - started:.0f} s)")
     return {"dir": run_dir, "seconds": time.perf_counter() - started, "killed_after": killed_at - started,
             "output": deployment.logs["run-trained"].read_text(), "rejoin_log": deployment.logs["join-site-a"].read_text()}
 
@@ -307,11 +310,11 @@ def test_a_tampered_release_is_detected_by_verify(deployment, trained, tmp_path:
 
 
 ROUND_TIMEOUT_S = 60.0  # above a normal exchange even on a loaded 2-core host (each message starts a ClientApp process)
-DELAY_S = 100.0
+DELAY_S = 75.0
 RESTARTED = {
     "name": "restarted", "preset": "tiny", "seed": 1, "min_sites": 1, "round_timeout_s": ROUND_TIMEOUT_S,
-    "stages": [{"name": "mae", "rounds": 3, "local_steps": 1, "batch_size": 2, "evaluate_every": 0}],
-    "fault_injection": [{"site": "site-b", "stage": "mae", "kind": "delay", "factor": DELAY_S, "from_round": 2, "until_round": 2}],
+    "stages": [{"name": "mae", "rounds": 2, "local_steps": 1, "batch_size": 2, "evaluate_every": 0}],
+    "fault_injection": [{"site": "site-b", "stage": "mae", "kind": "delay", "factor": DELAY_S, "until_round": 1}],
 }
 
 
@@ -319,10 +322,10 @@ RESTARTED = {
 def restarted(deployment, trained) -> dict:
     (deployment.root / "restarted.yaml").write_text(yaml.safe_dump(RESTARTED))
     run_dir = deployment.root / "restarted"
-    submit_args = ["consortium", "run", str(deployment.consortium), "--run-config", str(deployment.root / "restarted.yaml"),
-                   "--out", str(run_dir), "--expect-sites", "2", "--no-sign"]
+    submit_args = ["consortium", "run", str(deployment.consortium), "--run-config",
+                   str(deployment.root / "restarted.yaml"), "--out", str(run_dir), "--expect-sites", "2", "--no-sign"]
     submit = deployment.start("run-restarted", *submit_args)
-    marker = run_dir / "checkpoints" / "mae" / "round-0002.json"
+    marker = run_dir / "checkpoints" / "mae" / "round-0001.json"
     wait_for(marker.is_file, 600, submit, deployment.logs["run-restarted"])
     deployment.crash("run-restarted")  # the server side goes down: the wrapper, SuperLink, SuperExec, ServerApp
     deployment.crash("serve")
@@ -336,6 +339,7 @@ def restarted(deployment, trained) -> dict:
     resubmit = deployment.start("run-restarted", *submit_args, "--resume")
     assert resubmit.wait(timeout=600) == 0, deployment.logs["run-restarted"].read_text()[-3000:]
     deployment.processes.pop("run-restarted")
+    print(f"restarted run: resumed and finished {time.perf_counter() - restarted_at:.0f} s after the crash")
     return {"dir": run_dir, "committed": committed, "resume_seconds": time.perf_counter() - restarted_at,
             "output": deployment.logs["run-restarted"].read_text()}
 
@@ -343,23 +347,23 @@ def restarted(deployment, trained) -> dict:
 def test_a_slow_site_does_not_stall_the_round_beyond_its_timeout(restarted) -> None:
     lines = records(restarted["dir"])
     by = {(r["round"], r["site"], r["kind"]): r for r in lines if r["stage"] == "mae"}
-    assert by[(2, "site-b", "fault_injected")]["fault"] == "delay"
-    assert f"no reply within round_timeout_s={ROUND_TIMEOUT_S:g}" in by[(2, "site-b", "declined")]["reason"]
-    assert by[(2, "aggregate", "train")]["sites"] == 1 and (2, "site-a", "train") in by
-    # The round waited for the slow site no longer than the timeout (plus one poll and the local steps).
-    assert ROUND_TIMEOUT_S <= by[(2, "aggregate", "train")]["round_seconds"] < ROUND_TIMEOUT_S + 15
-    assert by[(1, "aggregate", "train")]["sites"] == 2 and by[(3, "aggregate", "train")]["sites"] == 2
+    assert by[(1, "site-b", "fault_injected")]["fault"] == "delay"
+    assert f"no reply within round_timeout_s={ROUND_TIMEOUT_S:g}" in by[(1, "site-b", "declined")]["reason"]
+    assert by[(1, "aggregate", "train")]["sites"] == 1 and (1, "site-a", "train") in by
+    # The round waited for the slow site no longer than the timeout (plus one poll and the aggregation).
+    assert ROUND_TIMEOUT_S <= by[(1, "aggregate", "train")]["round_seconds"] < ROUND_TIMEOUT_S + 15
+    assert by[(2, "aggregate", "train")]["sites"] == 2  # the slow site is back in the next round
 
 
 def test_a_restarted_server_side_resumes_without_losing_or_repeating_a_round(restarted) -> None:
     run_dir = restarted["dir"]
-    assert "resuming after round 2" in restarted["output"]
+    assert "resuming after round 1" in restarted["output"]
     assert json.loads((run_dir / "server_state.json").read_text())["stages"]["mae"] == {
-        "rounds": 3, "completed_round": 3, "done": True, "strategy": "fedavg"}
+        "rounds": 2, "completed_round": 2, "done": True, "strategy": "fedavg"}
+    assert set(restarted["committed"]) == {"round-0001.json", "round-0001.safetensors"}
     for name, digest in restarted["committed"].items():  # committed before the crash, untouched after it
         assert file_sha256(run_dir / "checkpoints" / "mae" / name) == digest, name
-    assert {"round-0001.json", "round-0002.json"} <= set(restarted["committed"])
     trains = Counter((r["round"], r["site"]) for r in records(run_dir) if r["kind"] == "train")
-    assert trains == Counter({(1, "site-a"): 1, (1, "site-b"): 1, (1, "aggregate"): 1, (2, "site-a"): 1,
-                              (2, "aggregate"): 1, (3, "site-a"): 1, (3, "site-b"): 1, (3, "aggregate"): 1})
+    assert trains == Counter({(1, "site-a"): 1, (1, "aggregate"): 1, (2, "site-a"): 1, (2, "site-b"): 1,
+                              (2, "aggregate"): 1})
     assert (run_dir / "run_complete.json").is_file()

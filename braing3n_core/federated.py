@@ -53,7 +53,6 @@ from braing3n_core.stages import (
     train_steps,
     trainable_state,
 )
-from braing3n_core.tokens import TokenCache
 
 if TYPE_CHECKING:
     from braing3n_core.privacy.ledger import PrivacyLedger

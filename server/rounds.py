@@ -33,7 +33,7 @@ from flwr.serverapp import Grid
 
 from braing3n_core.checkpoint import load_checkpoint, tensors_sha256
 from braing3n_core.federated import (
-    RoundParams, load_arrays, module_arrays, moments_from_arrays, weighted_mean,
+    RoundParams, module_arrays, moments_from_arrays, weighted_mean,
 )
 from braing3n_core.presets import get_preset
 from braing3n_core.runconfig import RunConfig, StageRunConfig

@@ -215,6 +215,92 @@ def _synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generation(run: Callable[[], int]) -> int:
+    """Run `sample` / `forecast`: bad input (a checkpoint, site, scan or argument) is exit code 2 and a
+    message naming the file or argument, not a traceback."""
+    from braing3n_core.checkpoint import CheckpointError
+    from braing3n_core.data.transforms import PreprocessingError
+    from braing3n_core.generate import GenerationError
+
+    try:
+        return run()
+    except (GenerationError, CheckpointError, PreprocessingError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _device_or_error(name: str) -> str | None:
+    from braing3n_core.runtime import resolve_device
+
+    try:
+        return str(resolve_device(name))
+    except RuntimeError as error:
+        print(f"error: --device: {error}", file=sys.stderr)
+        return None
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from braing3n_core.config import ConfigError
+    from braing3n_core.generate import ConditionRow, export_samples, read_conditions
+
+    given = [f"--{name.replace('_', '-')}" for name in ("age", "sex", "diagnosis", "modality", "field_strength", "mmse")
+             if getattr(args, name) is not None]
+    if args.conditions and given:
+        raise ConfigError(f"--conditions and {', '.join(given)}: give the conditions either as a table or as options")
+    if args.n is not None and args.n < 1:
+        raise ConfigError(f"--n: need at least one sample, got {args.n}")
+    if args.conditions:
+        rows = read_conditions(Path(args.conditions))
+        rows = [rows[i % len(rows)] for i in range(args.n)] if args.n else rows
+    else:
+        values = {name: getattr(args, name) for name in ("age", "sex", "diagnosis", "modality", "field_strength", "mmse")}
+        row = ConditionRow.checked(values, lambda column: f"--{column.replace('_', '-')}")
+        rows = [row] * (args.n or 1)
+    device = _device_or_error(args.device)
+    if device is None:
+        return 2
+
+    def run() -> int:
+        path = export_samples(Path(args.source), rows, Path(args.out), decoder=Path(args.decoder) if args.decoder else None,
+                              conditions_file=Path(args.conditions) if args.conditions else None, steps=args.steps,
+                              guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size, device=device)
+        import json
+
+        record = json.loads(path.read_text())
+        print(f"{len(rows)} samples in {path.parent} ({record['seconds_per_volume']:.2f} s per volume on "
+              f"{record['settings']['device']}); montage {path.parent / record['montage']}; {path}")
+        return 0
+
+    return _generation(run)
+
+
+def _forecast(args: argparse.Namespace) -> int:
+    from braing3n_core.config import ConfigError
+    from braing3n_core.generate import export_forecast
+    from braing3n_core.labels import Modality
+
+    if not (args.years > 0 and args.years < float("inf")):
+        raise ConfigError(f"--years: the forecast interval must be a positive number of years, got {args.years}")
+    device = _device_or_error(args.device)
+    if device is None:
+        return 2
+
+    def run() -> int:
+        import json
+
+        path = export_forecast(Path(args.run_dir), Path(args.site), args.subject, args.session, Modality(args.modality),
+                               args.years, Path(args.out), steps=args.steps, guidance_scale=args.guidance,
+                               seed=args.seed, device=device)
+        record = json.loads(path.read_text())
+        scores = record["scores"]
+        scored = (f"PSNR vs the real follow-up {scores['forecast/psnr']:.2f} dB (baseline as-is "
+                  f"{scores['forecast/baseline_psnr']:.2f} dB)" if scores else record["scores_note"])
+        print(f"forecast of {args.subject} +{args.years:g} y: {path.parent / record['nifti']}; {scored}; {path}")
+        return 0
+
+    return _generation(run)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from braing3n_core.demo import DemoError, run_demo
     from braing3n_core.simulate import SimulationError
@@ -379,6 +465,43 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(handler=_synthesize)
+
+    from braing3n_core.labels import MODALITIES  # stdlib-only module: --help stays instant
+
+    modalities = [m.value for m in MODALITIES]
+    smp = groups.add_parser("sample", help="conditional samples from a trained DiT + decoder (NIfTI, montage, JSON)")
+    smp.add_argument("source", metavar="RUN_DIR_OR_DIT_CKPT", help="run folder, or a DiT checkpoint (.json) inside one")
+    smp.add_argument("--out", required=True, help="output folder: sample-NNNN.nii.gz, samples.png, sample.json")
+    smp.add_argument("--conditions", default=None, help="TSV with a header among age, sex, diagnosis, modality, "
+                     "field_strength, mmse (modality required; n/a = unconditioned), one sample per row")
+    smp.add_argument("--age", default=None, help="years")
+    smp.add_argument("--sex", default=None, help="F or M")
+    smp.add_argument("--diagnosis", default=None, help="CN, MCI, AD or glioma")
+    smp.add_argument("--modality", default=None, choices=modalities, help="required unless --conditions")
+    smp.add_argument("--field-strength", dest="field_strength", default=None, help="tesla: 1.5 or 3")
+    smp.add_argument("--mmse", default=None, help="0-30")
+    smp.add_argument("--n", type=int, default=None, help="samples (default 1, or one per --conditions row; rows cycle)")
+    smp.add_argument("--decoder", default=None, help="decoder checkpoint (default: the run folder's)")
+    smp.add_argument("--steps", type=int, default=25, help="ODE steps (default 25)")
+    smp.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--batch-size", type=int, default=4, help="samples per ODE solve (default 4)")
+    smp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (bf16 autocast on CUDA)")
+    smp.set_defaults(handler=_sample)
+
+    fct = groups.add_parser("forecast", help="a subject's follow-up scan forecast from a baseline scan")
+    fct.add_argument("run_dir", metavar="RUN_DIR", help="run folder (DiT, decoder and frozen encoder), or a DiT checkpoint in one")
+    fct.add_argument("--site", required=True, help="the subject's site YAML (run where that site's data is)")
+    fct.add_argument("--subject", required=True, help="e.g. sub-001")
+    fct.add_argument("--session", default=None, help="baseline session, e.g. ses-01 (default: the earliest)")
+    fct.add_argument("--modality", required=True, choices=modalities)
+    fct.add_argument("--years", type=float, required=True, help="interval after the baseline, in years")
+    fct.add_argument("--out", required=True, help="output folder: forecast.nii.gz, forecast.png, forecast.json")
+    fct.add_argument("--steps", type=int, default=25, help="ODE steps (default 25)")
+    fct.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
+    fct.add_argument("--seed", type=int, default=0)
+    fct.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (bf16 autocast on CUDA)")
+    fct.set_defaults(handler=_forecast)
 
     demo = groups.add_parser("demo", help="the end-to-end demo (README command 1)")
     demo.add_argument("--out", default="runs/demo", help="demo folder: cohort, federated run, report (default runs/demo)")

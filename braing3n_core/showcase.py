@@ -17,7 +17,8 @@ this module reads their data here; it never writes into a site's data, only into
 sites' own token caches are read, or filled, exactly as the site clients do).
 
 Outputs (`<run>/report/`): `reconstructions.png`, `samples.png`, `forecast.png`, `samples/*.nii.gz`,
-and `showcase.json`, which the report reads. Sampling goes through `diffusion.sample` + the decoder.
+and `showcase.json`, which the report reads. Models, sampling, forecasting and NIfTI/montage writing
+are `braing3n_core.generate`'s; this module chooses what to show and describes it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,23 +34,21 @@ import numpy as np
 import torch
 
 from braing3n_core.config import SiteConfig
-from braing3n_core.conditions import conditions_from_labels
 from braing3n_core.data.bids import ScanRecord
 from braing3n_core.data.cache import preprocess_scan
 from braing3n_core.data.datasets import SiteData, load_site
-from braing3n_core.diffusion import sample
-from braing3n_core.fileio import atomic_write_bytes, atomic_write_json
-from braing3n_core.labels import Modality, ScanLabels
-from braing3n_core.metrics import psnr, ssim
-from braing3n_core.models import CNNDecoder, DiT, MAEEncoder
-from braing3n_core.presets import Preset, get_preset
+from braing3n_core.fileio import atomic_write_json
+from braing3n_core.generate import (
+    ConditionRow, GenerationError, GenerationModels, decode, forecast as forecast_scan, generate, load_run_models,
+    volume_scores, write_forecast, write_samples,
+)
+from braing3n_core.labels import Modality
 from braing3n_core.probes import (
     ProbeReport, ProbeTable, ProbeTask, SkippedTask, SubjectSplit, TaskKind, fit_probes, run_probes, select_tasks,
 )
 from braing3n_core.report import FIGURE_DIR, SHOWCASE_NAME, plot_montage
 from braing3n_core.stages import longitudinal_pairs
 from braing3n_core.tokens import TokenCache, pooled_features, probe_table
-from braing3n_core.train import load_encoder, load_stage_model
 
 WHERE = (
     "In a deployment each of these steps runs at the hospital that holds the scans (the forecast at the "
@@ -63,47 +62,22 @@ class ShowcaseError(RuntimeError):
     """The run folder lacks what a showcase needs; the message names the file."""
 
 
-@dataclass(frozen=True)
-class SampleRequest:
-    """One set of conditions for the DiT; `None` leaves a variable unconditioned."""
-
-    label: str
-    modality: Modality
-    age: float | None = None
-    sex: str | None = None
-    diagnosis: str | None = None
-    field_strength: float | None = None
-    mmse: float | None = None
-
-    def labels(self) -> ScanLabels:
-        return ScanLabels(age=self.age, sex=self.sex, diagnosis=self.diagnosis, mmse=self.mmse,
-                          field_strength=self.field_strength)
-
-
-DEMO_REQUESTS: tuple[SampleRequest, ...] = (
-    SampleRequest("CN, 30 y, T1w", Modality.T1W, age=30.0, sex="F", diagnosis="CN", field_strength=3.0),
-    SampleRequest("AD, 80 y, T1w", Modality.T1W, age=80.0, sex="F", diagnosis="AD", field_strength=3.0),
-    SampleRequest("glioma, 55 y, T1c", Modality.T1C, age=55.0, sex="M", diagnosis="glioma", field_strength=3.0),
-    SampleRequest("glioma, 55 y, FLAIR", Modality.FLAIR, age=55.0, sex="M", diagnosis="glioma", field_strength=3.0),
+DEMO_REQUESTS: tuple[ConditionRow, ...] = (
+    ConditionRow(Modality.T1W, age=30.0, sex="F", diagnosis="CN", field_strength=3.0, label="CN, 30 y, T1w"),
+    ConditionRow(Modality.T1W, age=80.0, sex="F", diagnosis="AD", field_strength=3.0, label="AD, 80 y, T1w"),
+    ConditionRow(Modality.T1C, age=55.0, sex="M", diagnosis="glioma", field_strength=3.0, label="glioma, 55 y, T1c"),
+    ConditionRow(Modality.FLAIR, age=55.0, sex="M", diagnosis="glioma", field_strength=3.0, label="glioma, 55 y, FLAIR"),
 )
 
 
 @dataclass(frozen=True)
 class ShowcaseOptions:
     reconstructions: int = 4  # held-out scans, one per site in turn
-    requests: tuple[SampleRequest, ...] = DEMO_REQUESTS
+    requests: tuple[ConditionRow, ...] = DEMO_REQUESTS
     sample_steps: int = 10  # Heun steps (2 network calls each, the last one 1)
     guidance: float = 1.5
     seed: int = 0
     centralized_probes: bool = True
-
-
-@dataclass
-class TrainedModels:
-    preset: Preset
-    encoder: MAEEncoder
-    decoder: CNNDecoder
-    dit: DiT | None
 
 
 @dataclass
@@ -115,26 +89,19 @@ class ShowcaseSite:
 # --- loading ---------------------------------------------------------------------------------------------------
 
 
-def load_models(run_dir: Path) -> TrainedModels:
-    """The final global models of a run folder (`checkpoints/<stage>/final.json`)."""
-    checkpoints = Path(run_dir) / "checkpoints"
-    missing = [s for s in ("mae", "decoder") if not (checkpoints / s / "final.json").is_file()]
-    if missing:
-        raise ShowcaseError(f"{checkpoints}: no final checkpoint for {missing}; the run must finish these stages")
-    decoder, checkpoint = load_stage_model(checkpoints / "decoder" / "final.json", expected_stage="decoder")
-    preset = get_preset(checkpoint.meta["preset"])
-    dit = None
-    if (checkpoints / "dit" / "final.json").is_file():
-        dit, _ = load_stage_model(checkpoints / "dit" / "final.json", expected_stage="dit")
-        dit = dit.eval()
-    return TrainedModels(preset, load_encoder(checkpoints / "mae" / "final.json"), decoder.eval(), dit)
+def load_models(run_dir: Path) -> GenerationModels:
+    """The run's decoder, frozen encoder and (when trained) DiT, checked to share the encoder."""
+    try:
+        return load_run_models(run_dir, need_dit=False, need_encoder=True)
+    except GenerationError as error:
+        raise ShowcaseError(f"{error}; the run must finish the mae and decoder stages") from None
 
 
-def load_sites(site_configs: Sequence[SiteConfig], models: TrainedModels) -> list[ShowcaseSite]:
+def load_sites(site_configs: Sequence[SiteConfig], models: GenerationModels) -> list[ShowcaseSite]:
     sites = []
     for config in site_configs:
         data = load_site(config, models.preset, progress=False)
-        tokens = TokenCache(config.resolved_cache_dir, models.encoder, models.preset, data.cache)
+        tokens = TokenCache(config.resolved_cache_dir, models.require_encoder("the showcase"), models.preset, data.cache)
         sites.append(ShowcaseSite(data, tokens))
     return sites
 
@@ -142,23 +109,13 @@ def load_sites(site_configs: Sequence[SiteConfig], models: TrainedModels) -> lis
 # --- pieces ------------------------------------------------------------------------------------------------------
 
 
-def _volume(site: ShowcaseSite, record: ScanRecord) -> torch.Tensor:
-    return torch.from_numpy(preprocess_scan(record.path, site.data.preset, site.data.cache))[None]  # [1, 1, D, H, W]
-
-
 def _describe(record: ScanRecord) -> dict[str, Any]:
     return {"site": record.site_id, "subject": record.subject, "session": record.session,
             "modality": Modality(record.modality).short, "age": record.labels.age, "diagnosis": record.labels.diagnosis}
 
 
-def _scores(prediction: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
-    """(PSNR inside the target's brain mask, SSIM over the volume), both on the fixed z-score window."""
-    mask = target != 0
-    return float(psnr(prediction, target, mask=mask)[0]), float(ssim(prediction, target)[0])
-
-
 @torch.no_grad()
-def reconstructions(models: TrainedModels, sites: Sequence[ShowcaseSite], count: int, out: Path) -> dict[str, Any]:
+def reconstructions(models: GenerationModels, sites: Sequence[ShowcaseSite], count: int, out: Path) -> dict[str, Any]:
     """`count` held-out scans (sites in turn, modalities varied) → tokens → decoder."""
     queues = [list(site.tokens.ensure(site.data.splits["test"])) for site in sites]
     chosen: list[tuple[ShowcaseSite, ScanRecord]] = []
@@ -176,60 +133,29 @@ def reconstructions(models: TrainedModels, sites: Sequence[ShowcaseSite], count:
         return {}
     items, rows, labels = [], [], []
     for site, record in chosen:
-        target = _volume(site, record)
-        output = models.decoder(site.tokens.tokens(record)[None]).float()
-        value_psnr, value_ssim = _scores(output, target)
+        target = preprocess_scan(record.path, site.data.preset, site.data.cache)[0]  # [D, H, W]
+        output = decode(models.decoder, site.tokens.tokens(record)[None])[0, 0].numpy()  # [D, H, W]
+        value_psnr, value_ssim = volume_scores(output, target)
         items.append({**_describe(record), "psnr": value_psnr, "ssim": value_ssim})
-        rows.append([("input", target[0, 0].numpy()), ("reconstruction", output[0, 0].numpy())])
+        rows.append([("input", target), ("reconstruction", output)])
         labels.append(f"{record.site_id} {record.subject} {Modality(record.modality).short}")
     image = plot_montage(rows, out / "reconstructions.png", labels)
     return {"image": f"{FIGURE_DIR}/{image.name}", "items": items,
             "mean_psnr": float(np.mean([i["psnr"] for i in items])), "mean_ssim": float(np.mean([i["ssim"] for i in items]))}
 
 
-def write_nifti(volume: np.ndarray, preset: Preset, path: Path) -> Path:
-    """A (D, H, W) LPS volume as NIfTI (nibabel's affine is RAS+, hence the two negative axes)."""
-    import nibabel as nib
-
-    spacing = preset.spacing_mm
-    affine = np.diag([-spacing, -spacing, spacing, 1.0])
-    image = nib.Nifti1Image(np.asarray(volume, dtype=np.float32), affine)
-    image.header.set_xyzt_units("mm")
-    atomic_write_bytes(path, image.to_bytes() if path.suffix == ".nii" else _gzip(image.to_bytes()))
-    return path
-
-
-def _gzip(data: bytes) -> bytes:
-    import gzip
-
-    return gzip.compress(data, compresslevel=6)
-
-
 @torch.no_grad()
-def conditional_samples(models: TrainedModels, options: ShowcaseOptions, out: Path) -> tuple[dict[str, Any], torch.Tensor]:
+def conditional_samples(models: GenerationModels, options: ShowcaseOptions, out: Path) -> tuple[dict[str, Any], torch.Tensor]:
     """One sample per request (one batched ODE solve), decoded; returns the showcase entry and the tokens."""
-    assert models.dit is not None
-    requests = options.requests
-    cond = conditions_from_labels([r.labels() for r in requests], [r.modality for r in requests])
-    generator = torch.Generator().manual_seed(options.seed)
-    config = models.dit.config
-    tokens = sample(models.dit, (len(requests), config.num_tokens, config.token_dim), cond, steps=options.sample_steps,
-                    guidance_scale=options.guidance, generator=generator)  # [B, N, E]
-    volumes = models.decoder(tokens).float()  # [B, 1, D, H, W]
-    items = []
-    for index, request in enumerate(requests):
-        name = f"sample-{index + 1}.nii.gz"
-        write_nifti(volumes[index, 0].numpy(), models.preset, out / "samples" / name)
-        conditions = {k: v for k, v in asdict(request).items() if k != "label" and v is not None}
-        conditions["modality"] = request.modality.value
-        items.append({"label": request.label, "conditions": conditions, "nifti": f"{FIGURE_DIR}/samples/{name}"})
-    per_row = 2
-    cells = [(request.label, volumes[i, 0].numpy()) for i, request in enumerate(requests)]
-    rows = [cells[i : i + per_row] for i in range(0, len(cells), per_row)]
-    image = plot_montage(rows, out / "samples.png")
+    requests = list(options.requests)
+    samples = generate(models, requests, steps=options.sample_steps, guidance_scale=options.guidance,
+                       seed=options.seed, batch_size=len(requests))
+    paths, image = write_samples(samples, models.preset, out / "samples", montage=out / "samples.png", per_row=2)
+    items = [{"label": request.describe(), "conditions": {k: v for k, v in request.to_dict().items() if v is not None},
+              "nifti": f"{FIGURE_DIR}/samples/{path.name}"} for request, path in zip(requests, paths)]
     entry = {"image": f"{FIGURE_DIR}/{image.name}", "items": items, "steps": options.sample_steps,
-             "guidance": options.guidance, "seed": options.seed}
-    return entry, tokens
+             "guidance": options.guidance, "seed": options.seed, "seconds_per_volume": samples.seconds_per_volume}
+    return entry, samples.tokens
 
 
 def _forecast_pair(sites: Sequence[ShowcaseSite]) -> tuple[ShowcaseSite, ScanRecord, ScanRecord] | None:
@@ -249,33 +175,18 @@ def _forecast_pair(sites: Sequence[ShowcaseSite]) -> tuple[ShowcaseSite, ScanRec
     return None
 
 
-@torch.no_grad()
-def forecast(models: TrainedModels, sites: Sequence[ShowcaseSite], options: ShowcaseOptions, out: Path) -> dict[str, Any] | None:
-    """Baseline tokens + interval + what is known at baseline (sex, diagnosis, sequence, field strength,
-    the target age) → the follow-up's tokens → volume; scored against the real follow-up."""
-    assert models.dit is not None
+def forecast(models: GenerationModels, sites: Sequence[ShowcaseSite], options: ShowcaseOptions, out: Path) -> dict[str, Any] | None:
+    """The chosen held-out subject's baseline + the interval to its real follow-up → forecast
+    (`generate.forecast`), scored against that follow-up."""
     found = _forecast_pair(sites)
     if found is None:
         return None
     site, base, follow = found
     interval = float(follow.labels.age - base.labels.age)
-    known = ScanLabels(age=follow.labels.age, sex=base.labels.sex, diagnosis=base.labels.diagnosis,
-                       field_strength=base.labels.field_strength)
-    cond = conditions_from_labels([known], [follow.modality])
-    config = models.dit.config
-    tokens = sample(models.dit, (1, config.num_tokens, config.token_dim), cond, steps=options.sample_steps,
-                    guidance_scale=options.guidance, baseline=site.tokens.tokens(base)[None],
-                    interval=torch.tensor([interval]), generator=torch.Generator().manual_seed(options.seed))
-    predicted = models.decoder(tokens).float()
-    baseline_volume, follow_volume = _volume(site, base), _volume(site, follow)
-    psnr_forecast, ssim_forecast = _scores(predicted, follow_volume)
-    psnr_baseline, ssim_baseline = _scores(baseline_volume, follow_volume)
-    write_nifti(predicted[0, 0].numpy(), models.preset, out / "samples" / "forecast.nii.gz")
+    result = forecast_scan(models, site.data, site.tokens, base, interval, follow_up=follow, steps=options.sample_steps,
+                           guidance_scale=options.guidance, seed=options.seed)
+    _, image = write_forecast(result, models.preset, out / "samples" / "forecast.nii.gz", out / "forecast.png")
     short = Modality(follow.modality).short
-    rows = [[(f"baseline, {base.labels.age:.1f} y", baseline_volume[0, 0].numpy()),
-             (f"forecast, +{interval:.1f} y", predicted[0, 0].numpy()),
-             (f"real follow-up, {follow.labels.age:.1f} y", follow_volume[0, 0].numpy())]]
-    image = plot_montage(rows, out / "forecast.png", [f"{site.data.config.site_id} {base.subject} {short}"])
     split = "test" if base in site.data.splits["test"] else "validation"
     description = (
         f"Subject {base.subject} of {site.data.config.site_id} ({split} split, never trained on), {short}, "
@@ -285,11 +196,12 @@ def forecast(models: TrainedModels, sites: Sequence[ShowcaseSite], options: Show
         f"sequence, field strength, target age). It ran with {site.data.config.site_id}'s data on its own machine — "
         f"in this simulation, this machine."
     )
+    scores = result.scores
     return {"image": f"{FIGURE_DIR}/{image.name}", "site": site.data.config.site_id, "subject": base.subject,
             "modality": short, "baseline_age": base.labels.age, "followup_age": follow.labels.age, "interval": interval,
-            "split": split, "psnr_forecast": psnr_forecast, "ssim_forecast": ssim_forecast,
-            "psnr_baseline": psnr_baseline, "ssim_baseline": ssim_baseline, "description": description,
-            "nifti": f"{FIGURE_DIR}/samples/forecast.nii.gz"}
+            "split": split, "psnr_forecast": scores["forecast/psnr"], "ssim_forecast": scores["forecast/ssim"],
+            "psnr_baseline": scores["forecast/baseline_psnr"], "ssim_baseline": scores["forecast/baseline_ssim"],
+            "description": description, "nifti": f"{FIGURE_DIR}/samples/forecast.nii.gz"}
 
 
 def _pooled(sites: Sequence[ShowcaseSite]) -> tuple[np.ndarray, ProbeTable, np.ndarray]:
@@ -368,13 +280,11 @@ def run_showcase(run_dir: Path, site_configs: Sequence[SiteConfig], options: Sho
     out.mkdir(parents=True, exist_ok=True)
     models = load_models(run_dir)
     sites = load_sites(site_configs, models)
-    from braing3n_core.tokens import encoder_sha256
-
     result: dict[str, Any] = {"where": WHERE, "preset": models.preset.name}
     probes = None
     if options.centralized_probes:
         try:
-            probes = centralized_probes(sites, encoder_sha256(models.encoder))
+            probes = centralized_probes(sites, models.encoder_sha256)
         except ValueError as error:  # a comparison only: the federated results stand without it
             result["centralized_probes_error"] = str(error)
             say(f"centralized probes (comparison) failed: {error}")

@@ -1,13 +1,15 @@
 """`braing3n synthesize`: audited synthetic scans for sharing, as a BIDS dataset with a data card.
 
 1. **Models** from a run folder (its final DiT, decoder and frozen encoder) or from a DiT checkpoint
-   (the decoder and encoder are looked up in the same run folder).
+   (the decoder and encoder are looked up in the same run folder), through `generate.load_run_models`,
+   which checks that all three share the frozen encoder.
 2. **Conditions**: a balanced table by default (diagnosis × sex × modality × field strength cycled so
    every prefix is as even as possible; ages and MMSE drawn in clinically plausible ranges per
-   diagnosis), or the rows of `--conditions table.tsv` (columns age, sex, diagnosis, modality,
-   field_strength, mmse; `n/a` for missing), cycled to N.
-3. **Generation**: the DiT samples encoder tokens (flow-matching ODE, classifier-free guidance), the
-   decoder turns them into volumes in the preprocessed space (LPS, z-scored, the preset's grid).
+   diagnosis), or the rows of `--conditions table.tsv` (`generate.read_conditions`: columns age, sex,
+   diagnosis, modality, field_strength, mmse; `n/a` for missing), cycled to N.
+3. **Generation** (`generate.generate`): the DiT samples encoder tokens (flow-matching ODE,
+   classifier-free guidance), the decoder turns them into volumes in the preprocessed space (LPS,
+   z-scored, the preset's grid).
 4. **Staging**: the volumes and their conditions are written to `<out>/staging/` (safetensors + JSON),
    nothing is exported yet.
 5. **Federated privacy audit** (`braing3n_core.privacy.audit`): the staged set goes to every site,
@@ -23,8 +25,6 @@
 
 from __future__ import annotations
 
-import csv
-import gzip
 import json
 import math
 import time
@@ -38,15 +38,16 @@ import numpy as np
 import torch
 
 from braing3n_core.checkpoint import load_checkpoint, save_checkpoint
-from braing3n_core.conditions import CONDITION_SCHEMA, ConditionBatch, ContinuousVariable
+from braing3n_core.conditions import CONDITION_SCHEMA, ContinuousVariable
 from braing3n_core.config import ConfigError
 from braing3n_core.fileio import atomic_write_bytes, atomic_write_json, file_sha256
+from braing3n_core.generate import (
+    MISSING, ConditionRow, GenerationError, GenerationModels, generate, load_run_models,
+    model_hashes, nifti_bytes, read_conditions,
+)
 from braing3n_core.labels import DIAGNOSES, FIELD_STRENGTHS_T, MODALITIES, SEXES, Modality
-from braing3n_core.models import CNNDecoder, DiT, MAEEncoder
-from braing3n_core.presets import Preset, get_preset
+from braing3n_core.presets import Preset
 
-COLUMNS = ("age", "sex", "diagnosis", "modality", "field_strength", "mmse")
-MISSING = "n/a"
 # Plausible ranges per diagnosis (years; MMSE points): the cohort the models learn from looks like this.
 AGE_BY_DIAGNOSIS = {"CN": (55.0, 85.0), "MCI": (60.0, 88.0), "AD": (62.0, 90.0), "glioma": (25.0, 75.0)}
 MMSE_BY_DIAGNOSIS = {"CN": (27.0, 30.0), "MCI": (22.0, 27.0), "AD": (12.0, 22.0), "glioma": None}
@@ -59,53 +60,23 @@ class SynthesisError(RuntimeError):
 # --- models -----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SynthesisModels:
-    dit: DiT
-    decoder: CNNDecoder
-    encoder: MAEEncoder
-    preset: Preset
-    run_dir: Path
-    checkpoints: dict[str, Path]  # stage -> manifest (.json)
-
-
-def _final(run_dir: Path, stage: str) -> Path | None:
-    path = run_dir / "checkpoints" / stage / "final.json"
-    return path if path.is_file() else None
-
-
-def load_synthesis_models(checkpoint: Path) -> SynthesisModels:
-    """From a run folder, or a DiT checkpoint inside one (`<run>/checkpoints/dit/<name>.json`)."""
-    from braing3n_core.runconfig import RunConfig
-    from braing3n_core.train import load_encoder, load_stage_model
-
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():
-        run_dir, dit_path = checkpoint, _final(checkpoint, "dit")
-    else:
-        dit_path = checkpoint if checkpoint.suffix == ".json" else checkpoint.with_suffix(".json")
-        run_dir = dit_path.parents[2]
-    if dit_path is None or not dit_path.is_file():
-        raise SynthesisError(f"{checkpoint}: no DiT checkpoint (expected checkpoints/dit/final.json in a run folder)")
-    paths = {"dit": dit_path}
-    pinned = RunConfig.from_yaml(run_dir / "run.yaml") if (run_dir / "run.yaml").is_file() else None
-    for stage in ("decoder", "mae"):
-        found = _final(run_dir, stage) or (pinned.start_from.get(stage) if pinned is not None else None)
-        if found is None:
-            raise SynthesisError(f"{run_dir}: no {stage} checkpoint (neither checkpoints/{stage}/final.json nor "
-                                 f"start_from.{stage} in run.yaml); the DiT's samples need it")
-        paths[stage] = Path(found)
-    dit, meta = load_stage_model(paths["dit"], expected_stage="dit")
-    decoder, _ = load_stage_model(paths["decoder"], expected_stage="decoder")
-    encoder = load_encoder(paths["mae"])
-    preset = get_preset(str(meta.meta.get("preset") or (pinned.preset if pinned else "small")))
-    return SynthesisModels(dit.eval(), decoder.eval(), encoder, preset, run_dir, paths)
+def load_synthesis_models(checkpoint: Path) -> GenerationModels:
+    """DiT, decoder and frozen encoder (the audit encodes the synthetic scans) from a run folder, or a DiT
+    checkpoint inside one (`<run>/checkpoints/dit/<name>.json`)."""
+    try:
+        models = load_run_models(checkpoint, need_encoder=True)
+    except GenerationError as error:
+        raise SynthesisError(str(error)) from None
+    if models.run_dir is None:
+        raise SynthesisError(f"{checkpoint}: not inside a run folder (<run>/checkpoints/dit/); the data card reads "
+                             "the run's privacy ledger")
+    return models
 
 
 # --- conditions -------------------------------------------------------------------------------------------
 
 
-def balanced_conditions(n: int, seed: int = 0) -> list[dict[str, Any]]:
+def balanced_conditions(n: int, seed: int = 0) -> list[ConditionRow]:
     """N rows cycling diagnosis fastest, then sex, modality and field strength (even in every prefix)."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -113,71 +84,15 @@ def balanced_conditions(n: int, seed: int = 0) -> list[dict[str, Any]]:
         diagnosis = DIAGNOSES[i % len(DIAGNOSES)]
         low, high = AGE_BY_DIAGNOSIS[diagnosis]
         mmse_range = MMSE_BY_DIAGNOSIS[diagnosis]
-        rows.append({
-            "age": round(float(rng.uniform(low, high)), 1),
-            "sex": SEXES[(i // len(DIAGNOSES)) % len(SEXES)],
-            "diagnosis": diagnosis,
-            "modality": MODALITIES[(i // (len(DIAGNOSES) * len(SEXES))) % len(MODALITIES)].value,
-            "field_strength": FIELD_STRENGTHS_T[(i // (len(DIAGNOSES) * len(SEXES) * len(MODALITIES))) % len(FIELD_STRENGTHS_T)],
-            "mmse": None if mmse_range is None else float(round(rng.uniform(*mmse_range))),
-        })
+        rows.append(ConditionRow(
+            age=round(float(rng.uniform(low, high)), 1),
+            sex=SEXES[(i // len(DIAGNOSES)) % len(SEXES)],
+            diagnosis=diagnosis,
+            modality=MODALITIES[(i // (len(DIAGNOSES) * len(SEXES))) % len(MODALITIES)],
+            field_strength=FIELD_STRENGTHS_T[(i // (len(DIAGNOSES) * len(SEXES) * len(MODALITIES))) % len(FIELD_STRENGTHS_T)],
+            mmse=None if mmse_range is None else float(round(rng.uniform(*mmse_range))),
+        ))
     return rows
-
-
-def read_conditions(path: Path) -> list[dict[str, Any]]:
-    """Rows of a conditions TSV; every value is checked, errors name the file, line and column."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter="\t")
-        missing = [c for c in ("modality",) if c not in (reader.fieldnames or [])]
-        unknown = [c for c in (reader.fieldnames or []) if c not in COLUMNS]
-        if missing or unknown:
-            raise ConfigError(f"{path}: columns must be among {list(COLUMNS)} and include 'modality' "
-                              f"(missing {missing}, unknown {unknown})")
-        rows = []
-        for line, raw in enumerate(reader, start=2):
-            row: dict[str, Any] = {}
-            for column in COLUMNS:
-                value = (raw.get(column) or MISSING).strip()
-                row[column] = None if value in (MISSING, "") else value
-            try:
-                rows.append(_checked_row(row, f"{path}:{line}"))
-            except ValueError as error:
-                raise ConfigError(str(error)) from None
-    if not rows:
-        raise ConfigError(f"{path}: no condition rows")
-    return rows
-
-
-def _checked_row(row: Mapping[str, Any], where: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for variable in CONDITION_SCHEMA:
-        value = row.get(variable.name)
-        if value is None:
-            out[variable.name] = None
-        elif isinstance(variable, ContinuousVariable):
-            try:
-                out[variable.name] = variable.check(float(value), where)
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"{where}: {variable.name} = {value!r}: {error}") from None
-        elif variable.name == "field_strength":
-            out[variable.name] = float(variable.categories[variable.index(float(value), where)])
-        else:
-            out[variable.name] = variable.categories[variable.index(str(value), where)]
-    if out["modality"] is None:
-        raise ValueError(f"{where}: modality is required (it names the BIDS file)")
-    return out
-
-
-def condition_batch(rows: Sequence[Mapping[str, Any]]) -> ConditionBatch:
-    from braing3n_core.conditions import conditions_from_labels
-    from braing3n_core.labels import ScanLabels
-
-    labels = [ScanLabels(age=r["age"], sex=r["sex"], diagnosis=r["diagnosis"], mmse=r["mmse"],
-                         field_strength=r["field_strength"]) for r in rows]
-    return conditions_from_labels(labels, [Modality(r["modality"]) for r in rows])
 
 
 def distribution(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -195,38 +110,22 @@ def distribution(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-# --- generation -------------------------------------------------------------------------------------------
+# --- staging ----------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def generate(models: SynthesisModels, rows: Sequence[Mapping[str, Any]], steps: int = 25, guidance_scale: float = 1.5,
-             seed: int = 0, batch_size: int = 4) -> torch.Tensor:
-    """Volumes [n, 1, D, H, W] (preprocessed space) for the condition rows."""
-    from braing3n_core.diffusion import sample
-
-    generator = torch.Generator().manual_seed(seed)
-    dit, shape = models.dit, (models.dit.config.num_tokens, models.dit.config.token_dim)
-    volumes = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        tokens = sample(dit, (len(chunk), *shape), condition_batch(chunk), steps=steps, guidance_scale=guidance_scale,
-                        generator=generator)
-        volumes.append(models.decoder(tokens.float()).float())
-    return torch.cat(volumes)
-
-
-def stage_synthetic(folder: Path, volumes: torch.Tensor, rows: Sequence[Mapping[str, Any]],
+def stage_synthetic(folder: Path, volumes: torch.Tensor, rows: Sequence[ConditionRow],
                     meta: Mapping[str, Any]) -> Path:
     """The staged set (before the audit): `synthetic.safetensors` (fp16 volumes) + `synthetic.json`."""
     return save_checkpoint(Path(folder) / "synthetic", {"volumes": volumes.to(torch.float16).contiguous()},
-                           {**meta, "kind": "staged-synthetic", "conditions": list(rows)})
+                           {**meta, "kind": "staged-synthetic", "conditions": [r.to_dict() for r in rows]})
 
 
-def load_staged(path: Path) -> tuple[torch.Tensor, list[dict[str, Any]], dict[str, Any]]:
+def load_staged(path: Path) -> tuple[torch.Tensor, list[ConditionRow], dict[str, Any]]:
     checkpoint = load_checkpoint(path)
     if checkpoint.meta.get("kind") != "staged-synthetic":
         raise SynthesisError(f"{path}: not a staged synthetic set")
-    return checkpoint.tensors["volumes"], list(checkpoint.meta["conditions"]), checkpoint.meta
+    rows = [ConditionRow.from_dict(row, f"{path}: conditions[{i}]") for i, row in enumerate(checkpoint.meta["conditions"])]
+    return checkpoint.tensors["volumes"], rows, checkpoint.meta
 
 
 def staged_sha256(path: Path) -> str:
@@ -237,7 +136,7 @@ def staged_sha256(path: Path) -> str:
 # --- audit --------------------------------------------------------------------------------------------------
 
 
-def audit_run_config(models: SynthesisModels, staged: Path, membership: bool = True) -> dict[str, Any]:
+def audit_run_config(models: GenerationModels, staged: Path, membership: bool = True) -> dict[str, Any]:
     """An audit-only run: the encoder from the training run, no stages, the `privacy_audit` query."""
     return {"name": "privacy-audit", "preset": models.preset.name, "min_sites": 1, "round_timeout_s": 3600.0,
             "start_from": {"mae": str(models.checkpoints["mae"].resolve())},
@@ -245,7 +144,7 @@ def audit_run_config(models: SynthesisModels, staged: Path, membership: bool = T
                       "dit": str(models.checkpoints["dit"].resolve()) if membership else None}}
 
 
-def federated_audit(models: SynthesisModels, staged: Path, sites: Sequence[Path], out: Path,
+def federated_audit(models: GenerationModels, staged: Path, sites: Sequence[Path], out: Path,
                     membership: bool = True) -> dict[str, Any]:
     """Run the audit as a Flower simulation of `sites` and return its `privacy_audit.json`."""
     import yaml
@@ -260,16 +159,6 @@ def federated_audit(models: SynthesisModels, staged: Path, sites: Sequence[Path]
 
 
 # --- export -------------------------------------------------------------------------------------------------
-
-
-def _nifti_bytes(volume: np.ndarray, preset: Preset) -> bytes:
-    """A (D, H, W) LPS volume as gzipped NIfTI (nibabel's affine is RAS+: the two negative axes)."""
-    import nibabel as nib
-
-    spacing = preset.spacing_mm
-    image = nib.Nifti1Image(np.asarray(volume, dtype=np.float32), np.diag([-spacing, -spacing, spacing, 1.0]))
-    image.header.set_xyzt_units("mm")
-    return gzip.compress(image.to_bytes(), compresslevel=6)
 
 
 def privacy_spent(run_dir: Path) -> dict[str, Any]:
@@ -304,7 +193,7 @@ def privacy_spent(run_dir: Path) -> dict[str, Any]:
                     "the site's whole ledger at the end of this run; sites without an entry trained without DP"}
 
 
-def write_bids(root: Path, volumes: torch.Tensor, rows: Sequence[Mapping[str, Any]], keep: Sequence[int],
+def write_bids(root: Path, volumes: torch.Tensor, rows: Sequence[ConditionRow], keep: Sequence[int],
                preset: Preset, description: Mapping[str, Any]) -> list[Path]:
     """One subject per kept synthetic scan: `sub-synthNNNN/anat/sub-synthNNNN_<suffix>.nii.gz` + sidecar."""
     from braing3n_core.data.cohort.bids_writer import write_json, write_text, write_tsv
@@ -312,10 +201,10 @@ def write_bids(root: Path, volumes: torch.Tensor, rows: Sequence[Mapping[str, An
     root.mkdir(parents=True, exist_ok=True)
     written, participants = [], []
     for number, index in enumerate(keep, start=1):
-        row = rows[index]
+        row = rows[index].to_dict()
         subject = f"sub-synth{number:04d}"
         stem = root / subject / "anat" / f"{subject}_{Modality(row['modality']).value}"
-        atomic_write_bytes(stem.with_name(stem.name + ".nii.gz"), _nifti_bytes(volumes[index, 0].float().numpy(), preset))
+        atomic_write_bytes(stem.with_name(stem.name + ".nii.gz"), nifti_bytes(volumes[index, 0].float().numpy(), preset))
         sidecar = {"GeneratedBy": "braing3n synthesize", "SyntheticIndex": index,
                    "Units": "z-score of brain voxels (BrainG3N preprocessed space)"}
         if row.get("field_strength") is not None:
@@ -397,8 +286,7 @@ def synthesize(checkpoint: Path, n: int, out: Path, conditions: Path | None = No
                           "privacy_audit.json (a deployment's audit run), or --no-audit (the data card then says so)")
     out = Path(out)
     models = load_synthesis_models(checkpoint)
-    hashes = {stage: {"path": str(path), "sha256": file_sha256(path.with_suffix(".safetensors"))}
-              for stage, path in models.checkpoints.items()}
+    hashes = model_hashes(models)
     started = time.time()
     staged = out / "staging" / "synthetic.json"
     if audit is not None and staged.is_file():  # export what was audited
@@ -410,7 +298,7 @@ def synthesize(checkpoint: Path, n: int, out: Path, conditions: Path | None = No
         rows = read_conditions(conditions) if conditions is not None else balanced_conditions(n, seed)
         if conditions is not None and n > 0:
             rows = [rows[i % len(rows)] for i in range(n)]
-        volumes = generate(models, rows, steps=steps, guidance_scale=guidance_scale, seed=seed)
+        volumes = generate(models, rows, steps=steps, guidance_scale=guidance_scale, seed=seed).volumes
         for index, volume in (plant or {}).items():
             volumes[index] = volume.reshape(volumes.shape[1:]).to(volumes.dtype)
         staged = stage_synthetic(out / "staging", volumes, rows, {"models": hashes, "seed": seed, "steps": steps,
@@ -432,6 +320,7 @@ def synthesize(checkpoint: Path, n: int, out: Path, conditions: Path | None = No
     excluded = sorted(result["excluded"]) if result is not None else []
     keep = [i for i in range(len(rows)) if i not in set(excluded)]
     volumes = load_staged(staged)[0]  # exactly what was audited (fp16)
+    assert models.run_dir is not None  # load_synthesis_models refuses a DiT outside a run folder
     run_yaml = models.run_dir / "run.yaml"
     card = {
         "name": out.name, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": time.time() - started,
@@ -441,7 +330,8 @@ def synthesize(checkpoint: Path, n: int, out: Path, conditions: Path | None = No
         "generation": {"steps": steps, "guidance_scale": guidance_scale, "seed": seed, "preset": models.preset.name,
                        "solver": "heun"},
         "privacy": privacy_spent(models.run_dir),
-        "conditions": {"generated": distribution(rows), "exported": distribution([rows[i] for i in keep])},
+        "conditions": {"generated": distribution([r.to_dict() for r in rows]),
+                       "exported": distribution([rows[i].to_dict() for i in keep])},
         "audit": result,
         "staged_sha256": staged_sha256(staged),
     }

@@ -232,11 +232,17 @@ def _generation(run: Callable[[], int]) -> int:
 def _device_or_error(name: str) -> str | None:
     from braing3n_core.runtime import resolve_device
 
+    import torch
+
     try:
-        return str(resolve_device(name))
-    except RuntimeError as error:
+        device = resolve_device(name)
+    except (RuntimeError, ValueError) as error:
         print(f"error: --device: {error}", file=sys.stderr)
         return None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        print(f"error: --device: {name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)", file=sys.stderr)
+        return None
+    return str(device)
 
 
 def _sample(args: argparse.Namespace) -> int:

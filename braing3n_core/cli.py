@@ -202,6 +202,7 @@ def _synthesize(args: argparse.Namespace) -> int:
             sites=[Path(p) for p in args.sites or []], audit=Path(args.audit) if args.audit else None,
             skip_audit=args.no_audit, stage_only=args.stage_only, steps=args.steps, guidance_scale=args.guidance,
             seed=args.seed, membership=not args.no_membership,
+            signing_key=Path(args.signing_key) if args.signing_key else None,
         )
     except (SynthesisError, SimulationError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -212,6 +213,8 @@ def _synthesize(args: argparse.Namespace) -> int:
         return 0
     print(f"{result.exported} of {result.generated} synthetic scans exported to {result.bids} "
           f"({len(result.excluded)} excluded by the audit); data card {result.datacard}")
+    if result.release is not None:
+        print(f"signed: {result.release} (check with `braing3n verify {result.bids} --public-key release.pub`)")
     return 0
 
 
@@ -470,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--steps", type=int, default=25, help="ODE steps (default 25)")
     synth.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--signing-key", default=None,
+                       help="the consortium's Ed25519 release key: sign the exported BIDS folder (bids/RELEASE.json)")
     synth.set_defaults(handler=_synthesize)
 
     from braing3n_core.labels import MODALITIES  # stdlib-only module: --help stays instant

@@ -278,3 +278,35 @@ def test_synthesize_uses_the_shared_conditions_and_nifti(runs, tmp_path: Path) -
     assert result.exported == 1
     (scan,) = result.bids.rglob("*_T1w.nii.gz")
     nifti_checks(scan)
+
+
+def test_a_signed_synthetic_dataset_verifies_and_carries_its_data_card(runs, tmp_path: Path, capsys) -> None:
+    from braing3n_core.consortium import init_consortium
+    from braing3n_core.release import verify_directory
+    from braing3n_core.synthesize import synthesize
+
+    layout = init_consortium(tmp_path / "fl", ["a"], "localhost").layout
+    broken = tmp_path / "broken.key"
+    broken.write_text("not a key\n")
+    with pytest.raises(ConfigError, match=r"broken.key: not an unencrypted PEM private key"):
+        synthesize(runs["run"], n=1, out=tmp_path / "refused", skip_audit=True, steps=1, signing_key=broken)
+    assert not (tmp_path / "refused").exists()  # refused before anything was generated
+
+    out = tmp_path / "shared"
+    code = main(["synthesize", "--checkpoint", str(runs["run"]), "--n", "2", "--out", str(out), "--no-audit",
+                 "--steps", "1", "--signing-key", str(layout.release_key)])
+    assert code == 0, capsys.readouterr().err
+    assert "signed:" in capsys.readouterr().out
+    report = verify_directory(out / "bids", layout.release_pub)
+    assert report.ok, report.summary()
+    card = json.loads((out / "datacard.json").read_text())
+    signed = json.loads((out / "bids" / "RELEASE.json").read_text())["payload"]
+    assert signed["metadata"]["kind"] == "synthetic dataset"
+    assert signed["metadata"]["datacard"]["models"] == card["models"]
+    assert signed["metadata"]["datacard"]["privacy"] == card["privacy"]
+    assert (out / "bids" / ".bidsignore").read_text().split() == ["RELEASE.json"]
+
+    (scan, *_) = sorted((out / "bids").rglob("*.nii.gz"))
+    scan.write_bytes(scan.read_bytes()[:-10])
+    report = verify_directory(out / "bids", layout.release_pub)
+    assert not report.ok and scan.relative_to(out / "bids").as_posix() in report.summary()

@@ -4,8 +4,9 @@ The node's site config is resolved from the node config (deployment: `--node-con
 "site-config='/path/site.yaml'"`) or, in simulation, from the run config's comma-separated
 `site-configs` list indexed by the virtual node's `partition-id`. Data, preprocessing cache, the frozen
 encoder and its token cache all live on the site's disk under the site's cache folder, keyed by
-content hashes. Nothing here relies on process state: in deployment every message runs in a fresh
-process, in simulation Ray actors are reused; both give the same answers.
+content hashes. Answers never depend on process state: in deployment every message runs in a fresh
+process, in simulation Ray actors are reused; both give the same answers (a process reuses a site's
+checked data only while none of its files changed).
 
 The frozen encoder is installed once per site (`install_encoder`): stored as a checkpoint named by its
 weight hash under `<cache_dir>/encoders/`, verified against the hash the server announced, and later
@@ -57,6 +58,31 @@ def resolve_site_config(node_config: Mapping[str, Any], run_config: Mapping[str,
     if not 0 <= index < len(listed):
         raise ConfigError(f"partition-id {index} has no entry in site-configs ({len(listed)} files listed)")
     return SiteConfig.from_yaml(listed[index])
+
+
+# A simulated site answers every message of a run from one reused Ray actor, and `load_site` (site checks
+# plus a pass over the preprocessing cache) costs ~0.1 s of CPU per message for a 200-scan site, about a
+# third of the federation's per-round overhead at the `tiny` preset (bench/bench_federation.py). So a
+# process keeps each site's result while its data folder is unchanged; in deployment, where a message
+# runs in a fresh process, nothing is kept and nothing changes.
+_LOADED: dict[tuple[str, str], tuple[tuple[tuple[str, str, int, int], ...], SiteData]] = {}
+
+
+def data_fingerprint(config: SiteConfig) -> tuple[tuple[str, str, int, int], ...]:
+    """(folder, name, size, mtime_ns) of every file under the site's data folder, without the folders the
+    site writes to itself (its cache and privacy ledger), so any change to the scans or their labels shows."""
+    root = os.path.realpath(config.data_root)
+    skip = {os.path.realpath(config.resolved_cache_dir), os.path.realpath(config.privacy_ledger_path.parent)}
+    entries = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if os.path.join(folder, d) not in skip]
+        for name in files:
+            try:
+                stat = os.stat(os.path.join(folder, name))
+            except OSError:  # vanished while walking: the next call sees the folder as changed again
+                continue
+            entries.append((folder, name, stat.st_size, stat.st_mtime_ns))
+    return tuple(sorted(entries))
 
 
 @dataclass
@@ -111,7 +137,13 @@ class SiteRuntime:
     # --- data ----------------------------------------------------------------------------------------------
 
     def data(self, preset: str) -> SiteData:
-        """`load_site` (checks + preprocessing cache); a site whose data cannot be read declines clearly."""
+        """`load_site` (checks + preprocessing cache); a site whose data cannot be read declines clearly.
+
+        Reused within this process while `data_fingerprint` is unchanged (see `_LOADED`)."""
+        key, fingerprint = (self.config.model_dump_json(), preset), data_fingerprint(self.config)
+        known = _LOADED.get(key)
+        if known is not None and known[0] == fingerprint:
+            return known[1]
         try:
             data = load_site(self.config, get_preset(preset), progress=False)
         except (OSError, ConfigError) as error:
@@ -119,6 +151,7 @@ class SiteRuntime:
         if not data.records:
             reasons = "; ".join(str(p) for p in data.problems[:3])
             raise SiteDeclined(f"site {self.site_id}: no usable scans under {self.config.data_root} ({reasons})")
+        _LOADED[key] = (fingerprint, data)
         return data
 
     def inputs(self, stage: Stage, preset: str, encoder_sha: str = "") -> SiteInputs:

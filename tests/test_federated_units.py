@@ -223,3 +223,28 @@ def test_client_hello_and_refused_encoder(synthetic_cohort, tmp_path: Path) -> N
                           "local-steps": 1, "batch-size": 2, "lr": 1e-3, "weight-decay": 0.0, "model-config": "{}"})
     reply = client_app(_message("train", RecordDict({"config": train, "arrays": ArrayRecord({"w": Array(np.zeros(2, np.float32))})})), context)
     assert reply.has_error() and "does not hold encoder ffffffffffff" in reply.error.reason
+
+
+def test_site_data_reused_in_a_process_only_while_its_files_are_unchanged(synthetic_cohort, tmp_path: Path) -> None:
+    import shutil
+
+    from client.site import SiteRuntime
+
+    site = SiteConfig.from_yaml(synthetic_cohort[0])
+    root = tmp_path / "site"
+    shutil.copytree(site.data_root, root, ignore=shutil.ignore_patterns("braing3n-cache"))
+    for extra in sorted(root.glob("sub-*"))[2:]:  # two subjects keep the preprocessing short
+        shutil.rmtree(extra)
+    site_yaml = write_yaml(tmp_path / "site.yaml", {**site.to_yaml_dict(), "data_root": str(root),
+                                                    "cache_dir": str(root / "derivatives" / "braing3n-cache")})
+    runtime = SiteRuntime(SiteConfig.from_yaml(site_yaml))
+    first = runtime.data("tiny")
+    assert runtime.data("tiny") is first  # nothing changed: no second check
+    (root / "derivatives" / "braing3n-cache" / "note.txt").write_text("the site's own writes do not count")
+    assert SiteRuntime(SiteConfig.from_yaml(site_yaml)).data("tiny") is first
+    assert runtime.data("small") is not first  # another preset is another preprocessing
+    removed = first.records[0].path
+    removed.unlink()  # a scan disappears between two messages: the site is checked again
+    again = runtime.data("tiny")
+    assert again is not first and len(again.records) == len(first.records) - 1
+    assert removed not in {r.path for r in again.records}

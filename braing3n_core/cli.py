@@ -176,6 +176,25 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe(args: argparse.Namespace) -> int:
+    from braing3n_core.checkpoint import CheckpointError
+    from braing3n_core.config import load_site_configs
+    from braing3n_core.evaluation import ProbeError, ProbeOptions, probe_sites
+
+    try:
+        options = ProbeOptions(
+            preset=args.preset, encoder=Path(args.encoder) if args.encoder else None, random_init=args.random_init,
+            seed=args.seed, folds=args.folds, device=args.device, batch_size=args.batch_size,
+            tasks=tuple(_comma_list(args.tasks)) if args.tasks else None,
+        )
+        run = probe_sites(load_site_configs(args.sites), options, Path(args.out))
+    except (ProbeError, CheckpointError) as error:  # a bad site YAML (ConfigError) exits 2 in main()
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(run.summary())
+    return 0
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from braing3n_core.simulate import SimulationError, simulate
 
@@ -396,6 +415,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
     train.add_argument("--restart", action="store_true", help="ignore existing checkpoints instead of resuming")
     train.set_defaults(handler=_train)
+
+    probe = groups.add_parser("probe", help="linear probes (age, sex, diagnosis, ...) on a frozen or random-init encoder")
+    probe.add_argument("--sites", nargs="+", required=True, help="site YAML files (their scans are pooled)")
+    which = probe.add_mutually_exclusive_group(required=True)
+    which.add_argument("--encoder", default=None, help="stage-1 (mae) checkpoint, e.g. runs/x/checkpoints/mae/final.json")
+    which.add_argument("--random-init", action="store_true", help="the untrained encoder `train mae --seed` starts from")
+    probe.add_argument("--preset", default="small", choices=["paper", "small", "tiny"], help="must be the encoder's")
+    probe.add_argument("--out", required=True, help="folder for the JSON report (probes-<encoder>-seed<S>.json)")
+    probe.add_argument("--seed", type=int, default=0, help="random-init weights and cross-validation folds")
+    probe.add_argument("--folds", type=int, default=5, help="outer subject-grouped cross-validation folds (default 5)")
+    probe.add_argument("--tasks", action="append", default=None, help="task names, comma-separated (default: all the labels support)")
+    probe.add_argument("--batch-size", type=int, default=4, help="volumes per encoder call (default 4)")
+    probe.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    probe.set_defaults(handler=_probe)
 
     consortium = groups.add_parser("consortium", help="the consortium's keys, SuperLink and federated jobs").add_subparsers(
         dest="action", required=True, metavar="ACTION")

@@ -100,6 +100,16 @@ def load_stage_model(path: Path | Checkpoint, expected_stage: str | None = None)
     return model, checkpoint
 
 
+def initial_model(stage: Stage | str, preset: Preset | str, seed: int) -> nn.Module:
+    """A stage's network exactly as `train_centralized(seed=seed)` starts it: the global generators are
+    seeded with `seed` right before it is built, so nothing that runs earlier (site checks, data loading)
+    can shift its weights. `braing3n probe --random-init --seed S` uses it as the untrained baseline."""
+    stage = get_stage(stage) if isinstance(stage, str) else stage
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    seed_everything(seed)
+    return stage.build(preset)
+
+
 def load_encoder(path: Path) -> MAEEncoder:
     """The frozen tokenizer from a stage-1 (MAE) checkpoint."""
     model, _ = load_stage_model(path, expected_stage="mae")
@@ -171,7 +181,7 @@ def train_centralized(configs: Sequence[SiteConfig], options: TrainOptions) -> P
     lr = options.lr if options.lr is not None else stage.defaults.lr
     weight_decay = options.weight_decay if options.weight_decay is not None else stage.defaults.weight_decay
 
-    model = stage.build(preset).to(device)
+    model = initial_model(stage, preset, options.seed).to(device)
     if stage.name == "dit":
         model.set_token_statistics(*token_moments(train_set, model.config.token_dim).mean_std())
     optimizer = make_optimizer(model, lr, weight_decay)

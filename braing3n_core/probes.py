@@ -42,7 +42,7 @@ import torch
 from rich.table import Table
 from scipy.stats import pearsonr
 from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.metrics import mean_absolute_error, r2_score, recall_score, roc_auc_score
+from sklearn.metrics import log_loss, mean_absolute_error, r2_score, recall_score, roc_auc_score
 from sklearn.model_selection import GridSearchCV, GroupKFold, GroupShuffleSplit, StratifiedGroupKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
@@ -525,6 +525,17 @@ def _check_features(features: np.ndarray, n_rows: int | None = None) -> np.ndarr
     return features
 
 
+def _neg_log_loss(estimator: Pipeline, x: np.ndarray, y: np.ndarray) -> float:
+    """`neg_log_loss` over the classes of the fold's model and of `y`. sklearn's own scorer raises when a
+    validation fold lacks a class the model knows, which grouped folds allow: with one subject holding
+    several modalities, a fold of site-a subjects has no T1c scan at all. A class the model never saw gets
+    probability 0 (clipped by `log_loss`), the penalty it deserves."""
+    classes = np.union1d(estimator.classes_, y)
+    proba = np.zeros((len(x), len(classes)))
+    proba[:, np.searchsorted(classes, estimator.classes_)] = estimator.predict_proba(x)
+    return -float(log_loss(y, proba, labels=classes))
+
+
 def fit_probe(
     task: ProbeTask,
     features: np.ndarray,
@@ -556,7 +567,7 @@ def fit_probe(
         model = LogisticRegression(max_iter=2000, class_weight="balanced")
         grid_key, grid = "model__C", LOGISTIC_C_GRID
         folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-        scoring = "neg_log_loss"  # a proper score: smooth in C, unlike accuracy on small folds
+        scoring = _neg_log_loss  # a proper score: smooth in C, unlike accuracy on small folds
     search = GridSearchCV(
         Pipeline([("scale", StandardScaler()), ("model", model)]),
         {grid_key: list(grid)},

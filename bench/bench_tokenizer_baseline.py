@@ -30,14 +30,15 @@ Evaluation, on the same scans for every model:
     of every site) on pooled features: the MAE's mean token (192-d at `small`); the same through our
     decoder's linear projection (16-d, matching the VAE latent's width); a random-init MAE (the
     reference a trained encoder must beat); the VAE's mean latent `z_mu` (16-d, what a latent
-    diffusion model would use) and its mean pre-quantization encoder features (128-d at the defaults).
+    diffusion model would use) and its mean deepest encoder features (the last residual output, 128-d
+    at the defaults).
 (b) Reconstruction of the held-out (test-split) scans: PSNR / SSIM / MS-SSIM / MAE from
     `braing3n_core.metrics`, whole volume and brain-only.
 
 Prints one summary line; writes bench/results/tokenizer_baseline.json.
 
     python bench/bench_tokenizer_baseline.py [--data FOLDER] [--out RUN_FOLDER] [--run RUN_FOLDER]
-                                             [--mae-steps 60] [--decoder-steps 40] [--budget-seconds S]
+                                             [--mae-steps 50] [--decoder-steps 30] [--budget-seconds S]
 """
 
 from __future__ import annotations
@@ -265,14 +266,20 @@ def load_volumes(data: SiteData, records: Sequence[ScanRecord]) -> torch.Tensor:
 @torch.no_grad()
 def autoencoder_features(model: AutoencoderKL, data: SiteData, records: Sequence[ScanRecord], device: torch.device,
                          batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """Per scan: mean latent z_mu [n, C_latent] and mean pre-quantization encoder features [n, C_last]."""
+    """Per scan: mean latent z_mu [n, C_latent] and mean deepest encoder features [n, C_last] (the
+    encoder's last residual output, before its closing GroupNorm + conv to the latent width)."""
     model.eval()
+    blocks = model.encoder.blocks
+    if not isinstance(blocks[-2], nn.GroupNorm):
+        raise TypeError("unexpected MONAI AutoencoderKL encoder layout: its second-to-last block is not a GroupNorm")
     latents, features = [], []
     for start in range(0, len(records), batch_size):
-        volume = load_volumes(data, records[start : start + batch_size]).to(device)  # [B, 1, D, H, W]
+        x = load_volumes(data, records[start : start + batch_size]).to(device)  # [B, 1, D, H, W]
         with autocast(device):
-            h = model.encoder(volume)  # [B, C_last, d, h, w]
-            z_mu = model.quant_conv_mu(h)  # [B, C_latent, d, h, w]
+            for block in blocks[:-2]:
+                x = block(x)
+            h = x  # [B, C_last, d, h, w]
+            z_mu = model.quant_conv_mu(blocks[-1](blocks[-2](h)))  # [B, C_latent, d, h, w], as model.encode
         latents.append(z_mu.float().mean(dim=(2, 3, 4)).cpu().numpy())
         features.append(h.float().mean(dim=(2, 3, 4)).cpu().numpy())
     return np.concatenate(latents), np.concatenate(features)
@@ -366,10 +373,10 @@ def main() -> int:
     parser.add_argument("--run", default=None, help="existing run folder with checkpoints/{mae,decoder}: skip training")
     parser.add_argument("--budget-seconds", type=float, default=None,
                         help="the baseline's CPU-second budget (default: what our two stages used in this run)")
-    parser.add_argument("--mae-steps", type=int, default=60)
+    parser.add_argument("--mae-steps", type=int, default=50)
     parser.add_argument("--mae-batch", type=int, default=4)
     parser.add_argument("--mae-lr", type=float, default=3e-4, help="peak rate (the demo's)")
-    parser.add_argument("--decoder-steps", type=int, default=40)
+    parser.add_argument("--decoder-steps", type=int, default=30)
     parser.add_argument("--decoder-batch", type=int, default=2)
     parser.add_argument("--decoder-lr", type=float, default=1e-3, help="peak rate (the demo's)")
     parser.add_argument("--warmup-steps", type=int, default=5, help="MAE and baseline warm-up steps")

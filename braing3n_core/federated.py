@@ -148,9 +148,12 @@ def train_site_round(
     dataset = stage_dataset(stage, [site], "train")
     if len(dataset) == 0:
         raise SiteDeclined(f"site {site.data.config.site_id}: no usable training scans for stage {stage.name}")
-    if site.data.config.privacy.enabled:
-        return _train_private(stage, model, site, params, device, dataset)
     seed = round_seed(params.seed, stage.name, params.server_round, site.data.config.site_id)
+    # Augmentation draws its seeds from the process's global generator (VolumeDataset); a ClientApp process
+    # serves many sites and rounds, so seed it per (run, stage, round, site) or reruns would differ.
+    torch.manual_seed(seed)
+    if site.data.config.privacy.enabled:  # DP noise and Poisson sampling use their own OS-seeded generators
+        return _train_private(stage, model, site, params, device, dataset)
     model = model.to(device)
     optimizer = make_optimizer(model, params.lr, params.weight_decay)
     proximal = ProximalTerm.of(model, params.proximal_mu) if params.proximal_mu > 0 else None

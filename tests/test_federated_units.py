@@ -248,3 +248,34 @@ def test_site_data_reused_in_a_process_only_while_its_files_are_unchanged(synthe
     again = runtime.data("tiny")
     assert again is not first and len(again.records) == len(first.records) - 1
     assert removed not in {r.path for r in again.records}
+
+
+def test_a_site_round_is_reproducible_whatever_the_process_ran_before(synthetic_cohort, tmp_path: Path) -> None:
+    """A ClientApp process serves many sites and rounds: the same (seed, stage, round, site) must train to the
+    same weights whatever the process's global generators went through before (augmentation draws from them)."""
+    import torch
+
+    from braing3n_core.data.datasets import load_site
+    from braing3n_core.federated import RoundParams, train_site_round
+    from braing3n_core.presets import get_preset
+    from braing3n_core.stages import SiteInputs, get_stage
+
+    preset = get_preset("tiny")
+    site = SiteConfig.from_yaml(synthetic_cohort[0])
+    site = site.model_copy(update={"cache_dir": tmp_path / "cache"})
+    inputs = SiteInputs(load_site(site, preset, progress=False))
+    stage = get_stage("mae")
+    params = RoundParams(stage="mae", server_round=3, local_steps=2, batch_size=2, lr=1e-3, weight_decay=0.0, seed=7)
+
+    def one_round(history: int) -> dict:
+        torch.manual_seed(0)
+        model = stage.build(preset)  # the same global weights
+        torch.randn(history)  # what earlier messages left in this process's generators
+        np.random.seed(history)
+        arrays, _ = train_site_round(stage, model, inputs, params, torch.device("cpu"))
+        return arrays
+
+    first, second = one_round(1), one_round(99)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert np.array_equal(np.asarray(first[name]), np.asarray(second[name])), name

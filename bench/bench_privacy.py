@@ -234,6 +234,8 @@ def main() -> int:
     parser.add_argument("--epsilons", default="1,8,inf", help="comma-separated target ε; inf = no DP")
     parser.add_argument("--with-dit", action="store_true", help="also train and score the DiT per ε")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--skip-utility", action="store_true",
+                        help="step-time ratios only, written to bench/results/privacy_step_time.json")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="/tmp/privacy-bench")
     args = parser.parse_args()
@@ -244,9 +246,11 @@ def main() -> int:
     timing = {} if args.skip_timing else {
         s: time_steps(s, get_preset(args.timing_preset), args.timing_steps, args.timing_blocks) for s in STAGE_ORDER}
     torch.set_num_threads(1)  # the utility runs are many small steps; one thread wastes no spin-waits
-    cohort = make_cohort(Path(args.out), args.sites, args.subjects, args.seed)
-    epsilons = [float(e) for e in args.epsilons.split(",")]
-    table = {f"{e:g}": utility_at(e, cohort, args) for e in epsilons}
+    table = {}
+    if not args.skip_utility:
+        cohort = make_cohort(Path(args.out), args.sites, args.subjects, args.seed)
+        epsilons = [float(e) for e in args.epsilons.split(",")]
+        table = {f"{e:g}": utility_at(e, cohort, args) for e in epsilons}
 
     result = {
         "benchmark": "privacy", "timing_preset": args.timing_preset, "utility_preset": args.preset,
@@ -259,7 +263,7 @@ def main() -> int:
                     "torch": torch.__version__, "load_average_before": load_before,
                     "load_average_after": os.getloadavg()},
     }
-    atomic_write_json(RESULTS, result)
+    atomic_write_json(RESULTS.with_name("privacy_step_time.json") if args.skip_utility else RESULTS, result)
     ratios = " ".join(f"{s} {t['ratio']:.2f}x" for s, t in timing.items())
     rows = " | ".join(
         f"eps={k}: age MAE {v.get('probe/age_mae', float('nan')):.1f} dx bAcc {v.get('probe/diagnosis_bacc', float('nan')):.2f} "

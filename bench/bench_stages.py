@@ -26,7 +26,7 @@ synthetic cohort (made with `braing3n_core.data.cohort`, or the one in `--data`)
 Prints one summary line; writes bench/results/stages.json.
 
     python bench/bench_stages.py [--presets small[,tiny]] [--device cpu|cuda] [--data FOLDER]
-                                 [--sites 2] [--subjects 6] [--warmup 2] [--steps 5] [--epochs 1]
+                                 [--sites 2] [--subjects 6] [--warmup 2] [--steps 5] [--epochs 2]
 """
 
 from __future__ import annotations
@@ -378,7 +378,7 @@ def main() -> int:
     parser.add_argument("--voxel-mm", type=float, default=2.0, help="simulation grid of a generated cohort")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps per stage")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per stage")
-    parser.add_argument("--epochs", type=int, default=1, help="timed epochs per mode in the cache comparison")
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs per mode in the cache comparison (alternating)")
     parser.add_argument("--sample-volumes", type=int, default=1, help="volumes sampled (one batch) for the timing")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)

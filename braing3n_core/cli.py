@@ -188,9 +188,9 @@ def _probe(args: argparse.Namespace) -> int:
             tasks=tuple(_comma_list(args.tasks)) if args.tasks else None,
         )
         run = probe_sites(load_site_configs(args.sites), options, Path(args.out))
-    except (ProbeError, CheckpointError) as error:  # a bad site YAML (ConfigError) exits 2 in main()
+    except (ProbeError, CheckpointError) as error:  # bad input exits 2, as a bad site YAML does in main()
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
     print(run.summary())
     return 0
 

@@ -168,7 +168,7 @@ def test_a_corrupt_scan_is_excluded_and_reported(site_configs, site_yamls, tmp_p
 def test_preset_mismatch_names_the_checkpoint(site_yamls, untrained_checkpoint: Path, tmp_path: Path, capsys) -> None:
     code, stdout, err = _probe_cli(capsys, "--sites", *map(str, site_yamls), "--encoder", str(untrained_checkpoint),
                                    "--preset", "small", "--out", str(tmp_path))
-    assert code == 1 and stdout == ""
+    assert code == 2 and stdout == ""
     assert str(untrained_checkpoint) in err and "preset 'tiny'" in err and "'small'" in err
     assert list(tmp_path.iterdir()) == []
 
@@ -191,7 +191,7 @@ def test_bad_checkpoints_are_refused_by_name(site_yamls, untrained_checkpoint: P
     for path, reason in cases.items():
         code, _, err = _probe_cli(capsys, "--sites", *map(str, site_yamls), "--encoder", str(path), "--preset", "tiny",
                                   "--out", str(tmp_path / "out"))
-        assert code == 1 and reason in err and str(path.parent) in err, err
+        assert code == 2 and reason in err and str(path.parent) in err, err
     assert not (tmp_path / "out").exists()
 
 
@@ -216,7 +216,8 @@ def test_command_line_refuses_both_or_neither_encoder(site_yamls, tmp_path: Path
         assert exit_info.value.code == 2
     code, _, err = _probe_cli(capsys, "--sites", str(site_yamls[0]), "--random-init", "--preset", "tiny",
                               "--tasks", "brain_age", "--out", str(tmp_path))
-    assert code == 1 and "brain_age" in err
+    assert code == 2 and "brain_age" in err
     code, _, err = _probe_cli(capsys, "--sites", str(tmp_path / "nowhere.yaml"), "--random-init", "--preset", "tiny",
                               "--out", str(tmp_path))
-    assert code == 2 and "nowhere.yaml" in err  # a site YAML problem, as for every command
+    assert code == 2 and "nowhere.yaml" in err
+

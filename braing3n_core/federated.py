@@ -482,9 +482,9 @@ def heads_from_arrays(tasks: Sequence[ProbeTask], arrays: Mapping[str, np.ndarra
     for task in tasks:
         own = {k[len(task.name) + 1 :]: v for k, v in arrays.items() if k.startswith(task.name + ".")}
         width = own["feature_mean"].shape[0]
-        placeholder = FeatureStats(1, np.zeros(width), np.ones(width))
-        head = LinearHead(task, placeholder, target_stats=FeatureStats(1, np.zeros(1), np.ones(1)))
-        heads[task.name] = load_arrays(head, own)
+        # Unit statistics only size the buffers; load_arrays then overwrites them with the federated ones.
+        unit_features, unit_target = FeatureStats(1, np.zeros(width), np.ones(width)), FeatureStats(1, np.zeros(1), np.ones(1))
+        heads[task.name] = load_arrays(LinearHead(task, unit_features, target_stats=unit_target), own)
     return heads
 
 

@@ -47,3 +47,25 @@ def synthetic_cohort(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     # One process: forking a test process that may already run torch threads is not worth the risk.
     spec = CohortSpec(n_sites=2, subjects_per_site=6, seed=0, voxel_mm=4.0, workers=1, progress=False)
     return make_cohort(spec, out_dir=out)
+
+
+def write_site_yamls(cohort: list[Path], folder: Path, privacy: dict[str, dict] | None = None,
+                     copies: int = 1) -> list[Path]:
+    """Site YAMLs over the shared (read-only) cohort with caches in `folder`; `copies` > 1 makes more
+    virtual sites over the same scans (distinct ids and caches); `privacy` sets a site's privacy block."""
+    import yaml
+
+    from braing3n_core.config import SiteConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for copy in range(copies):
+        for source in cohort:
+            site = SiteConfig.from_yaml(source)
+            site_id = site.site_id if copies == 1 else f"{site.site_id}-{copy}"
+            data = {**site.to_yaml_dict(), "site_id": site_id, "cache_dir": str(folder / "cache" / site_id)}
+            if privacy and site_id in privacy:
+                data["privacy"] = privacy[site_id]
+            paths.append(folder / f"{site_id}.yaml")
+            paths[-1].write_text(yaml.safe_dump(data))
+    return paths

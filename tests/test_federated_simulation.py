@@ -24,10 +24,10 @@ import pytest
 import yaml
 
 from braing3n_core.checkpoint import load_checkpoint
-from braing3n_core.config import SiteConfig
 from braing3n_core.fileio import file_sha256
 from braing3n_core.simulate import descendants, simulate
 from braing3n_core.train import load_encoder, load_stage_model
+from conftest import write_site_yamls
 
 pytestmark = pytest.mark.slow
 
@@ -42,19 +42,6 @@ RUN = {
 }
 
 
-def site_yamls(cohort: list[Path], folder: Path, copies: int = 1) -> list[Path]:
-    """Site YAMLs over the shared (read-only) cohort with caches in `folder`; `copies` > 1 makes more
-    virtual sites over the same scans (distinct ids and caches)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for copy in range(copies):
-        for source in cohort:
-            site = SiteConfig.from_yaml(source)
-            site_id = site.site_id if copies == 1 else f"{site.site_id}-{copy}"
-            data = {**site.to_yaml_dict(), "site_id": site_id, "cache_dir": str(folder / "cache" / site_id)}
-            paths.append(folder / f"{site_id}.yaml")
-            paths[-1].write_text(yaml.safe_dump(data))
-    return paths
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -81,7 +68,7 @@ def kill_hard(wrapper: subprocess.Popen, run_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def resumed_run(synthetic_cohort, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("federated-e2e")
-    sites = site_yamls(synthetic_cohort, root / "sites")
+    sites = write_site_yamls(synthetic_cohort, root / "sites")
     config = root / "run.yaml"
     config.write_text(yaml.safe_dump(RUN))
     run_dir = root / "run"
@@ -214,7 +201,7 @@ FAULTS = [
 @pytest.fixture(scope="module")
 def faulty_run(resumed_run, synthetic_cohort, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("federated-faults")
-    sites = site_yamls(synthetic_cohort, root / "sites", copies=4)  # 8 virtual sites on 2 cores
+    sites = write_site_yamls(synthetic_cohort, root / "sites", copies=4)  # 8 virtual sites on 2 cores
     config = {"name": "faults", "preset": "tiny", "min_sites": 5, "round_timeout_s": 300, "update_norm_bound": 100.0,
               "start_from": {"mae": str(resumed_run["dir"] / "checkpoints/mae/final.json")},
               "stages": [{"name": "decoder", "rounds": 4, "local_steps": 1, "batch_size": 2, "evaluate_every": 0}],
@@ -249,7 +236,7 @@ def test_rejected_and_dropped_sites_do_not_stop_the_federation(faulty_run) -> No
 def test_a_round_without_enough_sites_stops_the_run_resumably(synthetic_cohort, tmp_path: Path) -> None:
     from braing3n_core.simulate import SimulationError
 
-    sites = site_yamls(synthetic_cohort, tmp_path / "sites")
+    sites = write_site_yamls(synthetic_cohort, tmp_path / "sites")
     faults = [{"site": s, "stage": "mae", "kind": "decline", "from_round": 2} for s in ("site-a", "site-b")]
     config = {"name": "stops", "preset": "tiny", "min_sites": 1, "fault_injection": faults,
               "stages": [{"name": "mae", "rounds": 3, "local_steps": 1, "batch_size": 2, "evaluate_every": 0}]}

@@ -29,6 +29,7 @@ from braing3n_core.presets import get_preset
 from braing3n_core.privacy.dp import default_delta
 from braing3n_core.privacy.ledger import Release
 from braing3n_core.simulate import simulate
+from conftest import write_site_yamls
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 TINY = get_preset("tiny")
@@ -41,19 +42,6 @@ CLIENT_DP = {"enabled": True, "side": "server", "clipping": "fixed", "noise_mult
              "stages": ["decoder", "dit"]}
 
 
-def write_sites(cohort: list[Path], folder: Path, privacy: dict[str, dict] | None = None, copies: int = 1) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for copy in range(copies):
-        for source in cohort:
-            site = SiteConfig.from_yaml(source)
-            site_id = site.site_id if copies == 1 else f"{site.site_id}-{copy}"
-            data = {**site.to_yaml_dict(), "site_id": site_id, "cache_dir": str(folder / "cache" / site_id)}
-            if privacy and site_id in privacy:
-                data["privacy"] = privacy[site_id]
-            paths.append(folder / f"{site_id}.yaml")
-            paths[-1].write_text(yaml.safe_dump(data))
-    return paths
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -84,7 +72,7 @@ def dp_run(synthetic_cohort, tmp_path_factory) -> dict:
     delta_b = default_delta(n_b)
     before, after = rdp_epsilon(steps[:-1], delta_b), rdp_epsilon(steps, delta_b)  # after DiT round 1 / round 2
     budget_b = (before + after) / 2
-    sites = write_sites(synthetic_cohort, root / "sites", {
+    sites = write_site_yamls(synthetic_cohort, root / "sites", {
         "site-a": {"enabled": True, "epsilon_budget": 1000.0},
         "site-b": {"enabled": True, "epsilon_budget": budget_b},
     })
@@ -195,7 +183,7 @@ def test_synthesize_exports_audited_bids_and_excludes_a_planted_training_copy(dp
 @pytest.fixture(scope="module")
 def secure_run(synthetic_cohort, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("secure-e2e")
-    sites = write_sites(synthetic_cohort, root / "sites", copies=2)  # site-a-0, site-b-0, site-a-1, site-b-1
+    sites = write_site_yamls(synthetic_cohort, root / "sites", copies=2)  # site-a-0, site-b-0, site-a-1, site-b-1
     config = {"name": "secure", "preset": "tiny", "min_sites": 3, "round_timeout_s": 600, "update_norm_bound": 100.0,
               "stages": [{"name": "mae", "rounds": 2, "local_steps": 1, "batch_size": 2, "evaluate_every": 0}],
               "secure_aggregation": {"enabled": True, "clipping_range": 1.0},

@@ -39,8 +39,9 @@ are 5–30× slower per step than one while colleagues' jobs run: OpenMP spin-wa
 Prints one summary line; writes bench/results/federation.json with the machine (CPUs, load averages
 before/after each phase, torch/flwr/ray versions).
 
-    python bench/bench_federation.py [--preset tiny] [--sites 4] [--subjects 24] [--rounds 10]
-        [--local-steps 50] [--batch-size 4] [--repeats 2] [--core N] [--seed 0] [--out /tmp/federation-bench]
+    python bench/bench_federation.py [--preset tiny] [--sites 4] [--subjects 30] [--rounds 10]
+        [--local-steps 75] [--batch-size 8] [--lr 3e-3] [--warmup-rounds 1] [--repeats 2] [--core N] [--seed 0]
+        [--out /tmp/federation-bench]
         [--skip-bytes] [--skip-quality]
 """
 
@@ -166,6 +167,11 @@ def write_run_yaml(path: Path, name: str, preset: str, seed: int, sites: int, st
         "stages": stages, "probes": {"enabled": False},
     }, sort_keys=False))
     return path
+
+
+def central_warmup_steps(args: argparse.Namespace, sites: int) -> int:
+    """The federated warm-up in samples seen: K sites' `--warmup-rounds` are K·rounds·L centralized steps."""
+    return args.warmup_rounds * args.local_steps * sites
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -308,13 +314,14 @@ def federated_timeline(run_dir: Path, stage: str, started: float, ended: float) 
     return timeline
 
 
-def run_centralized(configs: Sequence[SiteConfig], preset: str, steps: int, batch_size: int, seed: int,
+def run_centralized(configs: Sequence[SiteConfig], args: argparse.Namespace, steps: int, warmup_steps: int,
                     out_dir: Path) -> dict[str, Any]:
     """`train_centralized` (MAE) timed as a whole; its own ledger splits the loop from the rest."""
     from braing3n_core.train import TrainOptions, train_centralized
 
     shutil.rmtree(out_dir, ignore_errors=True)  # the trainer resumes from checkpoints it finds
-    options = TrainOptions(stage="mae", preset=preset, steps=steps, batch_size=batch_size, seed=seed, out_dir=out_dir)
+    options = TrainOptions(stage="mae", preset=args.preset, steps=steps, batch_size=args.batch_size, seed=args.seed,
+                           lr=args.lr, warmup_steps=warmup_steps, out_dir=out_dir)
     started, cpu = time.perf_counter(), time.process_time()
     checkpoint = train_centralized(list(configs), options)
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
@@ -424,11 +431,12 @@ def overhead(args: argparse.Namespace, cohort: Sequence[Path], out: Path, log: P
     configs = [SiteConfig.from_yaml(p) for p in cohort]
     run_yaml = write_run_yaml(out / "federated.yaml", "bench-federated", args.preset, args.seed, len(cohort), [
         {"name": "mae", "rounds": args.rounds, "local_steps": args.local_steps, "batch_size": args.batch_size,
-         "evaluate_every": 0}])  # 0: federated validation after the last round only, as the trainer does
+         "lr": args.lr, "warmup_rounds": args.warmup_rounds, "evaluate_every": 0}])  # 0: federated validation after the last round only, as the trainer does
 
     def central(i: int) -> dict[str, Any]:
         return log.run(f"centralized MAE #{i + 1}", lambda: run_centralized(
-            configs, args.preset, steps, args.batch_size, args.seed, out / ("central" if i == 0 else f"central-{i + 1}")))
+            configs, args, steps, central_warmup_steps(args, len(configs)),
+            out / ("central" if i == 0 else f"central-{i + 1}")))
 
     centrals, simulations = [central(0)], []
     for i in range(args.repeats):
@@ -576,9 +584,9 @@ def bytes_run(args: argparse.Namespace, cohort: Sequence[Path], out: Path) -> di
 # --- part 3: quality --------------------------------------------------------------------------------------------
 
 
-def site_alone(args: argparse.Namespace, config: SiteConfig, steps: int, out: Path) -> dict[str, Any]:
-    result = run_centralized([config], args.preset, steps, args.batch_size, args.seed, out / "site-alone" / config.site_id)
-    return result
+def site_alone(args: argparse.Namespace, config: SiteConfig, steps: int, sites: int, out: Path) -> dict[str, Any]:
+    """One site's scans for the centralized run's steps and schedule."""
+    return run_centralized([config], args, steps, central_warmup_steps(args, sites), out / "site-alone" / config.site_id)
 
 
 def probe_encoder(encoder, preset: Preset, data: Sequence[SiteData], seed: int, label: str) -> dict[str, Any]:
@@ -619,7 +627,7 @@ def quality(args: argparse.Namespace, cohort: Sequence[Path], data: Sequence[Sit
     for path in cohort:
         config = SiteConfig.from_yaml(path)
         alone[config.site_id] = log.run(f"MAE on {config.site_id} alone",
-                                        lambda c=config: site_alone(args, c, steps, out))
+                                        lambda c=config: site_alone(args, c, steps, len(cohort), out))
     seed_everything(args.seed)  # what every trainer does before building the MAE: its initial weights
     encoders = {
         "federated": load_encoder(Path(part1["federated_final_checkpoint"])),
@@ -696,11 +704,16 @@ def main() -> int:
     parser.add_argument("--preset", default="tiny", help="tiny (default): the small preset's MAE steps cost ~2 s "
                         "each on one loaded core, too slow for the 7 trainings of this benchmark")
     parser.add_argument("--sites", type=int, default=4)
-    parser.add_argument("--subjects", type=int, default=24, help="subjects per site")
+    parser.add_argument("--subjects", type=int, default=30, help="subjects per site")
     parser.add_argument("--voxel-mm", type=float, default=4.0, help="cohort simulation grid (tiny works at 4 mm)")
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--local-steps", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--local-steps", type=int, default=75, help="10 rounds x 75 steps x 4 sites = 3000 steps "
+                        "of batch 8: what the tiny MAE needs to learn (tests/test_evaluation.py)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak MAE learning rate of both arms (the stage "
+                        "default, 1.5e-4, leaves the tiny MAE predicting zero; see README, probes)")
+    parser.add_argument("--warmup-rounds", type=int, default=1, help="federated warm-up rounds; centralized runs "
+                        "warm up over the same number of samples")
     parser.add_argument("--repeats", type=int, default=2, help="federated runs, alternating with centralized ones")
     parser.add_argument("--core", type=int, default=None, help="CPU to pin everything to (default: the last one)")
     parser.add_argument("--seed", type=int, default=0)

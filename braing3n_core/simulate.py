@@ -105,6 +105,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on: its affinity mask (taskset, a cgroup cpuset), not the machine's.
+
+    Ray counts `multiprocessing.cpu_count()`, so under a one-core mask it would still start two sites at
+    once and have them time-share that core.
+    """
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -171,6 +180,9 @@ def simulate(
         raise ConfigError(f"{run_config}: min_sites is {config.min_sites} but only {len(sites)} site files were given")
     if not (Path(app_dir) / "pyproject.toml").is_file():
         raise SimulationError(f"{app_dir}: no pyproject.toml; `braing3n simulate` runs from a source checkout")
+    cores = usable_cpus()
+    if cpus_per_site > cores:
+        raise ConfigError(f"cpus_per_site is {cpus_per_site} but this process may use only {cores} core(s)")
     out = Path(out if out is not None else Path("runs") / config.name).resolve()
     pinned = prepare_run_dir(config, out, resume)
     (out / "run_complete.json").unlink(missing_ok=True)
@@ -215,7 +227,8 @@ def simulate(
         ])
         command = [
             _executable("flwr"), "run", str(app_dir), "sim", "--run-config", flower_config,
-            "--federation-config", f"num-supernodes={len(sites)} client-resources-num-cpus={cpus_per_site}", "--stream",
+            "--federation-config", (f"num-supernodes={len(sites)} client-resources-num-cpus={cpus_per_site} "
+                                    f"init-args-num-cpus={cores}"), "--stream",
         ]
         with open(logs / "flwr-run.log", "ab") as run_log:
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=out)

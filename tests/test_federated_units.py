@@ -279,3 +279,16 @@ def test_a_site_round_is_reproducible_whatever_the_process_ran_before(synthetic_
     assert first.keys() == second.keys()
     for name in first:
         assert np.array_equal(np.asarray(first[name]), np.asarray(second[name])), name
+
+
+def test_simulation_refuses_more_cores_per_site_than_the_process_may_use(synthetic_cohort, tmp_path: Path) -> None:
+    """Ray is given the cores of this process's affinity mask; a site asking for more could never start."""
+    from braing3n_core.simulate import simulate, usable_cpus
+    from conftest import write_site_yamls
+
+    sites = write_site_yamls(synthetic_cohort, tmp_path / "sites")
+    run = write_yaml(tmp_path / "run.yaml", {"name": "cores", "preset": "tiny", "min_sites": 2,
+                                             "stages": [{"name": "mae", "rounds": 1, "local_steps": 1}]})
+    with pytest.raises(ConfigError, match=rf"cpus_per_site is {usable_cpus() + 1} but this process may use only "):
+        simulate(sites, run, tmp_path / "out", cpus_per_site=usable_cpus() + 1, echo=False)
+    assert not (tmp_path / "out").exists()  # refused before a run folder or a SuperLink existed

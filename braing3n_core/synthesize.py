@@ -292,8 +292,9 @@ def synthesize(checkpoint: Path, n: int, out: Path, conditions: Path | None = No
         raise ConfigError("synthesize: give --sites (federated audit in a simulation), --stage-only then --audit "
                           "privacy_audit.json (a deployment's audit run), or --no-audit (the data card then says so)")
     out = Path(out)
-    # A bad key fails now, not after generation and the audit.
+    # A bad key or conditions table fails now, not after the models load, generation and the audit.
     release_key = load_release_private_key(Path(signing_key)) if signing_key is not None else None
+    table = read_conditions(conditions) if conditions is not None else None
     models = load_synthesis_models(checkpoint)
     hashes = model_hashes(models)
     started = time.time()
@@ -304,8 +305,8 @@ def synthesize(checkpoint: Path, n: int, out: Path, conditions: Path | None = No
             raise SynthesisError(f"{staged}: staged from other models than {checkpoint}")
         steps, guidance_scale, seed = meta["steps"], meta["guidance_scale"], meta["seed"]
     else:
-        rows = read_conditions(conditions) if conditions is not None else balanced_conditions(n, seed)
-        if conditions is not None and n > 0:
+        rows = table if table is not None else balanced_conditions(n, seed)
+        if table is not None and n > 0:
             rows = [rows[i % len(rows)] for i in range(n)]
         volumes = generate(models, rows, steps=steps, guidance_scale=guidance_scale, seed=seed).volumes
         for index, volume in (plant or {}).items():

@@ -272,6 +272,8 @@ def test_synthesize_uses_the_shared_conditions_and_nifti(runs, tmp_path: Path) -
     bad.write_text("age\tsex\tmodality\n70\tF\tT1w\n60\tX\tT2w\n")
     with pytest.raises(ConfigError, match=r"line 3, column 'sex'"):
         synthesize(runs["run"], n=2, out=tmp_path / "refused", conditions=bad, skip_audit=True)
+    with pytest.raises(ConfigError, match=r"line 3, column 'sex'"):  # read before any model is loaded
+        synthesize(tmp_path / "no-such-run", n=2, out=tmp_path / "refused", conditions=bad, skip_audit=True)
     good = tmp_path / "good.tsv"
     good.write_text("age\tsex\tmodality\n70\tF\tT1w\n")
     result = synthesize(runs["run"], n=1, out=tmp_path / "synthetic", conditions=good, skip_audit=True, steps=1)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import load_average, machine_info
 from braing3n_core.data.cohort.bids_writer import write_text
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cohort.json"
@@ -55,7 +55,7 @@ def main() -> int:
         "--sites", str(args.sites), "--subjects", str(args.subjects), "--seed", str(args.seed),
         "--voxel-mm", f"{args.voxel_mm:g}", "--out", args.out,
     ]  # fmt: skip
-    load_before = os.getloadavg()
+    load_before = load_average()
     start = time.perf_counter()
     run = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     seconds = time.perf_counter() - start
@@ -66,14 +66,8 @@ def main() -> int:
     counts = count_outputs(Path(args.out))
 
     result = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            # Other jobs on a shared machine slow the wall time but hardly the CPU time: report both.
-            "load_average_before": [round(v, 2) for v in load_before],
-            "load_average_after": [round(v, 2) for v in os.getloadavg()],
-        },
+        # Other jobs on a shared machine slow the wall time but hardly the CPU time: both are reported.
+        "machine": machine_info(load_before),
         "command": " ".join(["braing3n", *command[3:]]),
         **counts,
         "seconds": round(seconds, 1),

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -25,10 +24,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import load_average, machine_info
 from braing3n_core.data import cache as cache_module
 from braing3n_core.data.cache import ArrayCache, preprocess_scan
 from braing3n_core.fileio import atomic_write_bytes
@@ -91,6 +90,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="passes over the inputs per preset")
     args = parser.parse_args()
+    load_before = load_average()
 
     with tempfile.TemporaryDirectory() as folder:
         paths = make_inputs(Path(folder))
@@ -98,13 +98,7 @@ def main() -> int:
         miss, hit = time_cache(paths, "paper", Path(folder) / "cache")
 
     result = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "device": "cpu",
-        },
+        "machine": machine_info(load_before),
         "inputs": {"count": len(paths), "source": "nilearn ICBM152 1 mm; RAS, LAS, 1.2x1.2x1.5 mm; float32 .nii.gz"},
         "presets": {
             name: {

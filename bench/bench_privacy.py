@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import load_average, machine_info
 from braing3n_core.config import SiteConfig
 from braing3n_core.fileio import atomic_write_json
 from braing3n_core.presets import Preset, get_preset
@@ -240,7 +240,7 @@ def main() -> int:
     parser.add_argument("--out", default="/tmp/privacy-bench")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    load_before = os.getloadavg()
+    load_before = load_average()
     started = time.perf_counter()
 
     timing = {} if args.skip_timing else {
@@ -259,9 +259,7 @@ def main() -> int:
         "privacy_utility": table,
         "settings": {k: v for k, v in vars(args).items()},
         "seconds": time.perf_counter() - started,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "load_average_before": load_before,
-                    "load_average_after": os.getloadavg()},
+        "machine": machine_info(load_before),
     }
     atomic_write_json(RESULTS.with_name("privacy_step_time.json") if args.skip_utility else RESULTS, result)
     ratios = " ".join(f"{s} {t['ratio']:.2f}x" for s, t in timing.items())

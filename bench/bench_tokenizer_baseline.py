@@ -304,7 +304,8 @@ def encoder_features(encoder: MAEEncoder, data: Sequence[SiteData], preset: Pres
 def probe(features: np.ndarray, table: ProbeTable, label: str, args: argparse.Namespace) -> dict[str, Any]:
     report = run_probes(features, table, folds=args.folds, inner_folds=args.inner_folds, seed=args.seed, encoder=label)
     chance = {k: v for r in report.results for k, v in r.chance.items()}
-    return {"features": int(features.shape[1]), "metrics": report.metrics(), "chance": chance,
+    spread = {k: v for r in report.results for k, v in (r.fold_std or {}).items()}  # across the CV folds
+    return {"features": int(features.shape[1]), "metrics": report.metrics(), "fold_std": spread, "chance": chance,
             "skipped": [f"{s.task}: {s.reason}" for s in report.skipped]}
 
 

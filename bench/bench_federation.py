@@ -31,17 +31,22 @@ are 5–30× slower per step than one while colleagues' jobs run: OpenMP spin-wa
    from each site per round and stage are compared with 4 × the stage's trainable parameters, and the
    frozen encoder is checked to reach each site exactly once per run (an `install_encoder` query) and
    never to ride in a decoder or DiT round.
-3. **Quality.** Linear probes (`probes.run_probes`, subject-grouped 5-fold CV on pooled mean tokens)
-   on every usable scan of all K sites, identically for: (a) the federated MAE encoder of part 1,
-   (b) the centralized MAE of part 1, (c) an MAE trained on each site alone for the same R·L·K steps,
-   (d) the random initialisation all of them start from (same seed).
+3. **Quality.** For each of `--quality-seeds` training seeds: (a) a federated MAE (the real simulation; part
+   1's for its seed), (b) a centralized MAE (part 1's for its seed), (c) an MAE trained on each site alone
+   for the same R·L·K steps and schedule, (d) the random initialisation all of them start from. Linear
+   probes (`probes.run_probes`, subject-grouped 5-fold CV with that seed's folds, on pooled mean tokens of
+   every usable scan of all K sites) score each encoder identically. One training seed's encoders differ
+   from another's about as much as the arms differ (a replay of the federated run whose aggregation only
+   rounded differently moved diagnosis bAcc by 0.07), so the verdict compares means over seeds. The
+   trainings run `--jobs` at a time, one core each.
 
 Prints one summary line; writes bench/results/federation.json with the machine (CPUs, load averages
 before/after each phase, torch/flwr/ray versions).
 
     python bench/bench_federation.py [--preset tiny] [--sites 4] [--subjects 30] [--rounds 10]
         [--local-steps 75] [--batch-size 8] [--lr 3e-3] [--warmup-rounds 1] [--repeats 2] [--core N] [--seed 0]
-        [--out /tmp/federation-bench]
+        [--quality-seeds 0,1,2] [--jobs 2] [--out /tmp/federation-bench] [--skip-overhead] [--skip-bytes]
+        [--skip-quality]
         [--skip-bytes] [--skip-quality]
 """
 
@@ -50,6 +55,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import math
 import os
 import shutil
 import sys
@@ -429,9 +435,7 @@ def overhead(args: argparse.Namespace, cohort: Sequence[Path], out: Path, log: P
     each simulation is compared with the mean of the centralized runs just before and after it."""
     steps = args.rounds * args.local_steps * len(cohort)
     configs = [SiteConfig.from_yaml(p) for p in cohort]
-    run_yaml = write_run_yaml(out / "federated.yaml", "bench-federated", args.preset, args.seed, len(cohort), [
-        {"name": "mae", "rounds": args.rounds, "local_steps": args.local_steps, "batch_size": args.batch_size,
-         "lr": args.lr, "warmup_rounds": args.warmup_rounds, "evaluate_every": 0}])  # 0: federated validation after the last round only, as the trainer does
+    run_yaml = federated_yaml(args, out, len(cohort))
 
     def central(i: int) -> dict[str, Any]:
         return log.run(f"centralized MAE #{i + 1}", lambda: run_centralized(
@@ -584,9 +588,55 @@ def bytes_run(args: argparse.Namespace, cohort: Sequence[Path], out: Path) -> di
 # --- part 3: quality --------------------------------------------------------------------------------------------
 
 
-def site_alone(args: argparse.Namespace, config: SiteConfig, steps: int, sites: int, out: Path) -> dict[str, Any]:
-    """One site's scans for the centralized run's steps and schedule."""
-    return run_centralized([config], args, steps, central_warmup_steps(args, sites), out / "site-alone" / config.site_id)
+def with_seed(args: argparse.Namespace, seed: int) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "seed": seed})
+
+
+def federated_yaml(args: argparse.Namespace, out: Path, sites: int) -> Path:
+    """The MAE stage every federated run of the benchmark trains (part 1 and part 3 alike)."""
+    return write_run_yaml(out / f"federated-seed{args.seed}.yaml", "bench-federated", args.preset, args.seed, sites, [
+        {"name": "mae", "rounds": args.rounds, "local_steps": args.local_steps, "batch_size": args.batch_size,
+         "lr": args.lr, "warmup_rounds": args.warmup_rounds, "evaluate_every": 0}])  # 0: validate after the last round
+
+
+def train_for_quality(kind: str, args: argparse.Namespace, cohort: Sequence[Path], out: Path,
+                      site: str | None = None) -> str:
+    """One training of part 3 (a worker process): the final MAE checkpoint of `kind` for `args.seed`.
+
+    federated: the real simulation; centralized: pooled training subjects; alone: one site's subjects for
+    the centralized run's R·L·K steps and schedule."""
+    steps, folder = args.rounds * args.local_steps * len(cohort), out / "quality" / f"seed{args.seed}"
+    if kind == "federated":
+        run_dir = folder / "federated"
+        run_simulation(cohort, federated_yaml(args, folder, len(cohort)), run_dir)
+        return str(run_dir / "checkpoints" / "mae" / "final.json")
+    configs = [SiteConfig.from_yaml(p) for p in cohort]
+    chosen = [c for c in configs if site is None or c.site_id == site]
+    target = folder / ("centralized" if site is None else f"alone-{site}")
+    return run_centralized(chosen, args, steps, central_warmup_steps(args, len(cohort)), target)["checkpoint"]
+
+
+def _pin_worker(cores: Any) -> None:
+    os.sched_setaffinity(0, {cores.get()})
+    torch.set_num_threads(1)
+
+
+def train_all(jobs: list[tuple[str, argparse.Namespace, str | None]], cohort: Sequence[Path], out: Path,
+              workers: int) -> list[str]:
+    """Every training of part 3, `workers` at a time, each worker on a core of its own (spawned processes:
+    Ray and torch do not survive a fork)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    cores = context.Queue()
+    allowed = sorted(range(os.cpu_count() or 1))
+    for core in allowed[-workers:]:
+        cores.put(core)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_pin_worker, initargs=(cores,)) as pool:
+        futures = [pool.submit(train_for_quality, kind, seeded, list(cohort), out, site)
+                   for kind, seeded, site in jobs]
+        return [f.result() for f in futures]
 
 
 def probe_encoder(encoder, preset: Preset, data: Sequence[SiteData], seed: int, label: str) -> dict[str, Any]:
@@ -616,49 +666,79 @@ def probe_encoder(encoder, preset: Preset, data: Sequence[SiteData], seed: int, 
             "skipped": [{"task": s.task, "reason": s.reason} for s in report.skipped]}
 
 
-def quality(args: argparse.Namespace, cohort: Sequence[Path], data: Sequence[SiteData], part1: dict[str, Any],
+def _mean_sd(values: Sequence[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+
+def quality(args: argparse.Namespace, cohort: Sequence[Path], data: Sequence[SiteData], part1: dict[str, Any] | None,
             out: Path, log: PhaseLog) -> dict[str, Any]:
+    """Part 3 over `--quality-seeds` training seeds: one seed's runs differ from another's (and from a
+    replay whose aggregation rounds differently) by as much as the arms differ, so the verdict is on the
+    means over seeds. Each seed's probes use that seed's folds; part 1's runs are reused for its seed."""
     from braing3n_core.runtime import seed_everything
     from braing3n_core.train import load_encoder
 
     preset = get_preset(args.preset)
-    steps = part1["centralized_steps"]
-    alone = {}
-    for path in cohort:
-        config = SiteConfig.from_yaml(path)
-        alone[config.site_id] = log.run(f"MAE on {config.site_id} alone",
-                                        lambda c=config: site_alone(args, c, steps, len(cohort), out))
-    seed_everything(args.seed)  # what every trainer does before building the MAE: its initial weights
-    encoders = {
-        "federated": load_encoder(Path(part1["federated_final_checkpoint"])),
-        "centralized": load_encoder(Path(part1["centralized_checkpoint"])),
-        **{f"alone/{site}": load_encoder(Path(r["checkpoint"])) for site, r in alone.items()},
-        "random_init": get_stage("mae").build(preset).encoder.eval().requires_grad_(False),
-    }
-    probes = {name: log.run(f"probes: {name}", lambda e=encoder, n=name: probe_encoder(e, preset, data, args.seed, n))
-              for name, encoder in encoders.items()}
-    site_names = [n for n in probes if n.startswith("alone/")]
-    mean_site = {m: float(np.mean([probes[n]["metrics"][m] for n in site_names]))
-                 for m in PROBE_METRICS if all(m in probes[n]["metrics"] for n in site_names)}
-    fed, cen = probes["federated"]["metrics"], probes["centralized"]["metrics"]
+    seeds = [int(s) for s in args.quality_seeds.split(",")]
+    sites = [SiteConfig.from_yaml(p).site_id for p in cohort]
+    jobs: list[tuple[str, argparse.Namespace, str | None]] = []
+    for seed in seeds:
+        reuse = part1 is not None and seed == args.seed
+        kinds = [("alone", s) for s in sites] if reuse else [("federated", None), ("centralized", None),
+                                                             *[("alone", s) for s in sites]]
+        jobs += [(kind, with_seed(args, seed), site) for kind, site in kinds]
+    workers = min(args.jobs, len(jobs))
+    paths = iter(log.run(f"{len(jobs)} trainings for {len(seeds)} seeds, {workers} at a time",
+                         lambda: train_all(jobs, cohort, out, workers)))
+    checkpoints: dict[int, dict[str, str]] = {seed: {} for seed in seeds}
+    for kind, seeded, site in jobs:
+        checkpoints[seeded.seed][kind if site is None else f"alone/{site}"] = next(paths)
+    if part1 is not None and args.seed in checkpoints:
+        checkpoints[args.seed] |= {"federated": part1["federated_final_checkpoint"],
+                                   "centralized": part1["centralized_checkpoint"]}
+
+    per_seed: dict[int, dict[str, Any]] = {}
+    for seed in seeds:
+        seed_everything(seed)  # what every trainer does before building the MAE: its initial weights
+        encoders = {name: load_encoder(Path(path)) for name, path in sorted(checkpoints[seed].items())}
+        encoders["random_init"] = get_stage("mae").build(preset).encoder.eval().requires_grad_(False)
+        per_seed[seed] = {name: log.run(f"probes: seed {seed} {name}",
+                                        lambda e=encoder, n=name, s=seed: probe_encoder(e, preset, data, s, n))
+                          for name, encoder in encoders.items()}
+
+    def values(name: str, metric: str) -> list[float]:
+        return [per_seed[s][name]["metrics"][metric] for s in seeds]
+
+    names = ["federated", "centralized", *[f"alone/{x}" for x in sites], "random_init"]
+    # A task too small to probe (skipped, with its reason, in per_seed) drops out of the comparison.
+    metrics = [m for m in PROBE_METRICS if all(m in per_seed[s][n]["metrics"] for s in seeds for n in names)]
+    site_mean = {m: [float(np.mean([per_seed[s][f"alone/{x}"]["metrics"][m] for x in sites])) for s in seeds]
+                 for m in metrics}
+    summary = {name: {m: _mean_sd(values(name, m)) for m in metrics} for name in names}
+    summary["mean_single_site"] = {m: _mean_sd(v) for m, v in site_mean.items()}
+    fed, cen, one = (summary[n] for n in ("federated", "centralized", "mean_single_site"))
+    mean = lambda row, m: row[m]["mean"] if m in row else math.nan  # nan compares False: no verdict
     verdict = {
         "federated_beats_mean_single_site": {
-            "age_mae": fed["probe/age_mae"] < mean_site["probe/age_mae"],
-            "diagnosis_bacc": fed["probe/diagnosis_bacc"] > mean_site["probe/diagnosis_bacc"]},
+            "age_mae": mean(fed, "probe/age_mae") < mean(one, "probe/age_mae"),
+            "diagnosis_bacc": mean(fed, "probe/diagnosis_bacc") > mean(one, "probe/diagnosis_bacc")},
         # lower is better for MAE: federated ≤ 1.05 × centralized; higher is better for bAcc: ≥ 0.95 ×
         "federated_within_5pct_of_centralized": {
-            "age_mae": fed["probe/age_mae"] <= (1 + QUALITY_TOLERANCE) * cen["probe/age_mae"],
-            "diagnosis_bacc": fed["probe/diagnosis_bacc"] >= (1 - QUALITY_TOLERANCE) * cen["probe/diagnosis_bacc"]},
-        "federated_vs_random_init": {m: fed[m] - probes["random_init"]["metrics"][m] for m in fed},
-        "centralized_vs_random_init": {m: cen[m] - probes["random_init"]["metrics"][m] for m in cen},
+            "age_mae": mean(fed, "probe/age_mae") <= (1 + QUALITY_TOLERANCE) * mean(cen, "probe/age_mae"),
+            "diagnosis_bacc": mean(fed, "probe/diagnosis_bacc") >= (1 - QUALITY_TOLERANCE) * mean(cen, "probe/diagnosis_bacc")},
+        "federated_minus_centralized_per_seed": {
+            m: [a - b for a, b in zip(values("federated", m), values("centralized", m))] for m in metrics},
+        "federated_minus_mean_single_site_per_seed": {
+            m: [a - b for a, b in zip(values("federated", m), site_mean[m])] for m in metrics},
     }
-    return {"training_steps_each": steps, "batch_size": args.batch_size, "probes": probes,
-            "mean_single_site": mean_site, "verdict": verdict,
-            "site_alone_training": {s: {k: r[k] for k in ("seconds", "final_train_loss", "val_masked_l1")}
-                                    for s, r in alone.items()},
-            "protocol": "all usable scans of all sites pooled; mean patch token per scan; probes.run_probes "
-                        "5-fold subject-grouped CV (inner 5-fold for the regularisation), same seed and folds "
-                        "for every encoder"}
+    return {"seeds": seeds, "training_steps_each": args.rounds * args.local_steps * len(cohort),
+            "batch_size": args.batch_size, "lr": args.lr, "summary": summary, "verdict": verdict,
+            "per_seed": {str(s): per_seed[s] for s in seeds}, "checkpoints": {str(s): c for s, c in checkpoints.items()},
+            "protocol": "per training seed: federated (real simulation), centralized and each site alone train the "
+                        "same R*L*K steps of batch B from that seed's initialisation; all usable scans of all "
+                        "sites pooled; mean patch token per scan; probes.run_probes 5-fold subject-grouped CV "
+                        "(inner 5-fold for the regularisation) with that seed's folds, identical for every "
+                        "encoder; the verdict compares means over seeds"}
 
 
 # --- main ---------------------------------------------------------------------------------------------------------
@@ -685,16 +765,15 @@ def summary_line(result: dict[str, Any]) -> str:
                      f"{'yes' if b['encoder']['sent_once_per_site'] else 'NO'}")
     q = result.get("quality")
     if q:
-        p, m = q["probes"], q["mean_single_site"]
-        row = lambda k: (f"fed {p['federated']['metrics'][k]:.3g} / central {p['centralized']['metrics'][k]:.3g} / "
-                         f"site-avg {m[k]:.3g} / random {p['random_init']['metrics'][k]:.3g}")
-        v, chance = q["verdict"], p["federated"]["chance"]
-        parts.append(f"age MAE {row('probe/age_mae')} (mean predictor {chance['probe/age_mae']:.3g}); dx bAcc "
-                     f"{row('probe/diagnosis_bacc')} (chance {chance['probe/diagnosis_bacc']:.2g}); fed beats site-avg "
-                     f"{'/'.join('yes' if x else 'no' for x in v['federated_beats_mean_single_site'].values())}, "
-                     f"within 5% of central "
-                     f"{'/'.join('yes' if x else 'no' for x in v['federated_within_5pct_of_centralized'].values())} "
-                     "(age/dx)")
+        m = q["summary"]
+        row = lambda k: "/".join(f"{m[n][k]['mean']:.3g}" for n in ("federated", "centralized", "mean_single_site",
+                                                                     "random_init"))
+        v = q["verdict"]
+        yes = lambda d: "/".join("yes" if x else "no" for x in d.values())
+        parts.append(f"probes, mean of {len(q['seeds'])} training seeds, fed/central/site-avg/random: age MAE "
+                     f"{row('probe/age_mae')}, dx bAcc {row('probe/diagnosis_bacc')}; fed beats site-avg "
+                     f"{yes(v['federated_beats_mean_single_site'])}, within 5% of central "
+                     f"{yes(v['federated_within_5pct_of_centralized'])} (age/dx)")
     parts.append(f"{result['seconds']:.0f} s")
     return "; ".join(parts)
 
@@ -718,6 +797,10 @@ def main() -> int:
     parser.add_argument("--core", type=int, default=None, help="CPU to pin everything to (default: the last one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="/tmp/federation-bench")
+    parser.add_argument("--quality-seeds", default="0,1,2", help="training seeds of part 3 (comma-separated)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="part 3 trainings at a time, one "
+                        "core each (parts 1 and 2 stay pinned to --core)")
+    parser.add_argument("--skip-overhead", action="store_true", help="part 3 then trains its own runs for every seed")
     parser.add_argument("--skip-bytes", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     args = parser.parse_args()
@@ -748,11 +831,12 @@ def main() -> int:
     }}
     result["cohort"] = {d.config.site_id: {"scans": len(d.records), **{k: len(v) for k, v in d.splits.items()}}
                         for d in data}
-    result["overhead"] = overhead(args, cohort, out, log, core)
+    if not args.skip_overhead:
+        result["overhead"] = overhead(args, cohort, out, log, core)
     if not args.skip_bytes:
         result["bytes"] = log.run("bytes simulation (mae → decoder → dit)", lambda: bytes_run(args, cohort, out))
     if not args.skip_quality:
-        result["quality"] = quality(args, cohort, data, result["overhead"], out, log)
+        result["quality"] = quality(args, cohort, data, result.get("overhead"), out, log)
     result["seconds"] = time.perf_counter() - started
     result["machine"] = {**machine_info(load_before), **versions(), "pinned_core": core, "phases": log.phases}
     line = summary_line(result)

@@ -622,18 +622,17 @@ def _pin_worker(cores: Any) -> None:
 
 
 def train_all(jobs: list[tuple[str, argparse.Namespace, str | None]], cohort: Sequence[Path], out: Path,
-              workers: int) -> list[str]:
-    """Every training of part 3, `workers` at a time, each worker on a core of its own (spawned processes:
+              cores: Sequence[int]) -> list[str]:
+    """Every training of part 3, one worker per core in `cores`, each pinned to its own (spawned processes:
     Ray and torch do not survive a fork)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")
-    cores = context.Queue()
-    allowed = sorted(range(os.cpu_count() or 1))
-    for core in allowed[-workers:]:
-        cores.put(core)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_pin_worker, initargs=(cores,)) as pool:
+    free = context.Queue()
+    for core in cores:
+        free.put(core)
+    with ProcessPoolExecutor(len(cores), mp_context=context, initializer=_pin_worker, initargs=(free,)) as pool:
         futures = [pool.submit(train_for_quality, kind, seeded, list(cohort), out, site)
                    for kind, seeded, site in jobs]
         return [f.result() for f in futures]
@@ -687,9 +686,9 @@ def quality(args: argparse.Namespace, cohort: Sequence[Path], data: Sequence[Sit
         kinds = [("alone", s) for s in sites] if reuse else [("federated", None), ("centralized", None),
                                                              *[("alone", s) for s in sites]]
         jobs += [(kind, with_seed(args, seed), site) for kind, site in kinds]
-    workers = min(args.jobs, len(jobs))
-    paths = iter(log.run(f"{len(jobs)} trainings for {len(seeds)} seeds, {workers} at a time",
-                         lambda: train_all(jobs, cohort, out, workers)))
+    cores = args.cores[-min(args.jobs, len(jobs), len(args.cores)):]
+    paths = iter(log.run(f"{len(jobs)} trainings for {len(seeds)} seeds on cores {cores}",
+                         lambda: train_all(jobs, cohort, out, cores)))
     checkpoints: dict[int, dict[str, str]] = {seed: {} for seed in seeds}
     for kind, seeded, site in jobs:
         checkpoints[seeded.seed][kind if site is None else f"alone/{site}"] = next(paths)
@@ -805,6 +804,7 @@ def main() -> int:
     parser.add_argument("--skip-quality", action="store_true")
     args = parser.parse_args()
 
+    args.cores = sorted(os.sched_getaffinity(0))  # part 3's workers may use them all
     core = pin_to_core(args.core)
     load_before, started = load_average(), time.perf_counter()
     out = Path(args.out)

@@ -61,6 +61,16 @@ class FedProxConfig(StrictModel):
     mu: float = Field(0.01, gt=0.0, description="weight of the proximal term (μ/2)·‖w − w_global‖²")
 
 
+class FedAvgMConfig(StrictModel):
+    """Server momentum on the averaged update (Hsu et al. 2019): m ← β·m + (w − w_avg), w ← w − η_s·m.
+    β = 0.5 by default: in an in-process screen of the federated MAE on the non-IID bench cohort it beat
+    plain FedAvg on diagnosis and age probes in each of 3 seeds; β = 0.9 with η_s = 0.3 did not."""
+
+    name: Literal["fedavgm"]
+    server_lr: float = Field(1.0, gt=0.0)
+    momentum: float = Field(0.5, ge=0.0, lt=1.0)
+
+
 class FedOptConfig(StrictModel):
     """Server-side adaptive optimisers (Reddi et al. 2021); `eta_l` is informational (clients use `lr`)."""
 
@@ -93,11 +103,11 @@ class MultiKrumConfig(StrictModel):
 
 
 StrategyConfig = Annotated[
-    Union[FedAvgConfig, FedProxConfig, FedOptConfig, FedMedianConfig, FedTrimmedAvgConfig, KrumConfig, MultiKrumConfig],
+    Union[FedAvgConfig, FedAvgMConfig, FedProxConfig, FedOptConfig, FedMedianConfig, FedTrimmedAvgConfig, KrumConfig, MultiKrumConfig],
     Field(discriminator="name"),
 ]
 STRATEGY_NAMES: tuple[str, ...] = (
-    "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum", "multikrum",
+    "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum", "multikrum",
 )
 
 

@@ -7,29 +7,58 @@ differ from the global arrays, NaN or Inf values, a non-positive example count, 
 Only accepted replies reach the strategy, so one broken hospital never spoils a round.
 
 Strategies come from Flower's Message API (`flwr.serverapp.strategy`); FedAdam/FedYogi/FedAdagrad keep
-moments (`m_t`, `v_t`) across rounds, which `strategy_state` / `restore_strategy_state` move in and out of
-the per-round checkpoint so a resumed run continues the same optimiser trajectory.
+moments (`m_t`, `v_t`) and FedAvgM its momentum across rounds, which `strategy_state` /
+`restore_strategy_state` move in and out of the per-round checkpoint so a resumed run continues the same
+optimiser trajectory.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
-    FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy,
+    FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy,
 )
 
 from braing3n_core.federated import check_metrics, check_reply_arrays
 from braing3n_core.runconfig import (
-    FedAvgConfig, FedMedianConfig, FedOptConfig, FedProxConfig, FedTrimmedAvgConfig, KrumConfig, MultiKrumConfig,
+    FedAvgConfig, FedAvgMConfig, FedMedianConfig, FedOptConfig, FedProxConfig, FedTrimmedAvgConfig, KrumConfig, MultiKrumConfig,
     StrategyConfig,
 )
 
 _FEDOPT = {"fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}
+_STATE = ("m_t", "v_t", "momentum")  # named optimiser state of the strategies above and of ServerMomentum
+
+
+class ServerMomentum(FedAvgM):
+    """Flower's FedAvgM, with two changes for this server. Each round steps from the global weights the
+    round loop hands it (Flower's keeps its own last aggregate, which the loop may change afterwards, e.g.
+    with central DP noise). Its momentum is named by array (Flower's is a list in array order), so it is
+    checkpointed and restored like FedAdam's moments."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.momentum: dict[str, np.ndarray] | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.current_arrays = arrays
+        self.momentum_vector = None if self.momentum is None else [self.momentum[k] for k in arrays]
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        keys = list(self.current_arrays or {})
+        result = super().aggregate_train(server_round, replies)
+        if self.momentum_vector is not None:
+            self.momentum = dict(zip(keys, (np.asarray(v) for v in self.momentum_vector), strict=True))
+        return result
 
 
 def build_strategy(config: StrategyConfig, min_sites: int) -> FedAvg:
@@ -37,6 +66,8 @@ def build_strategy(config: StrategyConfig, min_sites: int) -> FedAvg:
     common = dict(min_train_nodes=min_sites, min_evaluate_nodes=min_sites, min_available_nodes=min_sites)
     if isinstance(config, FedAvgConfig):
         return FedAvg(**common)
+    if isinstance(config, FedAvgMConfig):
+        return ServerMomentum(**common, server_learning_rate=config.server_lr, server_momentum=config.momentum)
     if isinstance(config, FedProxConfig):
         return FedProx(**common, proximal_mu=config.mu)
     if isinstance(config, FedOptConfig):
@@ -57,14 +88,14 @@ def build_strategy(config: StrategyConfig, min_sites: int) -> FedAvg:
 def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
     """Optimiser state a strategy carries between rounds, as named arrays (empty for stateless ones)."""
     state: dict[str, np.ndarray] = {}
-    for name in ("m_t", "v_t"):
+    for name in _STATE:
         for key, value in (getattr(strategy, name, None) or {}).items():
             state[f"{name}.{key}"] = np.asarray(value)
     return state
 
 
 def restore_strategy_state(strategy: Strategy, state: Mapping[str, np.ndarray]) -> None:
-    for name in ("m_t", "v_t"):
+    for name in _STATE:
         values = {k[len(name) + 1 :]: np.array(v) for k, v in state.items() if k.startswith(name + ".")}
         if values:
             setattr(strategy, name, values)

@@ -36,8 +36,8 @@ are 5–30× slower per step than one while colleagues' jobs run: OpenMP spin-wa
    for the same R·L·K steps and schedule, (d) the random initialisation all of them start from. Linear
    probes (`probes.run_probes`, subject-grouped 5-fold CV with that seed's folds, on pooled mean tokens of
    every usable scan of all K sites) score each encoder identically. One training seed's encoders differ
-   from another's about as much as the arms differ (a replay of the federated run whose aggregation only
-   rounded differently moved diagnosis bAcc by 0.07), so the verdict compares means over seeds. The
+   from another's about as much as the arms differ (the federated arm's diagnosis bAcc spans 0.44–0.49
+   over seeds 0–2), so the verdict compares means over seeds. The
    trainings run `--jobs` at a time, one core each.
 
 Prints one summary line; writes bench/results/federation.json with the machine (CPUs, load averages

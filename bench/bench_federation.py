@@ -31,23 +31,28 @@ are 5–30× slower per step than one while colleagues' jobs run: OpenMP spin-wa
    from each site per round and stage are compared with 4 × the stage's trainable parameters, and the
    frozen encoder is checked to reach each site exactly once per run (an `install_encoder` query) and
    never to ride in a decoder or DiT round.
-3. **Quality.** For each of `--quality-seeds` training seeds: (a) a federated MAE (the real simulation; part
-   1's for its seed), (b) a centralized MAE (part 1's for its seed), (c) an MAE trained on each site alone
-   for the same R·L·K steps and schedule, (d) the random initialisation all of them start from. Linear
-   probes (`probes.run_probes`, subject-grouped 5-fold CV with that seed's folds, on pooled mean tokens of
-   every usable scan of all K sites) score each encoder identically. One training seed's encoders differ
-   from another's about as much as the arms differ (the federated arm's diagnosis bAcc spans 0.44–0.49
-   over seeds 0–2), so the verdict compares means over seeds. The
-   trainings run `--jobs` at a time, one core each.
+3. **Quality.** For each of `--quality-seeds` training seeds, every arm from that seed's initialisation and
+   with the same per-step learning-rate schedule: (a) a federated MAE (the real simulation, R rounds of L
+   steps at each site; part 1's for its seed), (b) a centralized MAE on the pooled training subjects for
+   R·L·K steps (part 1's for its seed), (c) an MAE trained on each site alone for R·L·K steps, (d) the
+   random initialisation all of them start from, and, with `--quality-rounds N`, (e) a federated MAE
+   trained for N rounds (N = R·K: every site performs the centralized run's R·L·K steps, the same wall
+   time when sites train in parallel). Linear probes (`probes.run_probes`, subject-grouped 5-fold CV with
+   that seed's folds, on pooled mean tokens of every usable scan of all K sites) score each encoder
+   identically; each encoder's final validation masked L1 and the spectrum of its probe features
+   (effective rank, share of the first principal component) say how far it trained and how many
+   directions its features use. One training seed's encoders differ from another's about as much as the
+   arms differ (the federated arm's diagnosis bAcc spans 0.44–0.49 over seeds 0–2), so the verdict
+   compares means over seeds and reports the paired federated − centralized differences with a 95%
+   t-interval. The trainings run `--jobs` at a time, one core each, longest first.
 
 Prints one summary line; writes bench/results/federation.json with the machine (CPUs, load averages
 before/after each phase, torch/flwr/ray versions).
 
     python bench/bench_federation.py [--preset tiny] [--sites 4] [--subjects 30] [--rounds 10]
         [--local-steps 75] [--batch-size 8] [--lr 3e-3] [--warmup-rounds 1] [--repeats 2] [--core N] [--seed 0]
-        [--quality-seeds 0,1,2] [--jobs 2] [--out /tmp/federation-bench] [--skip-overhead] [--skip-bytes]
-        [--skip-quality]
-        [--skip-bytes] [--skip-quality]
+        [--quality-seeds 0,1,2] [--quality-rounds N] [--jobs 2] [--out /tmp/federation-bench]
+        [--skip-overhead] [--skip-bytes] [--skip-quality]
 """
 
 from __future__ import annotations
@@ -592,23 +597,29 @@ def with_seed(args: argparse.Namespace, seed: int) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), "seed": seed})
 
 
-def federated_yaml(args: argparse.Namespace, out: Path, sites: int) -> Path:
-    """The MAE stage every federated run of the benchmark trains (part 1 and part 3 alike)."""
-    return write_run_yaml(out / f"federated-seed{args.seed}.yaml", "bench-federated", args.preset, args.seed, sites, [
-        {"name": "mae", "rounds": args.rounds, "local_steps": args.local_steps, "batch_size": args.batch_size,
-         "lr": args.lr, "warmup_rounds": args.warmup_rounds, "evaluate_every": 0}])  # 0: validate after the last round
+def federated_yaml(args: argparse.Namespace, out: Path, sites: int, rounds: int | None = None) -> Path:
+    """The MAE stage every federated run of the benchmark trains: `args.rounds` rounds, or `rounds` with the
+    warm-up stretched in proportion (every site then warms up over the same number of its own steps)."""
+    rounds = rounds or args.rounds
+    warmup = args.warmup_rounds * rounds // args.rounds
+    return write_run_yaml(out / f"federated-{rounds}-seed{args.seed}.yaml", "bench-federated", args.preset,
+                          args.seed, sites, [
+        {"name": "mae", "rounds": rounds, "local_steps": args.local_steps, "batch_size": args.batch_size,
+         "lr": args.lr, "warmup_rounds": warmup, "evaluate_every": 0}])  # 0: validate after the last round
 
 
 def train_for_quality(kind: str, args: argparse.Namespace, cohort: Sequence[Path], out: Path,
                       site: str | None = None) -> str:
     """One training of part 3 (a worker process): the final MAE checkpoint of `kind` for `args.seed`.
 
-    federated: the real simulation; centralized: pooled training subjects; alone: one site's subjects for
-    the centralized run's R·L·K steps and schedule."""
+    federated: the real simulation (R rounds); federated_long: the real simulation for `--quality-rounds`;
+    centralized: pooled training subjects; alone: one site's subjects for the centralized run's R·L·K
+    steps and schedule."""
     steps, folder = args.rounds * args.local_steps * len(cohort), out / "quality" / f"seed{args.seed}"
-    if kind == "federated":
-        run_dir = folder / "federated"
-        run_simulation(cohort, federated_yaml(args, folder, len(cohort)), run_dir)
+    if kind in ("federated", "federated_long"):
+        rounds = args.quality_rounds if kind == "federated_long" else args.rounds
+        run_dir = folder / kind
+        run_simulation(cohort, federated_yaml(args, folder, len(cohort), rounds), run_dir)
         return str(run_dir / "checkpoints" / "mae" / "final.json")
     configs = [SiteConfig.from_yaml(p) for p in cohort]
     chosen = [c for c in configs if site is None or c.site_id == site]
@@ -655,14 +666,45 @@ def probe_encoder(encoder, preset: Preset, data: Sequence[SiteData], seed: int, 
         features.append(pooled_features(cache, usable))
         records += usable
     table: ProbeTable = probe_table(records)
-    report = run_probes(np.concatenate(features).astype(np.float64), table, folds=5, inner_folds=5, seed=seed,
-                        encoder=label)
+    pooled = np.concatenate(features).astype(np.float64)
+    report = run_probes(pooled, table, folds=5, inner_folds=5, seed=seed, encoder=label)
     metrics = {k: float(v) for k, v in report.metrics().items()}
     spread = {k: float(v) for r in report.results for k, v in (r.fold_std or {}).items() if k in PROBE_METRICS}
     chance = {k: float(v) for r in report.results for k, v in r.chance.items() if k in PROBE_METRICS}
     return {"encoder_sha256": encoder_sha256(encoder), "scans": len(records), "subjects": len(set(table.subjects)),
             "metrics": {k: metrics[k] for k in PROBE_METRICS if k in metrics}, "fold_std": spread, "chance": chance,
+            "feature_spectrum": feature_spectrum(pooled),
             "skipped": [{"task": s.task, "reason": s.reason} for s in report.skipped]}
+
+
+def final_validation(checkpoint: Path) -> float:
+    """The run's last validation masked L1, from the metrics.jsonl of the run folder holding `checkpoint`
+    (federated: the example-weighted mean over all sites' validation subjects, i.e. the centralized run's
+    pooled validation set; a site alone: its own validation subjects)."""
+    rows = read_jsonl(checkpoint.parents[2] / "metrics.jsonl")
+    return [r["val/masked_l1"] for r in rows if "val/masked_l1" in r and r.get("site", "aggregate") == "aggregate"][-1]
+
+
+def paired_interval(differences: Sequence[float]) -> dict[str, Any]:
+    """Mean of per-seed paired differences with its 95% t-interval (nan with a single seed)."""
+    from scipy import stats
+
+    n, mean = len(differences), float(np.mean(differences))
+    half = float(stats.t.ppf(0.975, n - 1) * np.std(differences, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return {"per_seed": [float(d) for d in differences], "mean": mean, "ci95": [mean - half, mean + half]}
+
+
+def feature_spectrum(features: np.ndarray) -> dict[str, float]:
+    """How many directions the probe features use: the effective rank (exp of the entropy of the
+    normalised eigenvalues; Roy & Vetterli 2007) of the standardised features' covariance, and the
+    first principal component's share of the raw variance."""
+    centered = features - features.mean(axis=0)
+    raw = np.linalg.svd(centered, compute_uv=False) ** 2
+    scaled = np.linalg.svd(centered / np.where(centered.std(axis=0) > 0, centered.std(axis=0), 1.0),
+                           compute_uv=False) ** 2
+    p = scaled / scaled.sum()
+    return {"effective_rank": float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum())),
+            "first_component_share": float(raw[0] / raw.sum())}
 
 
 def _mean_sd(values: Sequence[float]) -> dict[str, float]:
@@ -683,9 +725,10 @@ def quality(args: argparse.Namespace, cohort: Sequence[Path], data: Sequence[Sit
     jobs: list[tuple[str, argparse.Namespace, str | None]] = []
     for seed in seeds:
         reuse = part1 is not None and seed == args.seed
-        kinds = [("alone", s) for s in sites] if reuse else [("federated", None), ("centralized", None),
-                                                             *[("alone", s) for s in sites]]
+        kinds = [*([("federated_long", None)] if args.quality_rounds else []),
+                 *([] if reuse else [("federated", None), ("centralized", None)]), *[("alone", s) for s in sites]]
         jobs += [(kind, with_seed(args, seed), site) for kind, site in kinds]
+    jobs.sort(key=lambda job: job[0] != "federated_long")  # the longest trainings first: the pool ends sooner
     cores = args.cores[-min(args.jobs, len(jobs), len(args.cores)):]
     paths = iter(log.run(f"{len(jobs)} trainings for {len(seeds)} seeds on cores {cores}",
                          lambda: train_all(jobs, cohort, out, cores)))
@@ -704,40 +747,52 @@ def quality(args: argparse.Namespace, cohort: Sequence[Path], data: Sequence[Sit
         per_seed[seed] = {name: log.run(f"probes: seed {seed} {name}",
                                         lambda e=encoder, n=name, s=seed: probe_encoder(e, preset, data, s, n))
                           for name, encoder in encoders.items()}
+        for name, path in checkpoints[seed].items():
+            per_seed[seed][name]["final_val_masked_l1"] = final_validation(Path(path))
 
     def values(name: str, metric: str) -> list[float]:
         return [per_seed[s][name]["metrics"][metric] for s in seeds]
 
-    names = ["federated", "centralized", *[f"alone/{x}" for x in sites], "random_init"]
+    long = ["federated_long"] if args.quality_rounds else []
+    names = ["federated", *long, "centralized", *[f"alone/{x}" for x in sites], "random_init"]
     # A task too small to probe (skipped, with its reason, in per_seed) drops out of the comparison.
     metrics = [m for m in PROBE_METRICS if all(m in per_seed[s][n]["metrics"] for s in seeds for n in names)]
     site_mean = {m: [float(np.mean([per_seed[s][f"alone/{x}"]["metrics"][m] for x in sites])) for s in seeds]
                  for m in metrics}
     summary = {name: {m: _mean_sd(values(name, m)) for m in metrics} for name in names}
     summary["mean_single_site"] = {m: _mean_sd(v) for m, v in site_mean.items()}
-    fed, cen, one = (summary[n] for n in ("federated", "centralized", "mean_single_site"))
+    cen, one = summary["centralized"], summary["mean_single_site"]
     mean = lambda row, m: row[m]["mean"] if m in row else math.nan  # nan compares False: no verdict
-    verdict = {
-        "federated_beats_mean_single_site": {
-            "age_mae": mean(fed, "probe/age_mae") < mean(one, "probe/age_mae"),
-            "diagnosis_bacc": mean(fed, "probe/diagnosis_bacc") > mean(one, "probe/diagnosis_bacc")},
-        # lower is better for MAE: federated ≤ 1.05 × centralized; higher is better for bAcc: ≥ 0.95 ×
-        "federated_within_5pct_of_centralized": {
-            "age_mae": mean(fed, "probe/age_mae") <= (1 + QUALITY_TOLERANCE) * mean(cen, "probe/age_mae"),
-            "diagnosis_bacc": mean(fed, "probe/diagnosis_bacc") >= (1 - QUALITY_TOLERANCE) * mean(cen, "probe/diagnosis_bacc")},
-        "federated_minus_centralized_per_seed": {
-            m: [a - b for a, b in zip(values("federated", m), values("centralized", m))] for m in metrics},
-        "federated_minus_mean_single_site_per_seed": {
-            m: [a - b for a, b in zip(values("federated", m), site_mean[m])] for m in metrics},
-    }
+
+    def verdict(arm: str) -> dict[str, Any]:
+        fed = summary[arm]
+        return {
+            "federated_beats_mean_single_site": {
+                "age_mae": mean(fed, "probe/age_mae") < mean(one, "probe/age_mae"),
+                "diagnosis_bacc": mean(fed, "probe/diagnosis_bacc") > mean(one, "probe/diagnosis_bacc")},
+            # lower is better for MAE: federated ≤ 1.05 × centralized; higher is better for bAcc: ≥ 0.95 ×
+            "federated_within_5pct_of_centralized": {
+                "age_mae": mean(fed, "probe/age_mae") <= (1 + QUALITY_TOLERANCE) * mean(cen, "probe/age_mae"),
+                "diagnosis_bacc": (mean(fed, "probe/diagnosis_bacc")
+                                   >= (1 - QUALITY_TOLERANCE) * mean(cen, "probe/diagnosis_bacc"))},
+            "federated_minus_centralized": {
+                m: paired_interval([a - b for a, b in zip(values(arm, m), values("centralized", m))]) for m in metrics},
+            "federated_minus_mean_single_site": {
+                m: paired_interval([a - b for a, b in zip(values(arm, m), site_mean[m])]) for m in metrics},
+        }
+
     return {"seeds": seeds, "training_steps_each": args.rounds * args.local_steps * len(cohort),
-            "batch_size": args.batch_size, "lr": args.lr, "summary": summary, "verdict": verdict,
+            "batch_size": args.batch_size, "lr": args.lr,
+            "federated_rounds": {"federated": args.rounds, **({"federated_long": args.quality_rounds} if long else {})},
+            "summary": summary, "verdict": verdict("federated"),
+            **({"verdict_federated_long": verdict("federated_long")} if long else {}),
             "per_seed": {str(s): per_seed[s] for s in seeds}, "checkpoints": {str(s): c for s, c in checkpoints.items()},
-            "protocol": "per training seed: federated (real simulation), centralized and each site alone train the "
-                        "same R*L*K steps of batch B from that seed's initialisation; all usable scans of all "
-                        "sites pooled; mean patch token per scan; probes.run_probes 5-fold subject-grouped CV "
-                        "(inner 5-fold for the regularisation) with that seed's folds, identical for every "
-                        "encoder; the verdict compares means over seeds"}
+            "protocol": "per training seed, all from that seed's initialisation with batch B and the same per-step "
+                        "learning-rate schedule: federated (real simulation, R rounds of L steps per site), "
+                        "centralized and each site alone R*L*K steps; federated_long (--quality-rounds N) N "
+                        "rounds; all usable scans of all sites pooled; mean patch token per scan; "
+                        "probes.run_probes 5-fold subject-grouped CV (inner 5-fold for the regularisation) with "
+                        "that seed's folds, identical for every encoder; the verdict compares means over seeds"}
 
 
 # --- main ---------------------------------------------------------------------------------------------------------
@@ -767,12 +822,21 @@ def summary_line(result: dict[str, Any]) -> str:
         m = q["summary"]
         row = lambda k: "/".join(f"{m[n][k]['mean']:.3g}" for n in ("federated", "centralized", "mean_single_site",
                                                                      "random_init"))
-        v = q["verdict"]
         yes = lambda d: "/".join("yes" if x else "no" for x in d.values())
+        v = q["verdict"]
+        ci = v["federated_minus_centralized"]["probe/diagnosis_bacc"]["ci95"]
         parts.append(f"probes, mean of {len(q['seeds'])} training seeds, fed/central/site-avg/random: age MAE "
                      f"{row('probe/age_mae')}, dx bAcc {row('probe/diagnosis_bacc')}; fed beats site-avg "
                      f"{yes(v['federated_beats_mean_single_site'])}, within 5% of central "
-                     f"{yes(v['federated_within_5pct_of_centralized'])} (age/dx)")
+                     f"{yes(v['federated_within_5pct_of_centralized'])} (age/dx); fed - central dx bAcc 95% CI "
+                     f"[{ci[0]:.3f}, {ci[1]:.3f}]")
+        if "federated_long" in m:
+            w = q["verdict_federated_long"]
+            parts.append(f"fed {q['federated_rounds']['federated_long']} rounds: age MAE "
+                         f"{m['federated_long']['probe/age_mae']['mean']:.3g}, dx bAcc "
+                         f"{m['federated_long']['probe/diagnosis_bacc']['mean']:.3g}; beats site-avg "
+                         f"{yes(w['federated_beats_mean_single_site'])}, within 5% "
+                         f"{yes(w['federated_within_5pct_of_centralized'])}")
     parts.append(f"{result['seconds']:.0f} s")
     return "; ".join(parts)
 
@@ -797,6 +861,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="/tmp/federation-bench")
     parser.add_argument("--quality-seeds", default="0,1,2", help="training seeds of part 3 (comma-separated)")
+    parser.add_argument("--quality-rounds", type=int, default=None, help="adds a federated arm of N rounds to "
+                        "part 3 (N = R*K: each site performs as many steps as the centralized run)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="part 3 trainings at a time, one "
                         "core each (parts 1 and 2 stay pinned to --core)")
     parser.add_argument("--skip-overhead", action="store_true", help="part 3 then trains its own runs for every seed")

@@ -685,6 +685,15 @@ def final_validation(checkpoint: Path) -> float:
     return [r["val/masked_l1"] for r in rows if "val/masked_l1" in r and r.get("site", "aggregate") == "aggregate"][-1]
 
 
+def initial_encoder(preset: Preset, seed: int):
+    """The encoder every trainer of `seed` starts from: seeded, then built first (building any other model
+    before it, even one whose weights a checkpoint then replaces, draws from the generator)."""
+    from braing3n_core.runtime import seed_everything
+
+    seed_everything(seed)
+    return get_stage("mae").build(preset).encoder.eval().requires_grad_(False)
+
+
 def paired_interval(differences: Sequence[float]) -> dict[str, Any]:
     """Mean of per-seed paired differences with its 95% t-interval (nan with a single seed)."""
     from scipy import stats
@@ -716,7 +725,6 @@ def quality(args: argparse.Namespace, cohort: Sequence[Path], data: Sequence[Sit
     """Part 3 over `--quality-seeds` training seeds: one seed's runs differ from another's (and from a
     replay whose aggregation rounds differently) by as much as the arms differ, so the verdict is on the
     means over seeds. Each seed's probes use that seed's folds; part 1's runs are reused for its seed."""
-    from braing3n_core.runtime import seed_everything
     from braing3n_core.train import load_encoder
 
     preset = get_preset(args.preset)
@@ -741,9 +749,8 @@ def quality(args: argparse.Namespace, cohort: Sequence[Path], data: Sequence[Sit
 
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in seeds:
-        seed_everything(seed)  # what every trainer does before building the MAE: its initial weights
-        encoders = {name: load_encoder(Path(path)) for name, path in sorted(checkpoints[seed].items())}
-        encoders["random_init"] = get_stage("mae").build(preset).encoder.eval().requires_grad_(False)
+        encoders = {"random_init": initial_encoder(preset, seed)}
+        encoders |= {name: load_encoder(Path(path)) for name, path in sorted(checkpoints[seed].items())}
         per_seed[seed] = {name: log.run(f"probes: seed {seed} {name}",
                                         lambda e=encoder, n=name, s=seed: probe_encoder(e, preset, data, s, n))
                           for name, encoder in encoders.items()}

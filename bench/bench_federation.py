@@ -52,7 +52,7 @@ before/after each phase, torch/flwr/ray versions).
     python bench/bench_federation.py [--preset tiny] [--sites 4] [--subjects 30] [--rounds 10]
         [--local-steps 75] [--batch-size 8] [--lr 3e-3] [--warmup-rounds 1] [--repeats 2] [--core N] [--seed 0]
         [--quality-seeds 0,1,2] [--quality-rounds N] [--jobs 2] [--out /tmp/federation-bench]
-        [--skip-overhead] [--skip-bytes] [--skip-quality]
+        [--skip-overhead] [--skip-bytes] [--skip-quality] [--results bench/results/federation.json]
 """
 
 from __future__ import annotations
@@ -875,6 +875,8 @@ def main() -> int:
     parser.add_argument("--skip-overhead", action="store_true", help="part 3 then trains its own runs for every seed")
     parser.add_argument("--skip-bytes", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--results", default=str(RESULTS), help="where the JSON goes (a run of other "
+                        "seeds or parts only should not replace the full run's file)")
     args = parser.parse_args()
 
     args.cores = sorted(os.sched_getaffinity(0))  # part 3's workers may use them all
@@ -914,7 +916,7 @@ def main() -> int:
     result["machine"] = {**machine_info(load_before), **versions(), "pinned_core": core, "phases": log.phases}
     line = summary_line(result)
     result["summary"] = line
-    atomic_write_json(RESULTS, result)
+    atomic_write_json(Path(args.results), result)
     print(line)
     return 0
 

@@ -81,6 +81,7 @@ from bench.common import load_average, machine_info
 from braing3n_core.config import SiteConfig
 from braing3n_core.data.datasets import SiteData, load_site
 from braing3n_core.fileio import atomic_write_json
+from braing3n_core.models.mae import MAEEncoder
 from braing3n_core.presets import Preset, get_preset
 from braing3n_core.stages import STAGE_ORDER, get_stage, trainable_state
 
@@ -685,13 +686,12 @@ def final_validation(checkpoint: Path) -> float:
     return [r["val/masked_l1"] for r in rows if "val/masked_l1" in r and r.get("site", "aggregate") == "aggregate"][-1]
 
 
-def initial_encoder(preset: Preset, seed: int):
-    """The encoder every trainer of `seed` starts from: seeded, then built first (building any other model
-    before it, even one whose weights a checkpoint then replaces, draws from the generator)."""
-    from braing3n_core.runtime import seed_everything
+def initial_encoder(preset: Preset, seed: int) -> MAEEncoder:
+    """The encoder every trainer of `seed` starts from (`train.initial_model`: seeded right before it is
+    built; building any other model first, even one a checkpoint then overwrites, would shift it)."""
+    from braing3n_core.train import initial_model
 
-    seed_everything(seed)
-    return get_stage("mae").build(preset).encoder.eval().requires_grad_(False)
+    return initial_model("mae", preset, seed).encoder.eval().requires_grad_(False)
 
 
 def paired_interval(differences: Sequence[float]) -> dict[str, Any]:
@@ -708,9 +708,9 @@ def feature_spectrum(features: np.ndarray) -> dict[str, float]:
     normalised eigenvalues; Roy & Vetterli 2007) of the standardised features' covariance, and the
     first principal component's share of the raw variance."""
     centered = features - features.mean(axis=0)
+    spread = centered.std(axis=0)
     raw = np.linalg.svd(centered, compute_uv=False) ** 2
-    scaled = np.linalg.svd(centered / np.where(centered.std(axis=0) > 0, centered.std(axis=0), 1.0),
-                           compute_uv=False) ** 2
+    scaled = np.linalg.svd(centered / np.where(spread > 0, spread, 1.0), compute_uv=False) ** 2
     p = scaled / scaled.sum()
     return {"effective_rank": float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum())),
             "first_component_share": float(raw[0] / raw.sum())}

@@ -269,14 +269,17 @@ class TreeCPU:
 # --- part 1: overhead ----------------------------------------------------------------------------------------
 
 
-def run_simulation(site_yamls: Sequence[Path], run_yaml: Path, run_dir: Path) -> tuple[float, float, float]:
-    """(start, end, seconds) of one `simulate` call, wall clock; the run folder is new. Flower's output
+def run_simulation(site_yamls: Sequence[Path], run_yaml: Path, run_dir: Path,
+                   resume: bool = False) -> tuple[float, float, float]:
+    """(start, end, seconds) of one `simulate` call, wall clock; the run folder is new unless `resume`
+    (then a stopped run continues; `simulate` refuses a folder pinned to another recipe). Flower's output
     goes to the run folder's logs/ (the simulate wrapper writes it there), not to this terminal."""
     from braing3n_core.simulate import simulate
 
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if not resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
     started = time.time()
-    simulate(list(site_yamls), run_yaml, run_dir, echo=lambda _line: None)
+    simulate(list(site_yamls), run_yaml, run_dir, resume=resume, echo=lambda _line: None)
     ended = time.time()
     return started, ended, ended - started
 
@@ -327,13 +330,15 @@ def federated_timeline(run_dir: Path, stage: str, started: float, ended: float) 
 
 
 def run_centralized(configs: Sequence[SiteConfig], args: argparse.Namespace, steps: int, warmup_steps: int,
-                    out_dir: Path) -> dict[str, Any]:
-    """`train_centralized` (MAE) timed as a whole; its own ledger splits the loop from the rest."""
+                    out_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """`train_centralized` (MAE) timed as a whole; its own ledger splits the loop from the rest. A fresh
+    folder unless `resume` (then the trainer continues from, or returns, the last checkpoint it finds)."""
     from braing3n_core.train import TrainOptions, train_centralized
 
-    shutil.rmtree(out_dir, ignore_errors=True)  # the trainer resumes from checkpoints it finds
+    if not resume:
+        shutil.rmtree(out_dir, ignore_errors=True)  # the trainer resumes from checkpoints it finds
     options = TrainOptions(stage="mae", preset=args.preset, steps=steps, batch_size=args.batch_size, seed=args.seed,
-                           lr=args.lr, warmup_steps=warmup_steps, out_dir=out_dir)
+                           lr=args.lr, warmup_steps=warmup_steps, out_dir=out_dir, resume=resume)
     started, cpu = time.perf_counter(), time.process_time()
     checkpoint = train_centralized(list(configs), options)
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
@@ -619,13 +624,24 @@ def train_for_quality(kind: str, args: argparse.Namespace, cohort: Sequence[Path
     steps, folder = args.rounds * args.local_steps * len(cohort), out / "quality" / f"seed{args.seed}"
     if kind in ("federated", "federated_long"):
         rounds = args.quality_rounds if kind == "federated_long" else args.rounds
-        run_dir = folder / kind
-        run_simulation(cohort, federated_yaml(args, folder, len(cohort), rounds), run_dir)
+        run_dir, run_yaml = folder / kind, federated_yaml(args, folder, len(cohort), rounds)
+        if not (args.resume and finished_run(run_dir, run_yaml)):
+            run_simulation(cohort, run_yaml, run_dir, resume=args.resume)
         return str(run_dir / "checkpoints" / "mae" / "final.json")
     configs = [SiteConfig.from_yaml(p) for p in cohort]
     chosen = [c for c in configs if site is None or c.site_id == site]
     target = folder / ("centralized" if site is None else f"alone-{site}")
-    return run_centralized(chosen, args, steps, central_warmup_steps(args, len(cohort)), target)["checkpoint"]
+    return run_centralized(chosen, args, steps, central_warmup_steps(args, len(cohort)), target,
+                           resume=args.resume)["checkpoint"]
+
+
+def finished_run(run_dir: Path, run_yaml: Path) -> bool:
+    """Whether `run_dir` holds a completed simulation of exactly `run_yaml`'s recipe."""
+    from braing3n_core.runconfig import RunConfig
+
+    pinned = run_dir / "run.yaml"
+    return ((run_dir / "run_complete.json").is_file() and pinned.is_file()
+            and RunConfig.from_yaml(pinned).same_recipe(RunConfig.from_yaml(run_yaml)))
 
 
 def _pin_worker(cores: Any) -> None:
@@ -720,6 +736,46 @@ def _mean_sd(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
 
+def summarize_quality(per_seed: dict[int, dict[str, Any]], sites: Sequence[str]) -> dict[str, Any]:
+    """Means over training seeds per arm, and the verdicts on the targets, from each seed's probe results
+    (every seed must hold the same arms; `federated_long` is judged too where present)."""
+    seeds = sorted(per_seed)
+
+    def values(name: str, metric: str) -> list[float]:
+        return [per_seed[s][name]["metrics"][metric] for s in seeds]
+
+    long = ["federated_long"] if all("federated_long" in per_seed[s] for s in seeds) else []
+    names = ["federated", *long, "centralized", *[f"alone/{x}" for x in sites], "random_init"]
+    # A task too small to probe (skipped, with its reason, in per_seed) drops out of the comparison.
+    metrics = [m for m in PROBE_METRICS if all(m in per_seed[s][n]["metrics"] for s in seeds for n in names)]
+    site_mean = {m: [float(np.mean([per_seed[s][f"alone/{x}"]["metrics"][m] for x in sites])) for s in seeds]
+                 for m in metrics}
+    summary = {name: {m: _mean_sd(values(name, m)) for m in metrics} for name in names}
+    summary["mean_single_site"] = {m: _mean_sd(v) for m, v in site_mean.items()}
+    cen, one = summary["centralized"], summary["mean_single_site"]
+    mean = lambda row, m: row[m]["mean"] if m in row else math.nan  # nan compares False: no verdict
+
+    def verdict(arm: str) -> dict[str, Any]:
+        fed = summary[arm]
+        return {
+            "federated_beats_mean_single_site": {
+                "age_mae": mean(fed, "probe/age_mae") < mean(one, "probe/age_mae"),
+                "diagnosis_bacc": mean(fed, "probe/diagnosis_bacc") > mean(one, "probe/diagnosis_bacc")},
+            # lower is better for MAE: federated ≤ 1.05 × centralized; higher is better for bAcc: ≥ 0.95 ×
+            "federated_within_5pct_of_centralized": {
+                "age_mae": mean(fed, "probe/age_mae") <= (1 + QUALITY_TOLERANCE) * mean(cen, "probe/age_mae"),
+                "diagnosis_bacc": (mean(fed, "probe/diagnosis_bacc")
+                                   >= (1 - QUALITY_TOLERANCE) * mean(cen, "probe/diagnosis_bacc"))},
+            "federated_minus_centralized": {
+                m: paired_interval([a - b for a, b in zip(values(arm, m), values("centralized", m))]) for m in metrics},
+            "federated_minus_mean_single_site": {
+                m: paired_interval([a - b for a, b in zip(values(arm, m), site_mean[m])]) for m in metrics},
+        }
+
+    return {"summary": summary, "verdict": verdict("federated"),
+            **({"verdict_federated_long": verdict("federated_long")} if long else {})}
+
+
 def quality(args: argparse.Namespace, cohort: Sequence[Path], data: Sequence[SiteData], part1: dict[str, Any] | None,
             out: Path, log: PhaseLog) -> dict[str, Any]:
     """Part 3 over `--quality-seeds` training seeds: one seed's runs differ from another's (and from a
@@ -757,42 +813,11 @@ def quality(args: argparse.Namespace, cohort: Sequence[Path], data: Sequence[Sit
         for name, path in checkpoints[seed].items():
             per_seed[seed][name]["final_val_masked_l1"] = final_validation(Path(path))
 
-    def values(name: str, metric: str) -> list[float]:
-        return [per_seed[s][name]["metrics"][metric] for s in seeds]
-
-    long = ["federated_long"] if args.quality_rounds else []
-    names = ["federated", *long, "centralized", *[f"alone/{x}" for x in sites], "random_init"]
-    # A task too small to probe (skipped, with its reason, in per_seed) drops out of the comparison.
-    metrics = [m for m in PROBE_METRICS if all(m in per_seed[s][n]["metrics"] for s in seeds for n in names)]
-    site_mean = {m: [float(np.mean([per_seed[s][f"alone/{x}"]["metrics"][m] for x in sites])) for s in seeds]
-                 for m in metrics}
-    summary = {name: {m: _mean_sd(values(name, m)) for m in metrics} for name in names}
-    summary["mean_single_site"] = {m: _mean_sd(v) for m, v in site_mean.items()}
-    cen, one = summary["centralized"], summary["mean_single_site"]
-    mean = lambda row, m: row[m]["mean"] if m in row else math.nan  # nan compares False: no verdict
-
-    def verdict(arm: str) -> dict[str, Any]:
-        fed = summary[arm]
-        return {
-            "federated_beats_mean_single_site": {
-                "age_mae": mean(fed, "probe/age_mae") < mean(one, "probe/age_mae"),
-                "diagnosis_bacc": mean(fed, "probe/diagnosis_bacc") > mean(one, "probe/diagnosis_bacc")},
-            # lower is better for MAE: federated ≤ 1.05 × centralized; higher is better for bAcc: ≥ 0.95 ×
-            "federated_within_5pct_of_centralized": {
-                "age_mae": mean(fed, "probe/age_mae") <= (1 + QUALITY_TOLERANCE) * mean(cen, "probe/age_mae"),
-                "diagnosis_bacc": (mean(fed, "probe/diagnosis_bacc")
-                                   >= (1 - QUALITY_TOLERANCE) * mean(cen, "probe/diagnosis_bacc"))},
-            "federated_minus_centralized": {
-                m: paired_interval([a - b for a, b in zip(values(arm, m), values("centralized", m))]) for m in metrics},
-            "federated_minus_mean_single_site": {
-                m: paired_interval([a - b for a, b in zip(values(arm, m), site_mean[m])]) for m in metrics},
-        }
-
     return {"seeds": seeds, "training_steps_each": args.rounds * args.local_steps * len(cohort),
             "batch_size": args.batch_size, "lr": args.lr,
-            "federated_rounds": {"federated": args.rounds, **({"federated_long": args.quality_rounds} if long else {})},
-            "summary": summary, "verdict": verdict("federated"),
-            **({"verdict_federated_long": verdict("federated_long")} if long else {}),
+            "federated_rounds": {"federated": args.rounds, **({"federated_long": args.quality_rounds}
+                                                               if args.quality_rounds else {})},
+            **summarize_quality(per_seed, sites),
             "per_seed": {str(s): per_seed[s] for s in seeds}, "checkpoints": {str(s): c for s, c in checkpoints.items()},
             "protocol": "per training seed, all from that seed's initialisation with batch B and the same per-step "
                         "learning-rate schedule: federated (real simulation, R rounds of L steps per site), "
@@ -803,6 +828,64 @@ def quality(args: argparse.Namespace, cohort: Sequence[Path], data: Sequence[Sit
 
 
 # --- main ---------------------------------------------------------------------------------------------------------
+
+
+# Settings that change what part 3 measures: results to be combined must agree on them.
+QUALITY_SETTINGS = ("preset", "sites", "subjects", "voxel_mm", "rounds", "local_steps", "batch_size", "lr",
+                    "warmup_rounds", "seed", "quality_rounds")
+
+
+def combine_results(paths: Sequence[Path]) -> dict[str, Any]:
+    """Part 3 of several runs (other training seeds of the same cohort and recipe) judged together."""
+    runs = [(path, json.loads(Path(path).read_text())) for path in paths]
+    per_seed: dict[int, dict[str, Any]] = {}
+    first_path, first = runs[0]
+    for path, run in runs:
+        if "quality" not in run:
+            raise SystemExit(f"{path}: no quality part to combine")
+        differ = {k: (first["settings"].get(k), run["settings"].get(k)) for k in QUALITY_SETTINGS
+                  if first["settings"].get(k) != run["settings"].get(k)}
+        if differ:
+            raise SystemExit(f"{path}: settings differ from {first_path}'s: {differ}")
+        for seed, arms in run["quality"]["per_seed"].items():
+            if int(seed) in per_seed:
+                raise SystemExit(f"{path}: training seed {seed} is also in an earlier file")
+            per_seed[int(seed)] = arms
+    sites = sorted(name.split("/", 1)[1] for name in per_seed[min(per_seed)] if name.startswith("alone/"))
+    quality = {"seeds": sorted(per_seed), **{k: first["quality"][k] for k in
+                                              ("training_steps_each", "batch_size", "lr", "federated_rounds")},
+               **summarize_quality(per_seed, sites), "per_seed": {str(s): per_seed[s] for s in sorted(per_seed)},
+               "protocol": first["quality"]["protocol"]}
+    sources = [{"file": str(path), "seeds": run["quality"]["seeds"], "summary": run.get("summary"),
+                "machine": run.get("machine", {}).get("cpu_model")} for path, run in runs]
+    return {"benchmark": "federation (part 3 combined)", "settings": {k: first["settings"].get(k)
+                                                                     for k in QUALITY_SETTINGS},
+            "sources": sources, "quality": quality}
+
+
+def quality_line(q: dict[str, Any]) -> str:
+    """The probe part of the summary line."""
+    m = q["summary"]
+    row = lambda k: "/".join(f"{m[n][k]['mean']:.3g}" for n in ("federated", "centralized", "mean_single_site",
+                                                                 "random_init"))
+    yes = lambda d: "/".join("yes" if x else "no" for x in d.values())
+    v = q["verdict"]
+    ci = v["federated_minus_centralized"]["probe/diagnosis_bacc"]["ci95"]
+    parts = [f"probes, mean of {len(q['seeds'])} training seeds, fed/central/site-avg/random: age MAE "
+             f"{row('probe/age_mae')}, dx bAcc {row('probe/diagnosis_bacc')}; fed beats site-avg "
+             f"{yes(v['federated_beats_mean_single_site'])}, within 5% of central "
+             f"{yes(v['federated_within_5pct_of_centralized'])} (age/dx); fed - central dx bAcc 95% CI "
+             f"[{ci[0]:.3f}, {ci[1]:.3f}]"]
+    if "federated_long" in m:
+        w = q["verdict_federated_long"]
+        ci = w["federated_minus_centralized"]["probe/diagnosis_bacc"]["ci95"]
+        parts.append(f"fed {q['federated_rounds']['federated_long']} rounds: age MAE "
+                     f"{m['federated_long']['probe/age_mae']['mean']:.3g}, dx bAcc "
+                     f"{m['federated_long']['probe/diagnosis_bacc']['mean']:.3g}; beats site-avg "
+                     f"{yes(w['federated_beats_mean_single_site'])}, within 5% "
+                     f"{yes(w['federated_within_5pct_of_centralized'])}; - central dx bAcc 95% CI "
+                     f"[{ci[0]:.3f}, {ci[1]:.3f}]")
+    return "; ".join(parts)
 
 
 def summary_line(result: dict[str, Any]) -> str:
@@ -824,26 +907,8 @@ def summary_line(result: dict[str, Any]) -> str:
         ratios = " ".join(f"{s} {b[s]['ratio_to_4x_params']:.3f}" for s in STAGE_ORDER)
         parts.append(f"bytes/site/round ÷ 4·params: {ratios}; encoder once per site: "
                      f"{'yes' if b['encoder']['sent_once_per_site'] else 'NO'}")
-    q = result.get("quality")
-    if q:
-        m = q["summary"]
-        row = lambda k: "/".join(f"{m[n][k]['mean']:.3g}" for n in ("federated", "centralized", "mean_single_site",
-                                                                     "random_init"))
-        yes = lambda d: "/".join("yes" if x else "no" for x in d.values())
-        v = q["verdict"]
-        ci = v["federated_minus_centralized"]["probe/diagnosis_bacc"]["ci95"]
-        parts.append(f"probes, mean of {len(q['seeds'])} training seeds, fed/central/site-avg/random: age MAE "
-                     f"{row('probe/age_mae')}, dx bAcc {row('probe/diagnosis_bacc')}; fed beats site-avg "
-                     f"{yes(v['federated_beats_mean_single_site'])}, within 5% of central "
-                     f"{yes(v['federated_within_5pct_of_centralized'])} (age/dx); fed - central dx bAcc 95% CI "
-                     f"[{ci[0]:.3f}, {ci[1]:.3f}]")
-        if "federated_long" in m:
-            w = q["verdict_federated_long"]
-            parts.append(f"fed {q['federated_rounds']['federated_long']} rounds: age MAE "
-                         f"{m['federated_long']['probe/age_mae']['mean']:.3g}, dx bAcc "
-                         f"{m['federated_long']['probe/diagnosis_bacc']['mean']:.3g}; beats site-avg "
-                         f"{yes(w['federated_beats_mean_single_site'])}, within 5% "
-                         f"{yes(w['federated_within_5pct_of_centralized'])}")
+    if result.get("quality"):
+        parts.append(quality_line(result["quality"]))
     parts.append(f"{result['seconds']:.0f} s")
     return "; ".join(parts)
 
@@ -877,7 +942,18 @@ def main() -> int:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--results", default=str(RESULTS), help="where the JSON goes (a run of other "
                         "seeds or parts only should not replace the full run's file)")
+    parser.add_argument("--resume", action="store_true", help="part 3 reuses the trainings already complete "
+                        "in --out and continues stopped ones (same arguments; a stopped training resumes from "
+                        "its last checkpoint, so it is not bit-identical to an uninterrupted one)")
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="RESULTS", help="judge part 3 of these "
+                        "result files (other seeds of the same cohort and recipe) together; writes --results")
     args = parser.parse_args()
+    if args.combine:
+        combined = combine_results(args.combine)
+        combined["summary"] = quality_line(combined["quality"])
+        atomic_write_json(Path(args.results), combined)
+        print(combined["summary"])
+        return 0
 
     args.cores = sorted(os.sched_getaffinity(0))  # part 3's workers may use them all
     core = pin_to_core(args.core)

@@ -44,7 +44,9 @@ are 5–30× slower per step than one while colleagues' jobs run: OpenMP spin-wa
    directions its features use. One training seed's encoders differ from another's about as much as the
    arms differ (the federated arm's diagnosis bAcc spans 0.44–0.49 over seeds 0–2), so the verdict
    compares means over seeds and reports the paired federated − centralized differences with a 95%
-   t-interval. The trainings run `--jobs` at a time, one core each, longest first.
+   t-interval. The trainings run `--jobs` at a time, one core each, longest first. `--resume` reuses the
+   trainings a stopped run of the same arguments completed in `--out`; `--combine` judges the quality
+   parts of several result files (further seeds of the same cohort and recipe) together.
 
 Prints one summary line; writes bench/results/federation.json with the machine (CPUs, load averages
 before/after each phase, torch/flwr/ray versions).
@@ -52,7 +54,8 @@ before/after each phase, torch/flwr/ray versions).
     python bench/bench_federation.py [--preset tiny] [--sites 4] [--subjects 30] [--rounds 10]
         [--local-steps 75] [--batch-size 8] [--lr 3e-3] [--warmup-rounds 1] [--repeats 2] [--core N] [--seed 0]
         [--quality-seeds 0,1,2] [--quality-rounds N] [--jobs 2] [--out /tmp/federation-bench]
-        [--skip-overhead] [--skip-bytes] [--skip-quality] [--results bench/results/federation.json]
+        [--skip-overhead] [--skip-bytes] [--skip-quality] [--resume] [--results bench/results/federation.json]
+    python bench/bench_federation.py --combine RESULTS.json... --results COMBINED.json
 """
 
 from __future__ import annotations

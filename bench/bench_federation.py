@@ -35,22 +35,23 @@ are 5–30× slower per step than one while colleagues' jobs run: OpenMP spin-wa
    with the same per-step learning-rate schedule: (a) a federated MAE (the real simulation, R rounds of L
    steps at each site; part 1's for its seed), (b) a centralized MAE on the pooled training subjects for
    R·L·K steps (part 1's for its seed), (c) an MAE trained on each site alone for R·L·K steps, (d) the
-   random initialisation all of them start from, and (e) a federated MAE trained for `--quality-rounds`
-   N rounds (default N = R·K: every site performs the R·L·K steps that the centralized run and each site
-   alone perform, the same wall time when sites train in parallel; 0 leaves this arm out). Arm (a) sees
-   the centralized run's samples but gives each site a K-th of its steps. The sites' updates agree (FedExP's
+   random initialisation all of them start from, and (e) a federated MAE trained for `--quality-rounds` N
+   rounds (default N = R·K: every site performs the R·L·K steps that the centralized run and each site alone
+   perform, the same wall time when sites train in parallel; 0 leaves this arm out). Arm (a) sees the
+   centralized run's samples but gives each site a K-th of its steps. The sites' updates agree (FedExP's
    adaptive server step, Jhunjhunwala et al. 2023, tried on two seeds, stayed at 1.0–1.1), so an averaged
    round moves the model about as far as one site's L steps: (a) ends at the loss the centralized run had
-   near step 900 of 3,000. Arm (e) is the comparison at equal per-site compute. Linear probes (`probes.run_probes`, subject-grouped 5-fold CV with
-   that seed's folds, on pooled mean tokens of every usable scan of all K sites) score each encoder
-   identically; each encoder's final validation masked L1 and the spectrum of its probe features
-   (effective rank, share of the first principal component) say how far it trained and how many
-   directions its features use. One training seed's encoders differ from another's about as much as the
-   arms differ (the federated arm's diagnosis bAcc spans 0.42–0.53 over seeds 0–9), so the verdict
-   compares means over seeds (ten by default: about 2.5 h on 2 cores) and reports the paired federated − centralized differences with a 95%
-   t-interval. The trainings run `--jobs` at a time, one core each, longest first. `--resume` reuses the
-   trainings a stopped run of the same arguments completed in `--out`; `--combine` judges the quality
-   parts of several result files (further seeds of the same cohort and recipe) together.
+   near step 900 of 3,000. Arm (e) is the comparison at equal per-site compute. Linear probes
+   (`probes.run_probes`, subject-grouped 5-fold CV with that seed's folds, on pooled mean tokens of every
+   usable scan of all K sites) score each encoder identically; each encoder's final validation masked L1 and
+   the spectrum of its probe features (effective rank, share of the first principal component) say how far
+   it trained and how many directions its features use. One training seed's encoders differ from another's
+   about as much as the arms differ (the federated arm's diagnosis bAcc spans 0.42–0.53 over seeds 0–9), so
+   the verdict compares means over seeds (ten by default: about 2.5 h on 2 cores) and reports the paired
+   federated − centralized and − site-average differences with 95% t-intervals. The trainings run `--jobs`
+   at a time, one core each, longest first. `--resume` reuses the trainings a stopped run of the same
+   arguments completed in `--out`; `--combine` judges the quality parts of several result files (further
+   seeds of the same cohort and recipe) together.
 
 Prints one summary line; writes bench/results/federation.json with the machine (CPUs, load averages
 before/after each phase, torch/flwr/ray versions).
@@ -864,7 +865,7 @@ def combine_results(paths: Sequence[Path]) -> dict[str, Any]:
                **summarize_quality(per_seed, sites), "per_seed": {str(s): per_seed[s] for s in sorted(per_seed)},
                "protocol": first["quality"]["protocol"]}
     sources = [{"file": str(path), "seeds": run["quality"]["seeds"], "summary": run.get("summary"),
-                "machine": run.get("machine", {}).get("cpu_model")} for path, run in runs]
+                "machine": {k: v for k, v in run.get("machine", {}).items() if k != "phases"}} for path, run in runs]
     return {"benchmark": "federation (part 3 combined)", "settings": {k: first["settings"].get(k)
                                                                      for k in QUALITY_SETTINGS},
             "sources": sources, "quality": quality}

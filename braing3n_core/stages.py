@@ -61,6 +61,9 @@ class Stage:
     dataset: Callable[[SiteInputs, Sequence[ScanRecord], bool], Dataset]  # (site, records, train) -> examples
     loss: Callable[[nn.Module, Batch, torch.Generator | None], tuple[Tensor, dict[str, float]]]
     evaluate_batch: Callable[[nn.Module, Batch], dict[str, float]]
+    # The extra training metrics `loss` returns. Every round reports all of them (NaN when no step drew
+    # an example, as a DP-SGD round can), so every site's reply carries the same metric names.
+    train_metrics: tuple[str, ...] = ()
 
 
 # --- datasets ------------------------------------------------------------------------------------------
@@ -221,6 +224,7 @@ STAGES: dict[str, Stage] = {
         dataset=lambda site, records, train: TokenVolumeDataset(site, records),
         loss=_decoder_loss,
         evaluate_batch=_decoder_eval,
+        train_metrics=("train/l1", "train/ssim"),
     ),
     "dit": Stage(
         name="dit",
@@ -321,12 +325,13 @@ def train_steps(
     centralized training, the round's rate in federated training). `on_step(i, loss, examples)` feeds
     progress bars. Gradients are clipped to `max_grad_norm` (None disables; under DP-SGD the privacy
     engine clips per sample instead, see `privacy.dp`). An empty batch (`{}`, which DP-SGD's Poisson
-    sampling can draw) takes an optimizer step without a loss.
+    sampling can draw) takes an optimizer step without a loss; a round of only empty batches reports NaN
+    for the loss and for each of the stage's `train_metrics`.
     """
     model.train()
     started = time.perf_counter()
     losses: list[float] = []
-    extras: dict[str, list[float]] = {}
+    extras: dict[str, list[float]] = {name: [] for name in stage.train_metrics}
     examples = 0
     for step in range(steps):
         batch = to_device(next(batches), device)
@@ -352,8 +357,10 @@ def train_steps(
         batch_size = next(iter(batch.values())).shape[0]
         examples += batch_size
         losses.append(float(loss.detach()))
+        if undeclared := set(extra) - set(extras):
+            raise KeyError(f"stage {stage.name}: loss returned {sorted(undeclared)}, not in its train_metrics")
         for key, value in extra.items():
-            extras.setdefault(key, []).append(value)
+            extras[key].append(value)
         if on_step is not None:
             on_step(step, losses[-1], batch_size)
     return TrainResult(
@@ -361,7 +368,7 @@ def train_steps(
         examples=examples,
         loss=float(np.mean(losses)) if losses else math.nan,
         seconds=time.perf_counter() - started,
-        extra={k: float(np.mean(v)) for k, v in extras.items()},
+        extra={k: float(np.mean(v)) if v else math.nan for k, v in extras.items()},
     )
 
 

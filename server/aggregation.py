@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy,
 )
 
-from braing3n_core.federated import check_metrics, check_reply_arrays
+from braing3n_core.federated import check_metrics, check_reply_arrays, weighted_mean
 from braing3n_core.runconfig import (
     FedAvgConfig, FedAvgMConfig, FedMedianConfig, FedOptConfig, FedProxConfig, FedTrimmedAvgConfig, KrumConfig, MultiKrumConfig,
     StrategyConfig,
@@ -61,9 +61,19 @@ class ServerMomentum(FedAvgM):
         return result
 
 
+def aggregate_train_metrics(replies: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """Flower's example-weighted mean of each train metric, over the sites whose value is finite: a
+    DP-SGD round that drew nobody has no loss (NaN), which must not turn the round's mean into NaN."""
+    metrics = [next(iter(reply.metric_records.values())) for reply in replies]
+    weights = [float(m[weighting_key]) for m in metrics]
+    names = [name for name in metrics[0] if name != weighting_key]
+    return MetricRecord({name: weighted_mean([(float(m[name]), w) for m, w in zip(metrics, weights)]) for name in names})
+
+
 def build_strategy(config: StrategyConfig, min_sites: int) -> FedAvg:
     """A fresh strategy object per stage (strategies hold per-stage state such as FedAdam's moments)."""
-    common = dict(min_train_nodes=min_sites, min_evaluate_nodes=min_sites, min_available_nodes=min_sites)
+    common = dict(min_train_nodes=min_sites, min_evaluate_nodes=min_sites, min_available_nodes=min_sites,
+                  train_metrics_aggr_fn=aggregate_train_metrics)
     if isinstance(config, FedAvgConfig):
         return FedAvg(**common)
     if isinstance(config, FedAvgMConfig):

@@ -120,6 +120,20 @@ def test_screen_replies_names_each_site_and_keeps_the_good_ones() -> None:
     assert np.allclose(arrays["w"].numpy(), 0.1)
 
 
+def test_a_dp_round_that_drew_nobody_is_aggregated_with_the_others() -> None:
+    """A DP-SGD site whose Poisson draws were all empty reports NaN loss and NaN stage metrics under the
+    same names as the other sites: it is accepted, and the round's mean metrics skip its NaN."""
+    good = {"w": np.full((3, 4), 0.1, np.float32), "b": np.zeros(4, np.float32)}
+    trained = {"num-examples": 10, "train/loss": 0.5, "train/examples": 4.0, "train/l1": 0.2}
+    nobody = {"num-examples": 30, "train/loss": math.nan, "train/examples": 0.0, "train/l1": math.nan}
+    accepted, verdicts = screen_replies([_reply(1, "nobody", good, nobody), _reply(2, "trained", good, trained)],
+                                        REFERENCE, norm_bound=5.0, node_sites={})
+    assert [v.kind for v in verdicts] == ["accepted", "accepted"]
+    _, metrics = build_strategy(FedAvgConfig(), 1).aggregate_train(1, accepted)
+    assert metrics["train/loss"] == pytest.approx(0.5) and metrics["train/l1"] == pytest.approx(0.2)
+    assert metrics["train/examples"] == pytest.approx((30 * 0.0 + 10 * 4.0) / 40)
+
+
 def test_fedadam_moments_survive_a_checkpoint_round_trip() -> None:
     strategy = build_strategy(FedOptConfig(name="fedadam", eta=0.1), min_sites=1)
     strategy.m_t = {"w": np.full((3, 4), 0.5, np.float32)}

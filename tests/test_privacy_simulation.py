@@ -88,7 +88,8 @@ def test_dp_sgd_runs_in_all_three_stages_and_epsilon_matches_the_accountant(dp_r
     assert (run_dir / "run_complete.json").is_file()
     lines = records(run_dir)
     site_a = [r for r in lines if r["kind"] == "train" and r["site"] == "site-a"]
-    assert [(r["stage"], r["round"]) for r in site_a] == [("mae", 1), ("mae", 2), ("decoder", 1), ("dit", 1), ("dit", 2)]
+    incidents = [r for r in lines if r["site"] == "site-a" and r["kind"] in ("declined", "rejected")]
+    assert [(r["stage"], r["round"]) for r in site_a] == [("mae", 1), ("mae", 2), ("decoder", 1), ("dit", 1), ("dit", 2)], incidents
     config = SiteConfig.from_yaml(dp_run["sites"][0])
     ledger = site_ledger(config).entries()  # the ledger on site-a's own disk
     assert [e.release.stage for e in ledger] == ["mae", "mae", "decoder", "dit", "dit"]

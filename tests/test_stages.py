@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,23 @@ def test_longitudinal_pairs_stay_within_a_subject_and_go_forward(trained_run: Pa
     assert torch.isfinite(item["baseline"]).all() and item["interval"] > 0
     item = parts[0][0]  # cross-sectional example
     assert torch.isnan(item["baseline"]).all() and torch.isnan(item["interval"])
+
+
+@pytest.mark.parametrize("name", ["mae", "decoder", "dit"])
+def test_a_round_that_drew_nobody_reports_the_same_metric_names(name: str) -> None:
+    """DP-SGD's Poisson sampling can leave every step of a round empty; the site still reports each of
+    the stage's metrics (NaN), so the server sees the same names from every site and aggregates it."""
+    from braing3n_core.stages import train_steps
+
+    stage, preset = get_stage(name), get_preset("tiny")
+    model = stage.build(preset)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    empty = train_steps(stage, model, iter([{}, {}]), optimizer, 2, lambda _: 0.0, torch.device("cpu"))
+    assert empty.examples == 0 and set(empty.extra) == set(stage.train_metrics)
+    assert all(math.isnan(v) for v in (empty.loss, *empty.extra.values()))
+    if name == "decoder":  # a round with data names the same metrics, with values
+        generator = torch.Generator().manual_seed(0)
+        batch = {"tokens": torch.randn(2, preset.num_tokens, preset.mae.width, generator=generator),
+                 "volume": torch.rand(2, 1, *preset.shape, generator=generator)}
+        trained = train_steps(stage, model, iter([batch]), optimizer, 1, lambda _: 0.0, torch.device("cpu"))
+        assert set(trained.metrics()) == set(empty.metrics()) and all(map(math.isfinite, trained.extra.values()))

@@ -14,7 +14,10 @@ It drives the ordinary Flower commands as subprocesses (nothing here imports flw
    `<out>/run_complete.json` during this call.
 
 `--resume` continues a run folder whose run stopped (crash, kill, too few sites): the ServerApp resumes
-from the last round checkpoint. One CPU per virtual site keeps 8+ sites running on 2 cores.
+from the last round checkpoint. An attempt whose wrapper was killed outright leaves its SuperLink
+running and its FLWR_HOME on disk; the next attempt on the folder stops and removes them first
+(`stop_stale_attempt`, from the PIDs and start times in `<out>/logs/simulation.json`). One CPU per
+virtual site keeps 8+ sites running on 2 cores.
 """
 
 from __future__ import annotations
@@ -98,11 +101,54 @@ def kill_process_tree(pid: int, grace_s: float = 5.0) -> None:
 
 
 def _alive(pid: int) -> bool:
+    return started_at(pid) is not None
+
+
+def started_at(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (/proc/<pid>/stat field 22); with the PID it
+    names one process, never a later one that reuses the PID. None when no such process is running."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+            fields = handle.read().rsplit(")", 1)[1].split()
     except OSError:
-        return False
+        return None
+    return int(fields[19]) if fields[0] != "Z" else None
+
+
+def _same_process(pid: object, started: object) -> bool:
+    return isinstance(pid, int) and started is not None and started_at(pid) == started
+
+
+HOME_PREFIX = "braing3n-flwr-"  # each attempt's temporary FLWR_HOME
+
+
+def stop_stale_attempt(record: Path) -> list[str]:
+    """Clean up after an earlier attempt on this run folder (`record` is its logs/simulation.json).
+
+    A wrapper that died without its `finally` (SIGKILL, the OOM killer, a lost terminal session) leaves
+    its SuperLink running in its own session, still training into the same folder, and its temporary
+    FLWR_HOME on disk. This stops that SuperLink and its tree, if the recorded process is still running,
+    and removes the folder. A wrapper of another process that is still running means two attempts on one
+    folder: refused. Returns what it did.
+    """
+    try:
+        previous = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return []
+    wrapper = previous.get("wrapper_pid")
+    if wrapper != os.getpid() and _same_process(wrapper, previous.get("wrapper_started")):
+        raise SimulationError(f"{record.parent.parent}: another braing3n simulate (PID {wrapper}) is running on "
+                              "this run folder; wait for it or stop it first")
+    done = []
+    link = previous.get("superlink_pid")
+    if _same_process(link, previous.get("superlink_started")):
+        kill_process_tree(link)
+        done.append(f"stopped the SuperLink of an earlier attempt (PID {link}) and the processes under it")
+    home = Path(str(previous.get("flwr_home", "")))
+    if home.name.startswith(HOME_PREFIX) and home.parent == Path(tempfile.gettempdir()) and home.is_dir():
+        shutil.rmtree(home, ignore_errors=True)
+        done.append(f"removed the FLWR_HOME of an earlier attempt ({home})")
+    return done
 
 
 def usable_cpus() -> int:
@@ -153,6 +199,39 @@ def _last_error(log: Path) -> str:
 # --- the run -------------------------------------------------------------------------------------------------
 
 
+def flower_env(home: Path, cpus_per_site: int = 1) -> dict[str, str]:
+    """The environment of every Flower process of one attempt: its own FLWR_HOME, Flower's network
+    features off, this environment's console scripts first on PATH (the SuperLink starts
+    `flower-superexec`, and that `flwr-simulation`, through PATH, also when the venv was never activated,
+    as in CI's `.venv/bin/python`)."""
+    return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home), "BRAING3N_NUM_THREADS": str(cpus_per_site),
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+
+
+def start_superlink(env: dict[str, str], port: int, log: Path, cwd: Path) -> subprocess.Popen:
+    """Start a simulation SuperLink on 127.0.0.1:`port`, logging to `log` (`_wait_for_port` says when it
+    listens)."""
+    with open(log, "ab") as handle:
+        link = subprocess.Popen(
+            [_executable("flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
+             "--host", "127.0.0.1", "--port", str(port)],
+            stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+            # Its own session: a terminal's Ctrl-C reaches only this wrapper, which then stops the
+            # SuperLink and its tree in order (a SuperLink dying first would orphan Ray).
+            start_new_session=True,
+        )
+    return link
+
+
+def _emit(echo: bool | Callable[[str], None], line: str) -> None:
+    """One line of progress: to `echo` when it is a callable, to stdout when it is True."""
+    if callable(echo):
+        echo(line)
+    elif echo:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
 def prepare_run_dir(config: RunConfig, out: Path, resume: bool) -> Path:
     """Pin the resolved run config in `out`; refuse to mix runs in one folder."""
     pinned = out / "run.yaml"
@@ -184,16 +263,15 @@ def simulate(
     if cpus_per_site > cores:
         raise ConfigError(f"cpus_per_site is {cpus_per_site} but this process may use only {cores} core(s)")
     out = Path(out if out is not None else Path("runs") / config.name).resolve()
+    for line in stop_stale_attempt(out / "logs" / "simulation.json"):  # before anything touches the folder
+        _emit(echo, f"[braing3n] {line}\n")
     pinned = prepare_run_dir(config, out, resume)
     (out / "run_complete.json").unlink(missing_ok=True)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
 
-    home = Path(tempfile.mkdtemp(prefix="braing3n-flwr-"))
-    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home), "BRAING3N_NUM_THREADS": str(cpus_per_site),
-           # The SuperLink starts `flower-superexec` (and that `flwr-simulation`) through PATH: put this
-           # environment's scripts first, also when it was never activated (CI runs .venv/bin/python).
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    home = Path(tempfile.mkdtemp(prefix=HOME_PREFIX))
+    env = flower_env(home, cpus_per_site)
     port = free_port()
     link_log = logs / "superlink.log"
     started = time.time()
@@ -206,16 +284,10 @@ def simulate(
     try:
         if previous_term is not None:
             signal.signal(signal.SIGTERM, on_term)
-        with open(link_log, "ab") as handle:
-            link = subprocess.Popen(
-                [_executable("flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
-                 "--host", "127.0.0.1", "--port", str(port)],
-                stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=out,
-                # Its own session: a terminal's Ctrl-C reaches only this wrapper, which then stops the
-                # SuperLink and its tree in order (a SuperLink dying first would orphan Ray).
-                start_new_session=True,
-            )
-        atomic_write_json(logs / "simulation.json", {"superlink_pid": link.pid, "port": port, "flwr_home": str(home),
+        link = start_superlink(env, port, link_log, out)
+        atomic_write_json(logs / "simulation.json", {"superlink_pid": link.pid, "superlink_started": started_at(link.pid),
+                                                     "wrapper_pid": os.getpid(), "wrapper_started": started_at(os.getpid()),
+                                                     "port": port, "flwr_home": str(home),
                                                      "started": started, "sites": [str(p) for p in site_yamls]})
         _wait_for_port(port, link, link_log)
         (home / "config.toml").write_text(
@@ -236,11 +308,7 @@ def simulate(
             for line in process.stdout:
                 run_log.write(line)
                 run_log.flush()
-                if callable(echo):
-                    echo(line.decode(errors="replace"))
-                elif echo:
-                    sys.stdout.write(line.decode(errors="replace"))
-                    sys.stdout.flush()
+                _emit(echo, line.decode(errors="replace"))
             process.wait()
     finally:
         if link is not None:

@@ -91,9 +91,12 @@ def resumed_run(synthetic_cohort, tmp_path_factory) -> dict:
     committed = {f"{p.parent.name}/{p.name}": file_sha256(p) for p in sorted((run_dir / "checkpoints").glob("*/round-*.safetensors"))}
     committed_rounds = {p.parent.name + "/" + p.stem for p in (run_dir / "checkpoints").glob("*/round-*.json")}
     assert not (run_dir / "run_complete.json").exists()
+    first_home = Path(json.loads((run_dir / "logs" / "simulation.json").read_text())["flwr_home"])
+    assert first_home.is_dir()  # the killed attempt never reached its clean-up
     resumed_started = time.perf_counter()
     result = simulate(sites, config, run_dir, resume=True, echo=False)
     return {"dir": run_dir, "committed": committed, "committed_rounds": committed_rounds, "result": result,
+            "first_home": first_home,
             "first_seconds": killed_after, "resume_seconds": time.perf_counter() - resumed_started}
 
 
@@ -101,6 +104,7 @@ def test_all_stages_reach_their_final_round_after_a_kill(resumed_run) -> None:
     run_dir = resumed_run["dir"]
     complete = json.loads((run_dir / "run_complete.json").read_text())
     assert complete["sites"] == ["site-a", "site-b"]
+    assert not resumed_run["first_home"].exists()  # the resumed attempt removed the killed one's FLWR_HOME
     state = json.loads((run_dir / "server_state.json").read_text())
     for stage in RUN["stages"]:
         assert state["stages"][stage["name"]] == {"rounds": stage["rounds"], "completed_round": stage["rounds"],

@@ -308,6 +308,48 @@ def test_simulation_refuses_more_cores_per_site_than_the_process_may_use(synthet
     assert not (tmp_path / "out").exists()  # refused before a run folder or a SuperLink existed
 
 
+def test_an_earlier_attempts_orphaned_superlink_is_stopped_and_its_flwr_home_removed(tmp_path: Path) -> None:
+    """A wrapper killed outright leaves its SuperLink (own session) running and its FLWR_HOME behind; the
+    next attempt on the run folder stops that SuperLink (only while its PID is still that process) and
+    removes the folder, and refuses to start while another attempt's wrapper is alive."""
+    import subprocess
+    import tempfile
+
+    from braing3n_core.simulate import (
+        HOME_PREFIX, SimulationError, _wait_for_port, flower_env, free_port, kill_process_tree, start_superlink,
+        started_at, stop_stale_attempt,
+    )
+
+    home, port = Path(tempfile.mkdtemp(prefix=HOME_PREFIX)), free_port()
+    link = start_superlink(flower_env(home), port, tmp_path / "superlink.log", tmp_path)
+    other = subprocess.Popen(["sleep", "120"])  # stands for a live wrapper, then for a process reusing a PID
+    record = tmp_path / "logs" / "simulation.json"
+    record.parent.mkdir()
+
+    def write(**values) -> None:
+        record.write_text(json.dumps({"superlink_pid": link.pid, "superlink_started": started_at(link.pid),
+                                      "wrapper_pid": 2**22 + 1, "wrapper_started": 1, "flwr_home": str(home)} | values))
+
+    try:
+        _wait_for_port(port, link, tmp_path / "superlink.log")
+        write(wrapper_pid=other.pid, wrapper_started=started_at(other.pid))
+        with pytest.raises(SimulationError, match=rf"another braing3n simulate \(PID {other.pid}\) is running"):
+            stop_stale_attempt(record)
+        write(superlink_pid=other.pid, superlink_started=started_at(other.pid) + 1, flwr_home=str(tmp_path))
+        assert stop_stale_attempt(record) == [] and other.poll() is None and tmp_path.is_dir()  # a reused PID
+        assert link.poll() is None and home.is_dir()
+        write()
+        done = stop_stale_attempt(record)
+        assert link.wait(timeout=15) is not None and not home.exists()
+        assert len(done) == 2 and "SuperLink of an earlier attempt" in done[0] and "FLWR_HOME" in done[1]
+        assert stop_stale_attempt(record) == []  # nothing left to do
+    finally:
+        for process in (link, other):
+            if process.poll() is None:
+                kill_process_tree(process.pid)
+                process.wait()
+
+
 def test_server_momentum_steps_from_the_given_weights_and_resumes_from_a_checkpoint(monkeypatch) -> None:
     """fedavgm: m ← β·m + (w − w_avg), w ← w − η_s·m; its momentum survives a checkpoint round trip."""
     from flwr.serverapp.strategy import FedAvgM

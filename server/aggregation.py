@@ -4,7 +4,8 @@ Every train reply is screened before aggregation (`screen_replies`): an error re
 site; a reply without exactly one ArrayRecord and one MetricRecord, with keys / shapes / dtypes that
 differ from the global arrays, NaN or Inf values, a non-positive example count, or an update
 ‖w_site − w_global‖₂ above the run's `update_norm_bound` is *rejected*. Each verdict names its site.
-Only accepted replies reach the strategy, so one broken hospital never spoils a round.
+Only accepted replies reach the strategy, so one broken hospital never spoils a round; differing metric
+names (sites on different client versions) are no reason to reject one.
 
 Strategies come from Flower's Message API (`flwr.serverapp.strategy`); FedAdam/FedYogi/FedAdagrad keep
 moments (`m_t`, `v_t`) and FedAvgM its momentum across rounds, which `strategy_state` /
@@ -14,7 +15,8 @@ optimiser trajectory.
 
 from __future__ import annotations
 
-from collections import Counter
+import copy
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -177,15 +179,26 @@ def screen_replies(
             verdicts.append(Verdict(node, site, "rejected", reason, norm))
             continue
         candidates.append((message, site, norm))
-    # Flower refuses to aggregate replies whose metric names differ; the most common set is the norm.
-    keysets = Counter(frozenset(next(iter(m.content.metric_records.values())).keys()) for m, _, _ in candidates)
-    usual = keysets.most_common(1)[0][0] if keysets else frozenset()
+    # Flower aggregates only replies with the same metric names. Sites on different client versions may
+    # report different metrics, which must not cost a hospital its update: a metric a site does not
+    # report is NaN in the copy the strategy sees, and `aggregate_train_metrics` averages each metric
+    # over the sites that report it.
+    names = set().union(*(_metrics(m).keys() for m, _, _ in candidates))
     for message, site, norm in candidates:
-        keys = frozenset(next(iter(message.content.metric_records.values())).keys())
-        if keys != usual:
-            verdicts.append(Verdict(message.metadata.src_node_id, site, "rejected",
-                                    f"metric names {sorted(keys ^ usual)} differ from the other sites'", norm))
-            continue
-        accepted.append(message)
-        verdicts.append(Verdict(message.metadata.src_node_id, site, "accepted", "", norm))
+        missing = sorted(names - set(_metrics(message).keys()))
+        note = f"does not report {missing}; left out of those metrics' means" if missing else ""
+        accepted.append(_with_metrics(message, {n: math.nan for n in missing}) if missing else message)
+        verdicts.append(Verdict(message.metadata.src_node_id, site, "accepted", note, norm))
     return accepted, verdicts
+
+
+def _metrics(message: Message) -> MetricRecord:
+    return next(iter(message.content.metric_records.values()))
+
+
+def _with_metrics(message: Message, extra: Mapping[str, float]) -> Message:
+    """A copy of `message` whose MetricRecord also holds `extra` (the original is left as it came)."""
+    name = next(iter(message.content.metric_records))
+    duplicate = copy.copy(message)
+    duplicate.content = RecordDict({**message.content, name: MetricRecord({**_metrics(message), **extra})})
+    return duplicate

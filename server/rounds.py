@@ -413,7 +413,10 @@ class Federation:
                 metrics = dict(next(iter(content.metric_records.values())))
                 privacy = content.config_records.get("privacy")  # a DP site's ε etc. (never aggregated)
                 self.run.log(stage, server_round, verdict.site, "train", update_norm=verdict.update_norm, **metrics,
-                             **(dict(privacy) if privacy is not None else {}))
+                             **(dict(privacy) if privacy is not None else {}),
+                             **({"note": verdict.reason} if verdict.reason else {}))
+                if verdict.reason:
+                    say(f"{stage} round {server_round}: site {verdict.site} {verdict.reason}")
             else:
                 self.run.log(stage, server_round, verdict.site, verdict.kind, reason=verdict.reason,
                              update_norm=verdict.update_norm)

@@ -110,14 +110,19 @@ def test_screen_replies_names_each_site_and_keeps_the_good_ones() -> None:
     ]
     accepted, verdicts = screen_replies(replies, REFERENCE, norm_bound=5.0, node_sites={4: "dropped"})
     kinds = {v.site: (v.kind, v.reason) for v in verdicts}
-    assert [m.metadata.src_node_id for m in accepted] == [1, 7]
+    assert [m.metadata.src_node_id for m in accepted] == [1, 6, 7]
     assert kinds["nan-site"][0] == "rejected" and "NaN" in kinds["nan-site"][1]
     assert kinds["far-site"][0] == "rejected" and "exceeds" in kinds["far-site"][1]
     assert kinds["dropped"] == ("declined", "site dropped declines: data unavailable")
-    assert "num-examples" in kinds["no-examples"][1] and "metric names" in kinds["odd-metrics"][1]
-    # The survivors aggregate with a real Flower strategy.
-    arrays, _ = build_strategy(FedAvgConfig(), 1).aggregate_train(1, accepted)
+    assert "num-examples" in kinds["no-examples"][1]
+    # Other metric names (another client version) cost no site its update; each metric is averaged over
+    # the sites that report it, and the replies as they came stay untouched for the per-site log.
+    assert kinds["odd-metrics"] == ("accepted", "does not report ['train/loss']; left out of those metrics' means")
+    assert kinds["good-1"] == ("accepted", "does not report ['train/other']; left out of those metrics' means")
+    assert set(replies[0].content["metrics"]) == {"num-examples", "train/loss"}
+    arrays, metrics = build_strategy(FedAvgConfig(), 1).aggregate_train(1, accepted)  # a real Flower strategy
     assert np.allclose(arrays["w"].numpy(), 0.1)
+    assert metrics["train/loss"] == pytest.approx(0.5) and metrics["train/other"] == pytest.approx(1.0)
 
 
 def test_a_dp_round_that_drew_nobody_is_aggregated_with_the_others() -> None:

@@ -66,7 +66,7 @@ class ServerMomentum(FedAvgM):
 def aggregate_train_metrics(replies: list[RecordDict], weighting_key: str) -> MetricRecord:
     """Flower's example-weighted mean of each train metric, over the sites whose value is finite: a
     DP-SGD round that drew nobody has no loss (NaN), which must not turn the round's mean into NaN."""
-    metrics = [next(iter(reply.metric_records.values())) for reply in replies]
+    metrics = [metric_record(reply) for reply in replies]
     weights = [float(m[weighting_key]) for m in metrics]
     names = [name for name in metrics[0] if name != weighting_key]
     return MetricRecord({name: weighted_mean([(float(m[name]), w) for m, w in zip(metrics, weights)]) for name in names})
@@ -169,7 +169,7 @@ def screen_replies(
                                     f"reply must hold one ArrayRecord {arrays_key!r} and one MetricRecord, got "
                                     f"{list(content.array_records)} / {list(content.metric_records)}"))
             continue
-        metrics = next(iter(content.metric_records.values()))
+        metrics = metric_record(content)
         reason = check_metrics(metrics)
         norm = float("nan")
         if reason is None:
@@ -183,22 +183,23 @@ def screen_replies(
     # report different metrics, which must not cost a hospital its update: a metric a site does not
     # report is NaN in the copy the strategy sees, and `aggregate_train_metrics` averages each metric
     # over the sites that report it.
-    names = set().union(*(_metrics(m).keys() for m, _, _ in candidates))
+    names = set().union(*(metric_record(m.content).keys() for m, _, _ in candidates))
     for message, site, norm in candidates:
-        missing = sorted(names - set(_metrics(message).keys()))
+        missing = sorted(names - set(metric_record(message.content).keys()))
         note = f"does not report {missing}; left out of those metrics' means" if missing else ""
         accepted.append(_with_metrics(message, {n: math.nan for n in missing}) if missing else message)
         verdicts.append(Verdict(message.metadata.src_node_id, site, "accepted", note, norm))
     return accepted, verdicts
 
 
-def _metrics(message: Message) -> MetricRecord:
-    return next(iter(message.content.metric_records.values()))
+def metric_record(content: RecordDict) -> MetricRecord:
+    """A reply's one MetricRecord (screening rejects replies with any other number)."""
+    return next(iter(content.metric_records.values()))
 
 
 def _with_metrics(message: Message, extra: Mapping[str, float]) -> Message:
     """A copy of `message` whose MetricRecord also holds `extra` (the original is left as it came)."""
     name = next(iter(message.content.metric_records))
     duplicate = copy.copy(message)
-    duplicate.content = RecordDict({**message.content, name: MetricRecord({**_metrics(message), **extra})})
+    duplicate.content = RecordDict({**message.content, name: MetricRecord({**metric_record(message.content), **extra})})
     return duplicate

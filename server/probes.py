@@ -31,7 +31,7 @@ from braing3n_core.federated import (
     aggregate_heads, head_arrays, plan_probes, plan_to_json, pooled_probe_metrics, tasks_from_json,
 )
 from braing3n_core.probes import FeatureStats
-from server.aggregation import reply_site, screen_replies, to_array_record
+from server.aggregation import metric_record, reply_site, screen_replies, to_array_record
 from server.rounds import Federation, FederationError, say
 from server.state import RoundCheckpoint
 
@@ -87,7 +87,7 @@ def run_probes(federation: Federation) -> None:
             raise FederationError(f"probes round {server_round}: {len(accepted)} accepted replies, "
                                   f"min_sites is {federation.config.min_sites}")
         contributions = [({k: v.numpy() for k, v in m.content["arrays"].items()},
-                          dict(next(iter(m.content.metric_records.values())))) for m in accepted]
+                          dict(metric_record(m.content))) for m in accepted]
         arrays = aggregate_heads(tasks, arrays, contributions)
         run.log(STAGE, server_round, "aggregate", "train", sites=len(accepted), round_seconds=time.perf_counter() - started)
         meta = {"plan": plan, "tasks_json": tasks_json, "rounds": settings.rounds, "encoder_sha256": federation.encoder_sha,
@@ -114,7 +114,7 @@ def evaluate(federation: Federation, tasks, tasks_json: str, arrays, plan: dict[
     per_site: dict[str, dict[str, float]] = {}
     for reply in replies:
         site = reply_site(reply, federation.node_sites)
-        per_site[site] = dict(next(iter(reply.content.metric_records.values())))
+        per_site[site] = dict(metric_record(reply.content))
         federation.run.log(STAGE, rounds, site, "probe", **_readable(per_site[site]))
     pooled = pooled_probe_metrics(tasks, per_site)
     federation.run.log(STAGE, rounds, "aggregate", "probe", sites=len(per_site), **pooled)

@@ -40,7 +40,7 @@ from braing3n_core.runconfig import RunConfig, StageRunConfig
 from braing3n_core.runtime import seed_everything
 from braing3n_core.stages import STAGES, get_stage
 from server.aggregation import (
-    Verdict, as_reference_dtypes, build_strategy, reply_site, restore_strategy_state, screen_replies,
+    Verdict, as_reference_dtypes, build_strategy, metric_record, reply_site, restore_strategy_state, screen_replies,
     short_reason, strategy_state, to_array_record,
 )
 from server.privacy import ClientLevelDP, LoggingGrid, secure_aggregate, update_within
@@ -410,7 +410,7 @@ class Federation:
         for verdict in verdicts:
             if verdict.kind == "accepted":
                 content = by_node[verdict.node_id].content
-                metrics = dict(next(iter(content.metric_records.values())))
+                metrics = dict(metric_record(content))
                 privacy = content.config_records.get("privacy")  # a DP site's ε etc. (never aggregated)
                 self.run.log(stage, server_round, verdict.site, "train", update_norm=verdict.update_norm, **metrics,
                              **(dict(privacy) if privacy is not None else {}),
@@ -431,7 +431,7 @@ class Federation:
         replies = self.log_declines(self.send(messages, spec.name, server_round), spec.name, server_round)
         per_site = {}
         for reply in replies:
-            metrics = dict(next(iter(reply.content.metric_records.values())))
+            metrics = dict(metric_record(reply.content))
             per_site[reply_site(reply, self.node_sites)] = metrics
             self.run.log(spec.name, server_round, reply_site(reply, self.node_sites), "evaluate", **metrics)
         if per_site:

@@ -23,7 +23,6 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -36,7 +35,7 @@ from braing3n_core.fileio import atomic_write_bytes, atomic_write_json
 from braing3n_core.runconfig import RunConfig
 from braing3n_core.simulate import (
     APP_DIR, FLOWER_ENV, SimulationError, _alive, _executable, _last_error, _wait_for_port, kill_process_tree,
-    prepare_run_dir,
+    prepare_run_dir, scripts_first_path,
 )
 
 CONNECTION = "consortium"  # the SuperLink connection's name in the flwr CLI's config.toml
@@ -63,10 +62,7 @@ class FlowerCommand:
         return f"{variables} {command}" if variables else command
 
     def process_env(self) -> dict[str, str]:
-        # The SuperLink and SuperNode start flower-superexec (and that flwr-serverapp / flwr-clientapp)
-        # through PATH: this environment's scripts come first, also when it was never activated.
-        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        return {**os.environ, **self.env, "PATH": path}
+        return {**os.environ, **self.env, "PATH": scripts_first_path()}
 
 
 def _quote(word: str) -> str:

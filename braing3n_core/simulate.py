@@ -199,13 +199,18 @@ def _last_error(log: Path) -> str:
 # --- the run -------------------------------------------------------------------------------------------------
 
 
+def scripts_first_path() -> str:
+    """PATH with this environment's console scripts first: Flower's processes start each other
+    (`flower-superexec`, `flwr-simulation`, `flwr-serverapp`, `flwr-clientapp`) through PATH, also when
+    the venv was never activated, as in CI's `.venv/bin/python`."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
 def flower_env(home: Path, cpus_per_site: int = 1) -> dict[str, str]:
     """The environment of every Flower process of one attempt: its own FLWR_HOME, Flower's network
-    features off, this environment's console scripts first on PATH (the SuperLink starts
-    `flower-superexec`, and that `flwr-simulation`, through PATH, also when the venv was never activated,
-    as in CI's `.venv/bin/python`)."""
+    features off, this environment's scripts first on PATH."""
     return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home), "BRAING3N_NUM_THREADS": str(cpus_per_site),
-            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+            "PATH": scripts_first_path()}
 
 
 def start_superlink(env: dict[str, str], port: int, log: Path, cwd: Path) -> subprocess.Popen:

@@ -86,12 +86,13 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import load_average, machine_info
-from braing3n_core.config import SiteConfig
 from braing3n_core.data.datasets import SiteData, load_site
 from braing3n_core.fileio import atomic_write_json
 from braing3n_core.models.mae import MAEEncoder
 from braing3n_core.presets import Preset, get_preset
-from braing3n_core.stages import STAGE_ORDER, get_stage, trainable_state
+from braing3n_core.site_config import SiteConfig
+from braing3n_core.training.loop import trainable_state
+from braing3n_core.training.stages import STAGE_ORDER, get_stage
 
 RESULTS = Path(__file__).resolve().parent / "results" / "federation.json"
 TARGET_RATIO = 1.15
@@ -242,7 +243,7 @@ class TreeCPU:
         self._thread.join()
 
     def _loop(self) -> None:
-        from braing3n_core.simulate import descendants
+        from braing3n_core.ops.flower import descendants
 
         others = sorted(os.sched_getaffinity(0) - {self.avoid_core})  # this thread only (Linux: pid 0)
         if others:
@@ -282,7 +283,7 @@ def run_simulation(site_yamls: Sequence[Path], run_yaml: Path, run_dir: Path,
     """(start, end, seconds) of one `simulate` call, wall clock; the run folder is new unless `resume`
     (then a stopped run continues; `simulate` refuses a folder pinned to another recipe). Flower's output
     goes to the run folder's logs/ (the simulate wrapper writes it there), not to this terminal."""
-    from braing3n_core.simulate import simulate
+    from braing3n_core.ops.simulate import simulate
 
     if not resume:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -341,7 +342,7 @@ def run_centralized(configs: Sequence[SiteConfig], args: argparse.Namespace, ste
                     out_dir: Path, resume: bool = False) -> dict[str, Any]:
     """`train_centralized` (MAE) timed as a whole; its own ledger splits the loop from the rest. A fresh
     folder unless `resume` (then the trainer continues from, or returns, the last checkpoint it finds)."""
-    from braing3n_core.train import TrainOptions, train_centralized
+    from braing3n_core.training.centralized import TrainOptions, train_centralized
 
     if not resume:
         shutil.rmtree(out_dir, ignore_errors=True)  # the trainer resumes from checkpoints it finds
@@ -362,9 +363,9 @@ def message_costs(site_yamls: Sequence[Path], preset_name: str, repeats: int = 3
     """Per-message work of a train round, timed here on the same core (median of `repeats`)."""
     from flwr.app import Array, ArrayRecord
 
-    from braing3n_core.federated import load_arrays, module_arrays
+    from braing3n_core.federation.arrays import load_arrays, module_arrays
+    from braing3n_core.federation.run_folder import RoundCheckpoint, RunFolder
     from client.site import SiteRuntime
-    from server.state import RoundCheckpoint, RunFolder
 
     stage, preset = get_stage("mae"), get_preset(preset_name)
     listed = ",".join(str(p) for p in site_yamls)
@@ -645,7 +646,7 @@ def train_for_quality(kind: str, args: argparse.Namespace, cohort: Sequence[Path
 
 def finished_run(run_dir: Path, run_yaml: Path) -> bool:
     """Whether `run_dir` holds a completed simulation of exactly `run_yaml`'s recipe."""
-    from braing3n_core.runconfig import RunConfig
+    from braing3n_core.federation.run_config import RunConfig
 
     pinned = run_dir / "run.yaml"
     return ((run_dir / "run_complete.json").is_file() and pinned.is_file()
@@ -676,13 +677,10 @@ def train_all(jobs: list[tuple[str, argparse.Namespace, str | None]], cohort: Se
 
 def probe_encoder(encoder, preset: Preset, data: Sequence[SiteData], seed: int, label: str) -> dict[str, Any]:
     """Every usable scan of every site → mean tokens → `run_probes` (subject-grouped 5-fold CV)."""
-    from braing3n_core.probes import ProbeTable, run_probes
-    from braing3n_core.tokens import (
-        TokenCache,
-        encoder_sha256,
-        pooled_features,
-        probe_table,
-    )
+    from braing3n_core.data.tokens import TokenCache, encoder_sha256
+    from braing3n_core.evaluation.features import pooled_features, probe_table
+    from braing3n_core.evaluation.probe_tasks import ProbeTable
+    from braing3n_core.evaluation.probes import run_probes
 
     features, records = [], []
     for site in data:
@@ -713,7 +711,7 @@ def final_validation(checkpoint: Path) -> float:
 def initial_encoder(preset: Preset, seed: int) -> MAEEncoder:
     """The encoder every trainer of `seed` starts from (`train.initial_model`: seeded right before it is
     built; building any other model first, even one a checkpoint then overwrites, would shift it)."""
-    from braing3n_core.train import initial_model
+    from braing3n_core.training.checkpoints import initial_model
 
     return initial_model("mae", preset, seed).encoder.eval().requires_grad_(False)
 
@@ -789,7 +787,7 @@ def quality(args: argparse.Namespace, cohort: Sequence[Path], data: Sequence[Sit
     """Part 3 over `--quality-seeds` training seeds: one seed's runs differ from another's (and from a
     replay whose aggregation rounds differently) by as much as the arms differ, so the verdict is on the
     means over seeds. Each seed's probes use that seed's folds; part 1's runs are reused for its seed."""
-    from braing3n_core.train import load_encoder
+    from braing3n_core.training.checkpoints import load_encoder
 
     preset = get_preset(args.preset)
     seeds = [int(s) for s in args.quality_seeds.split(",")]

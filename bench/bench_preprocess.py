@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import load_average, machine_info
 from braing3n_core.data import cache as cache_module
-from braing3n_core.data.cache import ArrayCache, preprocess_scan
+from braing3n_core.data.cache import ArrayCache
+from braing3n_core.data.transforms import preprocess_scan, preprocess_volume
 from braing3n_core.fileio import atomic_write_bytes
-from braing3n_core.data.transforms import preprocess_volume
 from braing3n_core.presets import PRESETS
 
 RESULTS = Path(__file__).resolve().parent / "results" / "preprocess.json"

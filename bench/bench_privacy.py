@@ -40,10 +40,12 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import load_average, machine_info
-from braing3n_core.config import SiteConfig
 from braing3n_core.fileio import atomic_write_json
 from braing3n_core.presets import Preset, get_preset
-from braing3n_core.stages import STAGE_ORDER, SiteInputs, get_stage, make_optimizer, train_steps
+from braing3n_core.site_config import SiteConfig
+from braing3n_core.training.examples import SiteInputs
+from braing3n_core.training.loop import make_optimizer, train_steps
+from braing3n_core.training.stages import STAGE_ORDER, get_stage
 
 RESULTS = Path(__file__).resolve().parent / "results" / "privacy.json"
 TARGET_RATIO = 2.0
@@ -56,8 +58,8 @@ warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 
 
 def random_batch(stage: str, preset: Preset, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    from braing3n_core.conditions import conditions_from_labels
     from braing3n_core.labels import Modality, ScanLabels
+    from braing3n_core.models.conditions import conditions_from_labels
 
     volume = torch.randn(batch, 1, *preset.shape, generator=generator)
     tokens = torch.randn(batch, preset.num_tokens, preset.mae.width, generator=generator)
@@ -147,7 +149,9 @@ def fedavg(replies: list[tuple[dict[str, np.ndarray], dict[str, float]]]) -> dic
 
 def train_federated(stage_name: str, sites: list[SiteInputs], preset: Preset, rounds: int, local_steps: int,
                     seed: int, model: torch.nn.Module | None = None) -> torch.nn.Module:
-    from braing3n_core.federated import RoundParams, load_arrays, module_arrays, train_site_round
+    from braing3n_core.federation.arrays import load_arrays, module_arrays
+    from braing3n_core.federation.protocol import RoundParams
+    from braing3n_core.federation.site_round import train_site_round
     from braing3n_core.runtime import cosine_lr
 
     stage = get_stage(stage_name)
@@ -165,8 +169,10 @@ def train_federated(stage_name: str, sites: list[SiteInputs], preset: Preset, ro
 
 
 def probe_quality(sites: list[SiteInputs]) -> dict[str, float]:
-    from braing3n_core.probes import ProbeTable, SubjectSplit, run_probes
-    from braing3n_core.tokens import pooled_features, probe_table
+    from braing3n_core.evaluation.features import pooled_features, probe_table
+    from braing3n_core.evaluation.probe_splits import SubjectSplit
+    from braing3n_core.evaluation.probe_tasks import ProbeTable
+    from braing3n_core.evaluation.probes import run_probes
 
     features, tables, fit = [], [], []
     for site in sites:
@@ -187,10 +193,11 @@ def probe_quality(sites: list[SiteInputs]) -> dict[str, float]:
 
 def utility_at(epsilon: float, cohort: list[Path], args: argparse.Namespace) -> dict[str, Any]:
     from braing3n_core.data.datasets import load_site
-    from braing3n_core.federated import site_ledger
-    from braing3n_core.stages import evaluate, stage_dataset, token_moments
-    from braing3n_core.tokens import TokenCache
-    from braing3n_core.train import make_loader
+    from braing3n_core.data.tokens import TokenCache
+    from braing3n_core.federation.site_round import site_ledger
+    from braing3n_core.training.examples import token_moments
+    from braing3n_core.training.loop import evaluate, make_loader
+    from braing3n_core.training.stages import stage_dataset
 
     started = time.perf_counter()
     preset = get_preset(args.preset)

@@ -51,30 +51,25 @@ from torch.utils.data import ConcatDataset, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import cohort_sites, count_flops, load_average, machine_info
-from braing3n_core.config import SiteConfig
-from braing3n_core.data.cache import preprocess_scan
 from braing3n_core.data.datasets import load_site
-from braing3n_core.diffusion import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, sample
+from braing3n_core.data.tokens import TokenCache
+from braing3n_core.data.transforms import preprocess_scan
 from braing3n_core.fileio import atomic_write_json
 from braing3n_core.models import MAEEncoder
+from braing3n_core.models.diffusion import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, sample
 from braing3n_core.presets import Preset, get_preset
 from braing3n_core.runtime import autocast, infinite, resolve_device, seed_everything
-from braing3n_core.stages import (
-    STAGE_ORDER,
+from braing3n_core.site_config import SiteConfig
+from braing3n_core.training.examples import (
     Batch,
     SiteInputs,
-    Stage,
     TokenConditionDataset,
     TokenVolumeDataset,
     condition_batch,
-    get_stage,
-    make_optimizer,
-    stage_dataset,
     token_moments,
-    train_steps,
 )
-from braing3n_core.tokens import TokenCache
-from braing3n_core.train import make_loader
+from braing3n_core.training.loop import make_loader, make_optimizer, train_steps
+from braing3n_core.training.stages import STAGE_ORDER, Stage, get_stage, stage_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stages.json"
 

@@ -33,7 +33,7 @@ Evaluation, on the same scans for every model:
     diffusion model would use) and its mean deepest encoder features (the last residual output, 128-d
     at the defaults).
 (b) Reconstruction of the held-out (test-split) scans: PSNR / SSIM / MS-SSIM / MAE from
-    `braing3n_core.metrics`, whole volume and brain-only.
+    `braing3n_core.evaluation.metrics`, whole volume and brain-only.
 
 Prints one summary line; writes bench/results/tokenizer_baseline.json.
 
@@ -64,16 +64,18 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import cohort_sites, count_flops, load_average, machine_info
-from braing3n_core import metrics
 from braing3n_core.checkpoint import latest_checkpoint
-from braing3n_core.config import SiteConfig
 from braing3n_core.data.bids import ScanRecord
-from braing3n_core.data.cache import preprocess_scan
 from braing3n_core.data.datasets import SiteData, load_site
+from braing3n_core.data.tokens import TokenCache
+from braing3n_core.data.transforms import preprocess_scan
+from braing3n_core.evaluation import metrics
+from braing3n_core.evaluation.features import pooled_features, probe_table
+from braing3n_core.evaluation.probe_tasks import ProbeTable
+from braing3n_core.evaluation.probes import run_probes
 from braing3n_core.fileio import atomic_write_json
 from braing3n_core.models import CNNDecoder, MAEEncoder, MaskedAutoencoder
 from braing3n_core.presets import Preset, get_preset
-from braing3n_core.probes import ProbeTable, run_probes
 from braing3n_core.runtime import (
     autocast,
     cosine_lr,
@@ -81,14 +83,12 @@ from braing3n_core.runtime import (
     resolve_device,
     seed_everything,
 )
-from braing3n_core.stages import SiteInputs, get_stage, make_optimizer, stage_dataset
-from braing3n_core.tokens import TokenCache, pooled_features, probe_table
-from braing3n_core.train import (
-    TrainOptions,
-    load_stage_model,
-    make_loader,
-    train_centralized,
-)
+from braing3n_core.site_config import SiteConfig
+from braing3n_core.training.centralized import TrainOptions, train_centralized
+from braing3n_core.training.checkpoints import load_stage_model
+from braing3n_core.training.examples import SiteInputs
+from braing3n_core.training.loop import make_loader, make_optimizer
+from braing3n_core.training.stages import get_stage, stage_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tokenizer_baseline.json"
 # The summary's probe metrics: (metric, higher is better).

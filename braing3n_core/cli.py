@@ -31,8 +31,8 @@ def _cohort_make(args: argparse.Namespace) -> int:
 
 
 def _site_check(args: argparse.Namespace) -> int:
-    from braing3n_core.config import SiteConfig
     from braing3n_core.data.checks import check_site, render_site_report
+    from braing3n_core.site_config import SiteConfig
 
     config = SiteConfig.from_yaml(args.site_yaml)
     report = check_site(config)
@@ -46,7 +46,7 @@ def _comma_list(values: list[str] | None) -> list[str]:
 
 def _deployment(run: Callable[[], int]) -> int:
     """Run a deployment command; Flower failures and Ctrl-C end it with a message, not a traceback."""
-    from braing3n_core.deploy import DeploymentError
+    from braing3n_core.ops.deploy import DeploymentError
 
     try:
         return run()
@@ -59,14 +59,14 @@ def _deployment(run: Callable[[], int]) -> int:
 
 
 def _synced(consortium) -> int:
-    from braing3n_core.deploy import sync_registrations
+    from braing3n_core.ops.deploy import sync_registrations
 
     sync_registrations(consortium)
     return 0
 
 
 def _consortium_init(args: argparse.Namespace) -> int:
-    from braing3n_core.consortium import init_consortium
+    from braing3n_core.ops.consortium import init_consortium
 
     consortium = init_consortium(Path(args.dir), _comma_list([args.sites]), args.host, _comma_list(args.ip),
                                  _comma_list(args.dns), server_days=args.days)
@@ -82,8 +82,8 @@ def _consortium_init(args: argparse.Namespace) -> int:
 
 
 def _consortium_add_site(args: argparse.Namespace) -> int:
-    from braing3n_core.consortium import add_site, load_consortium
-    from braing3n_core.deploy import running_superlink
+    from braing3n_core.ops.consortium import add_site, load_consortium
+    from braing3n_core.ops.deploy import running_superlink
 
     entry = add_site(Path(args.dir), args.site, Path(args.public_key) if args.public_key else None)
     consortium = load_consortium(Path(args.dir))
@@ -94,8 +94,8 @@ def _consortium_add_site(args: argparse.Namespace) -> int:
 
 
 def _consortium_rekey(args: argparse.Namespace) -> int:
-    from braing3n_core.consortium import load_consortium, rekey_site
-    from braing3n_core.deploy import running_superlink
+    from braing3n_core.ops.consortium import load_consortium, rekey_site
+    from braing3n_core.ops.deploy import running_superlink
 
     entry = rekey_site(Path(args.dir), args.site, Path(args.public_key) if args.public_key else None)
     consortium = load_consortium(Path(args.dir))
@@ -106,19 +106,19 @@ def _consortium_rekey(args: argparse.Namespace) -> int:
 
 
 def _consortium_revoke(args: argparse.Namespace) -> int:
-    from braing3n_core.deploy import revoke
+    from braing3n_core.ops.deploy import revoke
 
     return _deployment(lambda: revoke(Path(args.dir), args.site) or 0)
 
 
 def _consortium_serve(args: argparse.Namespace) -> int:
-    from braing3n_core.deploy import serve
+    from braing3n_core.ops.deploy import serve
 
     return _deployment(lambda: serve(Path(args.dir), args.address, args.port, print_only=args.print_command))
 
 
 def _consortium_run(args: argparse.Namespace) -> int:
-    from braing3n_core.deploy import submit
+    from braing3n_core.ops.deploy import submit
 
     def run() -> int:
         result = submit(Path(args.dir), Path(args.run_config), Path(args.out) if args.out else None, resume=args.resume,
@@ -133,14 +133,14 @@ def _consortium_run(args: argparse.Namespace) -> int:
 
 
 def _site_join(args: argparse.Namespace) -> int:
-    from braing3n_core.deploy import join
+    from braing3n_core.ops.deploy import join
 
     return _deployment(lambda: join(Path(args.site_yaml), Path(args.credentials), args.superlink, args.port,
                                     rejoin_wait_s=args.rejoin_wait, print_only=args.print_command))
 
 
 def _release_sign(args: argparse.Namespace) -> int:
-    from braing3n_core.release import sign_directory, sign_run
+    from braing3n_core.ops.release import sign_directory, sign_run
 
     path = Path(args.path)
     if (path / "server_state.json").is_file() and (path / "run.yaml").is_file():
@@ -152,7 +152,7 @@ def _release_sign(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from braing3n_core.release import verify_directory
+    from braing3n_core.ops.release import verify_directory
 
     report = verify_directory(Path(args.path), Path(args.public_key) if args.public_key else None)
     print(report.summary())
@@ -162,8 +162,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from braing3n_core.config import load_site_configs
-    from braing3n_core.train import TrainOptions, train_centralized
+    from braing3n_core.site_config import load_site_configs
+    from braing3n_core.training.centralized import TrainOptions, train_centralized
 
     options = TrainOptions(
         stage=args.stage, preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -178,8 +178,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _probe(args: argparse.Namespace) -> int:
     from braing3n_core.checkpoint import CheckpointError
-    from braing3n_core.config import load_site_configs
-    from braing3n_core.evaluation import ProbeError, ProbeOptions, probe_sites
+    from braing3n_core.jobs.probe import ProbeError, ProbeOptions, probe_sites
+    from braing3n_core.site_config import load_site_configs
 
     try:
         options = ProbeOptions(
@@ -196,7 +196,7 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from braing3n_core.simulate import SimulationError, simulate
+    from braing3n_core.ops.simulate import SimulationError, simulate
 
     try:
         result = simulate([Path(p) for p in args.sites], Path(args.run_config), Path(args.out) if args.out else None,
@@ -212,8 +212,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _synthesize(args: argparse.Namespace) -> int:
-    from braing3n_core.simulate import SimulationError
-    from braing3n_core.synthesize import SynthesisError, synthesize
+    from braing3n_core.jobs.synthesize import SynthesisError, synthesize
+    from braing3n_core.ops.simulate import SimulationError
 
     try:
         result = synthesize(
@@ -242,7 +242,7 @@ def _generation(run: Callable[[], int]) -> int:
     message naming the file or argument, not a traceback."""
     from braing3n_core.checkpoint import CheckpointError
     from braing3n_core.data.transforms import PreprocessingError
-    from braing3n_core.generate import GenerationError
+    from braing3n_core.generation.models import GenerationError
 
     try:
         return run()
@@ -252,9 +252,9 @@ def _generation(run: Callable[[], int]) -> int:
 
 
 def _device_or_error(name: str) -> str | None:
-    from braing3n_core.runtime import resolve_device
-
     import torch
+
+    from braing3n_core.runtime import resolve_device
 
     try:
         device = resolve_device(name)
@@ -269,7 +269,8 @@ def _device_or_error(name: str) -> str | None:
 
 def _sample(args: argparse.Namespace) -> int:
     from braing3n_core.config import ConfigError
-    from braing3n_core.generate import ConditionRow, export_samples, read_conditions
+    from braing3n_core.generation.condition_table import ConditionRow, read_conditions
+    from braing3n_core.jobs.sample import export_samples
 
     given = [f"--{name.replace('_', '-')}" for name in ("age", "sex", "diagnosis", "modality", "field_strength", "mmse")
              if getattr(args, name) is not None]
@@ -304,7 +305,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _forecast(args: argparse.Namespace) -> int:
     from braing3n_core.config import ConfigError
-    from braing3n_core.generate import export_forecast
+    from braing3n_core.jobs.forecast import export_forecast
     from braing3n_core.labels import Modality
 
     if not (args.years > 0 and args.years < float("inf")):
@@ -330,8 +331,8 @@ def _forecast(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from braing3n_core.demo import DemoError, run_demo
-    from braing3n_core.simulate import SimulationError
+    from braing3n_core.jobs.demo import DemoError, run_demo
+    from braing3n_core.ops.simulate import SimulationError
 
     try:
         sized = {"subjects_per_site": args.subjects} if args.subjects else {}
@@ -345,13 +346,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from braing3n_core.report import ReportError, write_report
+    from braing3n_core.jobs.report import ReportError, write_report
 
     run_dir = Path(args.run_dir)
     try:
         if args.sites:
-            from braing3n_core.config import load_site_configs
-            from braing3n_core.showcase import ShowcaseError, run_showcase
+            from braing3n_core.jobs.showcase import ShowcaseError, run_showcase
+            from braing3n_core.site_config import load_site_configs
 
             try:
                 run_showcase(run_dir, load_site_configs(args.sites))

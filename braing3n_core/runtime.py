@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import random
@@ -63,3 +64,9 @@ def infinite(loader: torch.utils.data.DataLoader) -> Iterator:
             yield batch
         if not yielded:
             raise RuntimeError("the data loader is empty: no usable training scans")
+
+
+def round_seed(seed: int, *parts: object) -> int:
+    """A stable 63-bit seed per (run seed, stage, round, site): reproducible and different per site."""
+    digest = hashlib.sha256("/".join(str(p) for p in (seed, *parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)

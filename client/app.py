@@ -9,7 +9,7 @@
 
 A site that cannot take part (no usable scans, data unavailable, encoder missing) replies with an
 `Error(code=DECLINED)` whose reason names the site and the cause, instead of failing the round.
-Fault injection (`config["fault"]`, test drills only, see `braing3n_core.runconfig`) is honoured here.
+Fault injection (`config["fault"]`, test drills only, see `braing3n_core.federation.run_config`) is honoured here.
 """
 
 from __future__ import annotations
@@ -23,12 +23,19 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from braing3n_core.config import ConfigError
-from braing3n_core.federated import (
-    RoundParams, SiteDeclined, evaluate_site, heads_from_arrays, label_census, load_arrays, moments_to_arrays,
-    score_heads, site_probe_data, site_token_moments, tasks_from_json, train_heads, train_site_round,
+from braing3n_core.evaluation.heads import FeatureStats
+from braing3n_core.federation.arrays import load_arrays
+from braing3n_core.federation.probes import (
+    heads_from_arrays,
+    label_census,
+    score_heads,
+    site_probe_data,
+    tasks_from_json,
+    train_heads,
 )
-from braing3n_core.probes import FeatureStats
-from braing3n_core.stages import get_stage
+from braing3n_core.federation.protocol import RoundParams, SiteDeclined, moments_to_arrays
+from braing3n_core.federation.site_round import evaluate_site, site_token_moments, train_site_round
+from braing3n_core.training.stages import get_stage
 from client.mods import privacy_mod
 from client.site import SiteRuntime, configure_threads
 

@@ -26,7 +26,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from braing3n_core.federated import CLIPPING_MODE_KEY, SECAGG_ARRAY_NAMES_KEY
+from braing3n_core.federation.protocol import CLIPPING_MODE_KEY, SECAGG_ARRAY_NAMES_KEY
 
 SECAGG_RECORD = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS
 

@@ -26,14 +26,16 @@ import numpy as np
 import torch
 
 from braing3n_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, tensors_sha256
-from braing3n_core.config import ConfigError, SiteConfig
+from braing3n_core.config import ConfigError
 from braing3n_core.data.datasets import SiteData, load_site
-from braing3n_core.federated import SiteDeclined
+from braing3n_core.data.tokens import TokenCache, encoder_sha256
+from braing3n_core.federation.protocol import SiteDeclined
 from braing3n_core.models import MAEConfig, MAEEncoder
 from braing3n_core.presets import get_preset
 from braing3n_core.runtime import resolve_device, set_threads
-from braing3n_core.stages import SiteInputs, Stage
-from braing3n_core.tokens import TokenCache, encoder_sha256
+from braing3n_core.site_config import SiteConfig
+from braing3n_core.training.examples import SiteInputs
+from braing3n_core.training.stages import Stage
 
 
 def configure_threads() -> None:

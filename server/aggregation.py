@@ -25,12 +25,29 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
-    FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    Strategy,
 )
 
-from braing3n_core.federated import check_metrics, check_reply_arrays, weighted_mean
-from braing3n_core.runconfig import (
-    FedAvgConfig, FedAvgMConfig, FedMedianConfig, FedOptConfig, FedProxConfig, FedTrimmedAvgConfig, KrumConfig, MultiKrumConfig,
+from braing3n_core.federation.replies import check_metrics, check_reply_arrays, weighted_mean
+from braing3n_core.federation.run_config import (
+    FedAvgConfig,
+    FedAvgMConfig,
+    FedMedianConfig,
+    FedOptConfig,
+    FedProxConfig,
+    FedTrimmedAvgConfig,
+    KrumConfig,
+    MultiKrumConfig,
     StrategyConfig,
 )
 

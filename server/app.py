@@ -18,8 +18,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from braing3n_core.consortium import load_release_private_key
-from braing3n_core.release import sign_run
+from braing3n_core.ops.consortium import load_release_private_key
+from braing3n_core.ops.release import sign_run
 from braing3n_core.runtime import set_threads
 from server.rounds import run_federation, say
 

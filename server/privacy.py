@@ -50,8 +50,8 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from braing3n_core.federated import CLIPPING_MODE_KEY, SECAGG_ARRAY_NAMES_KEY
-from braing3n_core.runconfig import ClientDPConfig, SecureAggregationConfig
+from braing3n_core.federation.protocol import CLIPPING_MODE_KEY, SECAGG_ARRAY_NAMES_KEY
+from braing3n_core.federation.run_config import ClientDPConfig, SecureAggregationConfig
 
 # --- client-level DP -------------------------------------------------------------------------------------
 
@@ -277,11 +277,11 @@ def update_within(update: Mapping[str, np.ndarray], bound: float | None) -> tupl
 def run_audit(federation: Any) -> Path:
     """Send the staged synthetic set (and the DiT, for membership inference) to every site; combine
     their aggregates into `<run>/privacy_audit.json` (see `braing3n_core.privacy.audit`)."""
-    from braing3n_core.federated import module_arrays
+    from braing3n_core.federation.arrays import module_arrays
     from braing3n_core.fileio import atomic_write_json
+    from braing3n_core.jobs.synthesize import load_staged, staged_sha256
     from braing3n_core.privacy.audit import SiteAudit, combine_audits
-    from braing3n_core.synthesize import load_staged, staged_sha256
-    from braing3n_core.train import load_stage_model
+    from braing3n_core.training.checkpoints import load_stage_model
     from server.aggregation import reply_site, to_array_record
 
     settings = federation.config.audit

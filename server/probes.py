@@ -26,14 +26,19 @@ from typing import Any
 import numpy as np
 from flwr.app import MessageType
 
-from braing3n_core.fileio import atomic_write_json
-from braing3n_core.federated import (
-    aggregate_heads, head_arrays, plan_probes, plan_to_json, pooled_probe_metrics, tasks_from_json,
+from braing3n_core.evaluation.heads import FeatureStats
+from braing3n_core.federation.probes import (
+    aggregate_heads,
+    head_arrays,
+    plan_probes,
+    plan_to_json,
+    pooled_probe_metrics,
+    tasks_from_json,
 )
-from braing3n_core.probes import FeatureStats
+from braing3n_core.federation.run_folder import RoundCheckpoint
+from braing3n_core.fileio import atomic_write_json
 from server.aggregation import metric_record, reply_site, screen_replies, to_array_record
 from server.rounds import Federation, FederationError, say
-from server.state import RoundCheckpoint
 
 STAGE = "probes"
 

@@ -32,19 +32,27 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from braing3n_core.checkpoint import load_checkpoint, tensors_sha256
-from braing3n_core.federated import (
-    RoundParams, module_arrays, moments_from_arrays, weighted_mean,
-)
+from braing3n_core.federation.arrays import module_arrays
+from braing3n_core.federation.protocol import RoundParams, moments_from_arrays
+from braing3n_core.federation.replies import weighted_mean
+from braing3n_core.federation.run_config import RunConfig, StageRunConfig
+from braing3n_core.federation.run_folder import RoundCheckpoint, RunFolder
 from braing3n_core.presets import get_preset
-from braing3n_core.runconfig import RunConfig, StageRunConfig
 from braing3n_core.runtime import seed_everything
-from braing3n_core.stages import STAGES, get_stage
+from braing3n_core.training.stages import STAGES, get_stage
 from server.aggregation import (
-    Verdict, as_reference_dtypes, build_strategy, metric_record, reply_site, restore_strategy_state, screen_replies,
-    short_reason, strategy_state, to_array_record,
+    Verdict,
+    as_reference_dtypes,
+    build_strategy,
+    metric_record,
+    reply_site,
+    restore_strategy_state,
+    screen_replies,
+    short_reason,
+    strategy_state,
+    to_array_record,
 )
 from server.privacy import ClientLevelDP, LoggingGrid, secure_aggregate, update_within
-from server.state import RoundCheckpoint, RunFolder
 from server.transport import exchange
 
 
@@ -472,7 +480,7 @@ def load_run_config(path: Path, run_dir: Path | None) -> tuple[RunConfig, RunFol
             raise FederationError(f"{pinned}: the run folder holds a different run configuration than {path}; "
                                   "use a new run folder or the same configuration to resume")
     elif not pinned.is_file():
-        from braing3n_core.runconfig import write_resolved
+        from braing3n_core.federation.run_config import write_resolved
 
         write_resolved(config, pinned)
     return config, run

@@ -55,7 +55,7 @@ def write_site_yamls(cohort: list[Path], folder: Path, privacy: dict[str, dict] 
     virtual sites over the same scans (distinct ids and caches); `privacy` sets a site's privacy block."""
     import yaml
 
-    from braing3n_core.config import SiteConfig
+    from braing3n_core.site_config import SiteConfig
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from braing3n_core.config import SiteConfig
 from braing3n_core.data.bids import discover_scans
 from braing3n_core.labels import Modality, ScanLabels
+from braing3n_core.site_config import SiteConfig
 
 PARTICIPANTS = (
     "participant_id\tsex\tage\tdiagnosis\tmmse\n"

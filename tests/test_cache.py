@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from braing3n_core.data import transforms
-from braing3n_core.data.cache import ArrayCache, JsonCache, preprocess_scan, preprocessed_volume_key
+from braing3n_core.data.cache import ArrayCache, JsonCache
+from braing3n_core.data.transforms import preprocess_scan, preprocessed_volume_key
 from braing3n_core.fileio import file_sha256
 from braing3n_core.presets import PRESETS
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 
 from braing3n_core.checkpoint import (
     CheckpointError,

@@ -15,9 +15,11 @@ import yaml
 from rich.console import Console
 
 from braing3n_core.cli import main as cli_main
-from braing3n_core.config import SiteConfig
-from braing3n_core.data import checks
-from braing3n_core.data.checks import Problem, check_image, check_site, render_site_report
+from braing3n_core.data import inspection
+from braing3n_core.data.checks import check_site, render_site_report
+from braing3n_core.data.inspection import Problem, check_image
+from braing3n_core.labels import Modality
+from braing3n_core.site_config import SiteConfig
 
 PARTICIPANTS = "participant_id\tsex\tage\tdiagnosis\tmmse\n" + "".join(
     f"sub-{i:02d}\t{'FM'[i % 2]}\t{60 + i}\t{['CN', 'MCI', 'AD'][i % 3]}\t{20 + i % 10}\n" for i in range(1, 20)
@@ -181,7 +183,7 @@ def test_site_check_excludes_every_bad_scan_and_keeps_the_rest(anatomy: nib.Nift
     assert any(name == "participants.tsv" and "implausible age 265" in reason for name, reason in warnings)
 
     # Inventory and completeness count usable scans only.
-    assert report.inventory["sub-01"] == {"ses-01": [checks.Modality.T1W]}
+    assert report.inventory["sub-01"] == {"ses-01": [Modality.T1W]}
     assert report.completeness["age"] == pytest.approx(4 / 6)  # sub-05 blanked, sub-42 unlabelled
     assert report.completeness["sex"] == pytest.approx(5 / 6)
     assert report.completeness["field_strength"] == pytest.approx(1 / 6)
@@ -223,13 +225,13 @@ def test_second_check_reads_no_image(anatomy: nib.Nifti1Image, tmp_path: Path, m
     _write_site(tmp_path / "bids", anatomy)
     config = SiteConfig(site_id="site-x", data_root=tmp_path / "bids", cache_dir=tmp_path / "cache")
     reads: list[Path] = []
-    real_inspect = checks._inspect
+    real_inspect = inspection._inspect
 
-    def counting_inspect(path: Path) -> checks.ImageInspection:
+    def counting_inspect(path: Path) -> inspection.ImageInspection:
         reads.append(path)
         return real_inspect(path)
 
-    monkeypatch.setattr(checks, "_inspect", counting_inspect)
+    monkeypatch.setattr(inspection, "_inspect", counting_inspect)
     first = check_site(config, progress=False)
     reads_first = len(reads)
     second = check_site(config, progress=False)

@@ -13,11 +13,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from braing3n_core.config import ConfigError, SiteConfig
+from braing3n_core.config import ConfigError
 from braing3n_core.data.cohort import CohortSpec, make_cohort
 from braing3n_core.data.cohort.effects import LABELS
 from braing3n_core.data.cohort.scanner import ARCHETYPE_GEOMETRY
 from braing3n_core.labels import DIAGNOSES, Modality
+from braing3n_core.site_config import SiteConfig
 
 pytest.importorskip("nilearn", reason="the cohort generator needs nilearn's bundled ICBM152 template")
 

@@ -21,11 +21,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import DNSName, IPAddress, PolicyBuilder, Store, VerificationError
 
 from braing3n_core.cli import main
-from braing3n_core.config import ConfigError, SiteConfig
-from braing3n_core.consortium import (
-    Layout, add_site, init_consortium, load_consortium, rekey_site, set_revoked, ssh_fingerprint,
+from braing3n_core.config import ConfigError
+from braing3n_core.ops.consortium import (
+    Layout,
+    add_site,
+    init_consortium,
+    load_consortium,
+    rekey_site,
+    set_revoked,
+    ssh_fingerprint,
 )
-from braing3n_core.deploy import FlowerCommand, load_credentials, supernode_command, superlink_command
+from braing3n_core.ops.deploy import FlowerCommand, load_credentials, superlink_command, supernode_command
+from braing3n_core.site_config import SiteConfig
 
 SITES = ["site-a", "site-b", "site-c"]
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from braing3n_core.config import SiteConfig, SplitConfig
 from braing3n_core.data import transforms
 from braing3n_core.data.bids import ScanRecord
 from braing3n_core.data.datasets import SPLITS, VolumeDataset, labels_to_tensors, load_site, split_subjects
 from braing3n_core.labels import DIAGNOSES, Modality, ScanLabels
 from braing3n_core.presets import PRESETS
+from braing3n_core.site_config import SiteConfig, SplitConfig
 
 TINY = PRESETS["tiny"]
 

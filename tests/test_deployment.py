@@ -35,12 +35,12 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from braing3n_core.config import SiteConfig
-from braing3n_core.consortium import add_site, init_consortium, load_consortium
-from braing3n_core.deploy import _listed_nodes, stop
 from braing3n_core.fileio import file_sha256
-from braing3n_core.release import verify_directory
-from braing3n_core.simulate import descendants, free_port
+from braing3n_core.ops.consortium import add_site, init_consortium, load_consortium
+from braing3n_core.ops.deploy import _listed_nodes, stop
+from braing3n_core.ops.flower import descendants, free_port
+from braing3n_core.ops.release import verify_directory
+from braing3n_core.site_config import SiteConfig
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from braing3n_core import diffusion
-from braing3n_core.conditions import (
+from braing3n_core.labels import DIAGNOSES, Modality, ScanLabels
+from braing3n_core.models import DiT, DiTConfig, TokenMoments, diffusion
+from braing3n_core.models.conditions import (
     CONDITION_SCHEMA,
     ConditionBatch,
     conditions_from_labels,
@@ -18,8 +19,6 @@ from braing3n_core.conditions import (
     null_conditions,
     random_drop_mask,
 )
-from braing3n_core.labels import DIAGNOSES, Modality, ScanLabels
-from braing3n_core.models import DiT, DiTConfig, TokenMoments
 
 TOY = DiTConfig(grid=(2, 3, 2), token_dim=12, width=48, depth=2, heads=4, mlp_dim=192)
 

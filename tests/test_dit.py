@@ -8,10 +8,9 @@ import math
 import pytest
 import torch
 
-from braing3n_core import diffusion
-from braing3n_core.conditions import ConditionBatch, conditions_from_labels, null_conditions
 from braing3n_core.labels import Modality, ScanLabels
-from braing3n_core.models import DiT, DiTConfig, TokenMoments
+from braing3n_core.models import DiT, DiTConfig, TokenMoments, diffusion
+from braing3n_core.models.conditions import ConditionBatch, conditions_from_labels, null_conditions
 from braing3n_core.presets import PRESETS
 
 TOY = DiTConfig(grid=(2, 3, 2), token_dim=12, width=48, depth=2, heads=4, mlp_dim=96)

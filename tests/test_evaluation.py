@@ -15,25 +15,15 @@ import pytest
 import yaml
 
 from braing3n_core import cli
-from braing3n_core.config import SiteConfig
 from braing3n_core.data.datasets import load_site
-from braing3n_core.evaluation import (
-    ProbeError,
-    ProbeOptions,
-    known_task_names,
-    probe_sites,
-    random_init_encoder,
-)
+from braing3n_core.data.tokens import encoder_sha256
+from braing3n_core.jobs.probe import ProbeError, ProbeOptions, known_task_names, probe_sites, random_init_encoder
 from braing3n_core.models import MAEConfig, MaskedAutoencoder
 from braing3n_core.presets import get_preset
-from braing3n_core.stages import get_stage
-from braing3n_core.tokens import encoder_sha256
-from braing3n_core.train import (
-    TrainOptions,
-    load_encoder,
-    save_stage_checkpoint,
-    train_centralized,
-)
+from braing3n_core.site_config import SiteConfig
+from braing3n_core.training.centralized import TrainOptions, train_centralized
+from braing3n_core.training.checkpoints import load_encoder, save_stage_checkpoint
+from braing3n_core.training.stages import get_stage
 
 INIT_SEED = 3
 

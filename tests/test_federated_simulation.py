@@ -22,12 +22,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_site_yamls
 
 from braing3n_core.checkpoint import load_checkpoint
 from braing3n_core.fileio import file_sha256
-from braing3n_core.simulate import descendants, simulate
-from braing3n_core.train import load_encoder, load_stage_model
-from conftest import write_site_yamls
+from braing3n_core.ops.flower import descendants
+from braing3n_core.ops.simulate import simulate
+from braing3n_core.training.checkpoints import load_encoder, load_stage_model
 
 pytestmark = pytest.mark.slow
 
@@ -118,7 +119,7 @@ def test_all_stages_reach_their_final_round_after_a_kill(resumed_run) -> None:
     assert any(k.startswith("strategy.m_t.") for k in dit.tensors) and any(k.startswith("strategy.v_t.") for k in dit.tensors)
     # Decoder and DiT checkpoints name the encoder they were trained on: the MAE's.
     encoder = load_encoder(run_dir / "checkpoints/mae/final.json")
-    from braing3n_core.tokens import encoder_sha256
+    from braing3n_core.data.tokens import encoder_sha256
 
     assert dit.meta["encoder_sha256"] == encoder_sha256(encoder) == state["encoder_sha256"]
 
@@ -238,7 +239,7 @@ def test_rejected_and_dropped_sites_do_not_stop_the_federation(faulty_run) -> No
 
 
 def test_a_round_without_enough_sites_stops_the_run_resumably(synthetic_cohort, tmp_path: Path) -> None:
-    from braing3n_core.simulate import SimulationError
+    from braing3n_core.ops.simulate import SimulationError
 
     sites = write_site_yamls(synthetic_cohort, tmp_path / "sites")
     faults = [{"site": s, "stage": "mae", "kind": "decline", "from_round": 2} for s in ("site-a", "site-b")]

@@ -13,14 +13,20 @@ import pytest
 import yaml
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, Metadata, MetricRecord, RecordDict
 
-from braing3n_core.config import ConfigError, SiteConfig
-from braing3n_core.federated import (
-    check_reply_arrays, heads_from_arrays, head_arrays, plan_probes, pooled_probe_metrics, prediction_sums, update_norm,
+from braing3n_core.config import ConfigError
+from braing3n_core.evaluation.heads import FeatureStats
+from braing3n_core.federation.probes import (
+    head_arrays,
+    heads_from_arrays,
+    plan_probes,
+    pooled_probe_metrics,
+    prediction_sums,
 )
-from braing3n_core.probes import FeatureStats
-from braing3n_core.runconfig import FedAvgConfig, FedOptConfig, RunConfig
+from braing3n_core.federation.replies import check_reply_arrays, update_norm
+from braing3n_core.federation.run_config import FedAvgConfig, FedOptConfig, RunConfig
+from braing3n_core.federation.run_folder import RunFolder
+from braing3n_core.site_config import SiteConfig
 from server.aggregation import build_strategy, restore_strategy_state, screen_replies, strategy_state
-from server.state import RunFolder
 
 REFERENCE = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}
 
@@ -188,7 +194,7 @@ def test_probe_plan_from_two_censuses_and_pooled_metrics() -> None:
 
 
 def test_pooled_probe_metrics_match_the_metrics_of_all_rows_together() -> None:
-    from braing3n_core.probes import ProbeTask, TaskKind, evaluate_predictions
+    from braing3n_core.evaluation.probe_tasks import ProbeTask, TaskKind, evaluate_predictions
 
     rng = np.random.default_rng(0)
     age = ProbeTask("age", "age", TaskKind.REGRESSION)
@@ -221,7 +227,8 @@ def _message(message_type: str, content: RecordDict) -> Message:
 
 
 def test_client_hello_and_refused_encoder(synthetic_cohort, tmp_path: Path) -> None:
-    from client.app import DECLINED, app as client_app
+    from client.app import DECLINED
+    from client.app import app as client_app
 
     site = SiteConfig.from_yaml(synthetic_cohort[0])
     site_yaml = write_yaml(tmp_path / "site.yaml", {**site.to_yaml_dict(), "cache_dir": str(tmp_path / "cache")})
@@ -275,9 +282,11 @@ def test_a_site_round_is_reproducible_whatever_the_process_ran_before(synthetic_
     import torch
 
     from braing3n_core.data.datasets import load_site
-    from braing3n_core.federated import RoundParams, train_site_round
+    from braing3n_core.federation.protocol import RoundParams
+    from braing3n_core.federation.site_round import train_site_round
     from braing3n_core.presets import get_preset
-    from braing3n_core.stages import SiteInputs, get_stage
+    from braing3n_core.training.examples import SiteInputs
+    from braing3n_core.training.stages import get_stage
 
     preset = get_preset("tiny")
     site = SiteConfig.from_yaml(synthetic_cohort[0])
@@ -302,8 +311,10 @@ def test_a_site_round_is_reproducible_whatever_the_process_ran_before(synthetic_
 
 def test_simulation_refuses_more_cores_per_site_than_the_process_may_use(synthetic_cohort, tmp_path: Path) -> None:
     """Ray is given the cores of this process's affinity mask; a site asking for more could never start."""
-    from braing3n_core.simulate import simulate, usable_cpus
     from conftest import write_site_yamls
+
+    from braing3n_core.ops.flower import usable_cpus
+    from braing3n_core.ops.simulate import simulate
 
     sites = write_site_yamls(synthetic_cohort, tmp_path / "sites")
     run = write_yaml(tmp_path / "run.yaml", {"name": "cores", "preset": "tiny", "min_sites": 2,
@@ -320,10 +331,15 @@ def test_an_earlier_attempts_orphaned_superlink_is_stopped_and_its_flwr_home_rem
     import subprocess
     import tempfile
 
-    from braing3n_core.simulate import (
-        HOME_PREFIX, SimulationError, _wait_for_port, flower_env, free_port, kill_process_tree, start_superlink,
-        started_at, stop_stale_attempt,
+    from braing3n_core.ops.flower import (
+        flower_env,
+        free_port,
+        kill_process_tree,
+        start_superlink,
+        started_at,
+        wait_for_port,
     )
+    from braing3n_core.ops.simulate import HOME_PREFIX, SimulationError, stop_stale_attempt
 
     home, port = Path(tempfile.mkdtemp(prefix=HOME_PREFIX)), free_port()
     link = start_superlink(flower_env(home), port, tmp_path / "superlink.log", tmp_path)
@@ -336,7 +352,7 @@ def test_an_earlier_attempts_orphaned_superlink_is_stopped_and_its_flwr_home_rem
                                       "wrapper_pid": 2**22 + 1, "wrapper_started": 1, "flwr_home": str(home)} | values))
 
     try:
-        _wait_for_port(port, link, tmp_path / "superlink.log")
+        wait_for_port(port, link, tmp_path / "superlink.log")
         write(wrapper_pid=other.pid, wrapper_started=started_at(other.pid))
         with pytest.raises(SimulationError, match=rf"another braing3n simulate \(PID {other.pid}\) is running"):
             stop_stale_attempt(record)
@@ -360,7 +376,7 @@ def test_server_momentum_steps_from_the_given_weights_and_resumes_from_a_checkpo
     from flwr.serverapp.strategy import FedAvgM
     from flwr.supercore.task_identity import TaskIdentity
 
-    from braing3n_core.runconfig import FedAvgMConfig
+    from braing3n_core.federation.run_config import FedAvgMConfig
     from server.aggregation import to_array_record
 
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # what a ServerApp's messages carry

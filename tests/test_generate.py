@@ -18,15 +18,16 @@ import torch
 import yaml
 
 from braing3n_core.cli import main
-from braing3n_core.config import ConfigError, SiteConfig
+from braing3n_core.config import ConfigError
 from braing3n_core.data.datasets import load_site
 from braing3n_core.data.transforms import preprocess_volume
-from braing3n_core.generate import (
-    ConditionRow, GenerationError, generate, load_generation_models, load_run_models, preset_affine, read_conditions,
-    stage_checkpoint, write_nifti,
-)
+from braing3n_core.generation.condition_table import ConditionRow, read_conditions
+from braing3n_core.generation.models import GenerationError, load_generation_models, load_run_models, stage_checkpoint
+from braing3n_core.generation.output import preset_affine, write_nifti
+from braing3n_core.generation.sampling import generate
 from braing3n_core.labels import Modality
 from braing3n_core.presets import get_preset
+from braing3n_core.site_config import SiteConfig
 
 TINY = get_preset("tiny")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -266,7 +267,7 @@ def test_forecast_cli_bad_input_is_exit_code_2(runs, tmp_path: Path, capsys, arg
 
 
 def test_synthesize_uses_the_shared_conditions_and_nifti(runs, tmp_path: Path) -> None:
-    from braing3n_core.synthesize import synthesize
+    from braing3n_core.jobs.synthesize import synthesize
 
     bad = tmp_path / "bad.tsv"
     bad.write_text("age\tsex\tmodality\n70\tF\tT1w\n60\tX\tT2w\n")
@@ -283,9 +284,9 @@ def test_synthesize_uses_the_shared_conditions_and_nifti(runs, tmp_path: Path) -
 
 
 def test_a_signed_synthetic_dataset_verifies_and_carries_its_data_card(runs, tmp_path: Path, capsys) -> None:
-    from braing3n_core.consortium import init_consortium
-    from braing3n_core.release import verify_directory
-    from braing3n_core.synthesize import synthesize
+    from braing3n_core.jobs.synthesize import synthesize
+    from braing3n_core.ops.consortium import init_consortium
+    from braing3n_core.ops.release import verify_directory
 
     layout = init_consortium(tmp_path / "fl", ["a"], "localhost").layout
     broken = tmp_path / "broken.key"

@@ -11,7 +11,7 @@ import scipy.linalg
 import torch
 from scipy.ndimage import zoom
 
-from braing3n_core.metrics import (
+from braing3n_core.evaluation.metrics import (
     GEN_METRICS,
     VAL_METRICS,
     MMDKernel,
@@ -29,8 +29,9 @@ from braing3n_core.metrics import (
     reconstruction_metrics,
     ssim,
 )
+from braing3n_core.evaluation.probe_tasks import ProbeSample, ProbeTable
+from braing3n_core.evaluation.probes import fit_probes
 from braing3n_core.presets import PRESETS
-from braing3n_core.probes import ProbeSample, ProbeTable, fit_probes
 
 TINY = PRESETS["tiny"].shape
 

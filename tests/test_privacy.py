@@ -20,10 +20,14 @@ import torch
 import yaml
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
-from braing3n_core.config import ConfigError, SiteConfig
-from braing3n_core.data.cache import preprocess_scan
+from braing3n_core.config import ConfigError
 from braing3n_core.data.datasets import load_site
-from braing3n_core.federated import RoundParams, SiteDeclined, module_arrays, site_ledger, train_site_round
+from braing3n_core.data.tokens import TokenCache
+from braing3n_core.data.transforms import preprocess_scan
+from braing3n_core.federation.arrays import module_arrays
+from braing3n_core.federation.protocol import RoundParams, SiteDeclined
+from braing3n_core.federation.run_config import RunConfig
+from braing3n_core.federation.site_round import site_ledger, train_site_round
 from braing3n_core.models import MAEConfig, MaskedAutoencoder
 from braing3n_core.presets import get_preset
 from braing3n_core.privacy.audit import audit_site, membership_auc, pooled_membership_auc, run_site_audit
@@ -37,9 +41,9 @@ from braing3n_core.privacy.dp import (
     subject_loader,
 )
 from braing3n_core.privacy.ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger, Release, epsilon_of
-from braing3n_core.runconfig import RunConfig
-from braing3n_core.stages import SiteInputs, get_stage, stage_dataset, token_moments
-from braing3n_core.tokens import TokenCache
+from braing3n_core.site_config import SiteConfig
+from braing3n_core.training.examples import SiteInputs, token_moments
+from braing3n_core.training.stages import get_stage, stage_dataset
 
 TINY = get_preset("tiny")
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing", "ignore:Secure RNG turned off")
@@ -138,7 +142,7 @@ def test_an_empty_poisson_draw_still_steps_with_noise_only(site) -> None:
     settings = DPRound(Release("mae", 1, 0.5, 2.0, 1, 1.0, 4), 1e-5)
     private = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), settings)
     before = [p.detach().clone() for p in model.parameters()]
-    from braing3n_core.stages import train_steps
+    from braing3n_core.training.loop import train_steps
 
     result = train_steps(stage, model, iter([{}]), private.optimizer, 1, lambda _: 1.0, torch.device("cpu"),
                          max_grad_norm=None)
@@ -265,11 +269,13 @@ def test_budget_stops_the_site_at_the_round_that_would_exceed_it(synthetic_cohor
 
 CHILD = textwrap.dedent("""
     import sys, torch
-    from braing3n_core.config import SiteConfig
     from braing3n_core.data.datasets import load_site
-    from braing3n_core.federated import RoundParams, train_site_round
+    from braing3n_core.federation.protocol import RoundParams
+    from braing3n_core.federation.site_round import train_site_round
     from braing3n_core.presets import get_preset
-    from braing3n_core.stages import SiteInputs, get_stage
+    from braing3n_core.site_config import SiteConfig
+    from braing3n_core.training.examples import SiteInputs
+    from braing3n_core.training.stages import get_stage
     torch.set_num_threads(1)
     site = SiteInputs(load_site(SiteConfig.from_yaml(sys.argv[1]), get_preset("tiny"), progress=False))
     stage = get_stage("mae")
@@ -307,7 +313,7 @@ def test_ledger_survives_a_client_killed_mid_run(synthetic_cohort, tmp_path: Pat
 
 
 def test_target_epsilon_is_spread_over_the_stage_schedule() -> None:
-    from braing3n_core.config import SitePrivacyConfig
+    from braing3n_core.site_config import SitePrivacyConfig
 
     config = SitePrivacyConfig(enabled=True, stages={"dit": {"target_epsilon": 3.0}})
     settings = resolve_round(config, "dit", 1, subjects=40, batch_size=8, local_steps=5, total_rounds=6, delta=1e-5)

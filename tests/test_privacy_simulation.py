@@ -19,17 +19,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import write_site_yamls
 
 from braing3n_core.checkpoint import load_checkpoint
-from braing3n_core.config import SiteConfig
-from braing3n_core.data.cache import preprocess_scan
 from braing3n_core.data.datasets import load_site
-from braing3n_core.federated import site_ledger
+from braing3n_core.data.transforms import preprocess_scan
+from braing3n_core.federation.site_round import site_ledger
+from braing3n_core.ops.simulate import simulate
 from braing3n_core.presets import get_preset
 from braing3n_core.privacy.dp import default_delta
 from braing3n_core.privacy.ledger import Release
-from braing3n_core.simulate import simulate
-from conftest import write_site_yamls
+from braing3n_core.site_config import SiteConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 TINY = get_preset("tiny")
@@ -139,7 +139,7 @@ def test_client_level_dp_epsilon_and_untouched_token_statistics(dp_run) -> None:
 
 
 def test_privacy_figure_draws_every_site(dp_run) -> None:
-    from braing3n_core.privacy.figure import privacy_figure, privacy_series
+    from braing3n_core.jobs.report_figures import privacy_figure, privacy_series
 
     series = privacy_series(dp_run["dir"])
     assert set(series["sites"]) == {"site-a", "site-b"} and series["declined"]["site-b"] == [5]
@@ -151,7 +151,7 @@ def test_privacy_figure_draws_every_site(dp_run) -> None:
 def test_synthesize_exports_audited_bids_and_excludes_a_planted_training_copy(dp_run, tmp_path: Path) -> None:
     from bids_validator import BIDSValidator
 
-    from braing3n_core.synthesize import synthesize
+    from braing3n_core.jobs.synthesize import synthesize
 
     site_a = SiteConfig.from_yaml(dp_run["sites"][0])
     data = load_site(site_a, TINY, progress=False)

@@ -12,28 +12,21 @@ import torch
 from rich.console import Console
 from sklearn.preprocessing import StandardScaler
 
-from braing3n_core.labels import DIAGNOSES, Modality, ScanLabels
-from braing3n_core.probes import (
-    FeatureStats,
-    LinearHead,
+from braing3n_core.evaluation.heads import FeatureStats, LinearHead
+from braing3n_core.evaluation.probe_report import render_report
+from braing3n_core.evaluation.probe_splits import SubjectSplit, outer_folds, subject_split, task_split
+from braing3n_core.evaluation.probe_tasks import (
     ProbeRequirements,
     ProbeSample,
     ProbeTable,
     ProbeTask,
-    SubjectSplit,
     TaskKind,
-    cross_validated_predictions,
     evaluate_predictions,
-    fit_probe,
-    outer_folds,
     prior_predictions,
-    render_report,
-    run_probes,
     select_tasks,
-    subject_split,
-    task_split,
-    write_report_json,
 )
+from braing3n_core.evaluation.probes import cross_validated_predictions, fit_probe, run_probes, write_report_json
+from braing3n_core.labels import DIAGNOSES, Modality, ScanLabels
 
 N_FEATURES = 24
 MODALITIES = (Modality.T1W.value, Modality.T2W.value)

@@ -13,10 +13,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from braing3n_core.checkpoint import load_checkpoint
 from braing3n_core.cli import main
 from braing3n_core.config import ConfigError
-from braing3n_core.consortium import init_consortium
-from braing3n_core.release import MANIFEST, epsilon_per_site, sign_directory, sign_run, verify_directory
-from braing3n_core.runconfig import RunConfig, write_resolved
-from server.state import RoundCheckpoint, RunFolder
+from braing3n_core.federation.run_config import RunConfig, write_resolved
+from braing3n_core.federation.run_folder import RoundCheckpoint, RunFolder
+from braing3n_core.ops.consortium import init_consortium
+from braing3n_core.ops.release import MANIFEST, epsilon_per_site, sign_directory, sign_run, verify_directory
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,16 @@ import numpy as np
 import pytest
 import yaml
 
-from braing3n_core.report import (
-    AGGREGATE, FIGURE_DIR, ReportError, fmt, mid_slices, plot_montage, probe_rows, read_run, series, write_report,
+from braing3n_core.figures import mid_slices, plot_montage
+from braing3n_core.jobs.report import (
+    AGGREGATE,
+    FIGURE_DIR,
+    ReportError,
+    fmt,
+    probe_rows,
+    read_run,
+    series,
+    write_report,
 )
 
 TINY_RUN = {
@@ -83,7 +91,7 @@ def test_fmt() -> None:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from braing3n_core.demo import run_demo
+    from braing3n_core.jobs.demo import run_demo
 
     root = tmp_path_factory.mktemp("demo")
     config = root / "tiny-demo.yaml"
@@ -157,7 +165,7 @@ def test_probe_table_reflects_probes_json(demo_run: Path) -> None:
 
 @slow
 def test_showcase_numbers_are_real(demo_run: Path) -> None:
-    from braing3n_core.showcase import DEMO_REQUESTS
+    from braing3n_core.jobs.showcase import DEMO_REQUESTS
 
     showcase = json.loads((demo_run / FIGURE_DIR / "showcase.json").read_text())
     recon = showcase["reconstructions"]
@@ -188,7 +196,7 @@ def test_report_cli_embeds_figures_for_a_copy_elsewhere(demo_run: Path, tmp_path
 
 @slow
 def test_demo_refuses_to_mix_runs(demo_run: Path) -> None:
-    from braing3n_core.demo import DemoError, run_demo
+    from braing3n_core.jobs.demo import DemoError, run_demo
 
     with pytest.raises(DemoError, match="--resume"):
         run_demo(demo_run)

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from braing3n_core.config import ConfigError, SiteConfig, load_site_configs
+from braing3n_core.config import ConfigError
 from braing3n_core.labels import Modality
+from braing3n_core.site_config import SiteConfig, load_site_configs
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "sites" / "example-hospital.yaml"
 

@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from braing3n_core.config import SiteConfig
 from braing3n_core.data.datasets import load_site
+from braing3n_core.data.tokens import TokenCache, encoder_sha256
 from braing3n_core.presets import get_preset
-from braing3n_core.stages import SiteInputs, get_stage, longitudinal_pairs, stage_dataset
-from braing3n_core.tokens import TokenCache, encoder_sha256
-from braing3n_core.train import TrainOptions, load_encoder, load_stage_model, train_centralized
+from braing3n_core.site_config import SiteConfig
+from braing3n_core.training.centralized import TrainOptions, train_centralized
+from braing3n_core.training.checkpoints import load_encoder, load_stage_model
+from braing3n_core.training.examples import SiteInputs, longitudinal_pairs
+from braing3n_core.training.stages import get_stage, stage_dataset
 
 TINY = get_preset("tiny")
 
@@ -120,7 +122,7 @@ def test_longitudinal_pairs_stay_within_a_subject_and_go_forward(trained_run: Pa
 def test_a_round_that_drew_nobody_reports_the_same_metric_names(name: str) -> None:
     """DP-SGD's Poisson sampling can leave every step of a round empty; the site still reports each of
     the stage's metrics (NaN), so the server sees the same names from every site and aggregates it."""
-    from braing3n_core.stages import train_steps
+    from braing3n_core.training.loop import train_steps
 
     stage, preset = get_stage(name), get_preset("tiny")
     model = stage.build(preset)

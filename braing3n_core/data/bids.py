@@ -22,9 +22,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from braing3n_core.config import SiteConfig
-from braing3n_core.data.checks import Problem
+from braing3n_core.data.inspection import Problem
 from braing3n_core.labels import AGE_RANGE_YEARS, DIAGNOSES, MMSE_RANGE, SEXES, Modality, ScanLabels
+from braing3n_core.site_config import SiteConfig
 
 MISSING_VALUES = frozenset({"", "n/a", "na", "nan"})
 FIELD_STRENGTH_RANGE_T: tuple[float, float] = (0.05, 12.0)  # low-field portables up to 11.7 T research magnets

@@ -18,14 +18,11 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from braing3n_core.fileio import atomic_write_bytes, file_sha256
-
-if TYPE_CHECKING:
-    from braing3n_core.presets import Preset
+from braing3n_core.fileio import atomic_write_bytes
 
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,199}$")
 
@@ -112,22 +109,3 @@ class JsonCache(_FileStore):
         record = compute()
         self.put(key, record)
         return record
-
-
-def preprocessed_volume_key(path: str | Path, preset: Preset) -> str:
-    """Cache key of a scan's preprocessed volume: preprocessing fingerprint + the file's content hash."""
-    from braing3n_core.data.transforms import preprocessing_fingerprint
-
-    return f"vol-{preprocessing_fingerprint(preset)[:16]}-{file_sha256(path)}"
-
-
-def preprocess_scan(path: str | Path, preset: Preset, cache: ArrayCache | None) -> np.ndarray:
-    """The preset's model input for one scan, `[1, D, H, W]` float32, from the cache when possible.
-
-    Raises `PreprocessingError` (naming the file) when the scan cannot be preprocessed.
-    """
-    from braing3n_core.data.transforms import preprocess_volume
-
-    if cache is None:
-        return preprocess_volume(path, preset)
-    return cache.get_or_compute(preprocessed_volume_key(path, preset), lambda: preprocess_volume(path, preset))

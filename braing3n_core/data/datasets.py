@@ -18,13 +18,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from braing3n_core.config import SiteConfig, SplitConfig
 from braing3n_core.data.bids import ScanRecord
-from braing3n_core.data.cache import ArrayCache, preprocess_scan
-from braing3n_core.data.checks import Problem, SiteReport, check_site
-from braing3n_core.data.transforms import PreprocessingError, augmentation_transform
+from braing3n_core.data.cache import ArrayCache
+from braing3n_core.data.checks import SiteReport, check_site
+from braing3n_core.data.inspection import Problem
+from braing3n_core.data.transforms import PreprocessingError, augmentation_transform, preprocess_scan
 from braing3n_core.labels import DIAGNOSES, MODALITIES, SEXES
 from braing3n_core.presets import Preset
+from braing3n_core.site_config import SiteConfig, SplitConfig
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@
   `encoder.encode(volume [B, 1, D, H, W]) -> (tokens [B, N, E], pooled [B, E])`, always unmasked.
 * `CNNDecoder` (`DecoderConfig`): stage 2, `tokens [B, N, E] -> volume [B, 1, D, H, W]`.
 * `DiT` (`DiTConfig`): stage 3, velocity network over normalised tokens; the objective and the sampler
-  are in `braing3n_core.diffusion`.
+  are in `braing3n_core.models.diffusion`.
 
 Every config has `from_preset(name)` (sizes from `braing3n_core.presets`), `to_dict()` and
 `from_dict()` (JSON beside the safetensors weights). All parameters are float32 and live in

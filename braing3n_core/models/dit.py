@@ -43,8 +43,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from braing3n_core.conditions import CONDITION_SCHEMA, INTERVAL, CategoricalVariable, ConditionBatch, ContinuousVariable
 from braing3n_core.models.blocks import MLP, Attention, LearnedTokens, check_tokens, sincos_position_embedding
+from braing3n_core.models.conditions import (
+    CONDITION_SCHEMA,
+    INTERVAL,
+    CategoricalVariable,
+    ConditionBatch,
+    ContinuousVariable,
+)
 from braing3n_core.presets import Preset, get_preset
 
 

@@ -48,8 +48,8 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
-from braing3n_core.config import SitePrivacyConfig
 from braing3n_core.privacy.ledger import Release
+from braing3n_core.site_config import SitePrivacyConfig
 
 DEFAULT_MAX_DELTA = 1e-5
 

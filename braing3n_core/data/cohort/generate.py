@@ -25,13 +25,20 @@ import numpy as np
 import yaml
 from threadpoolctl import threadpool_limits
 
-from braing3n_core.config import ConfigError, SiteConfig, SplitConfig
+from braing3n_core.config import ConfigError
 from braing3n_core.data.cohort import bids_writer as bids
 from braing3n_core.data.cohort.anatomy import load_anatomy
 from braing3n_core.data.cohort.effects import label_map, session_tissues, subject_geometry, truth_volumes
 from braing3n_core.data.cohort.scanner import Scanner, build_scanner, encode_nifti, render_session, site_geometry
 from braing3n_core.data.cohort.sites import SiteProfile, diagnosis_quota, site_id, site_profile
-from braing3n_core.data.cohort.subjects import SessionState, SubjectPlan, participant_label, plan_subject, session_states
+from braing3n_core.data.cohort.subjects import (
+    SessionState,
+    SubjectPlan,
+    participant_label,
+    plan_subject,
+    session_states,
+)
+from braing3n_core.site_config import SiteConfig, SplitConfig
 
 SITE_STREAM = 7  # spawn key separating site-level randomness from every subject's stream
 

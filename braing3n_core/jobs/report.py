@@ -2,7 +2,7 @@
 
 The report is a pure function of the run folder (`server/state.py` describes its layout): it reads
 `run.yaml`, `metrics.jsonl`, `messages.jsonl`, `server_state.json`, `probes.json`, `run_complete.json`
-and, when the demo (or `braing3n_core.showcase`) put them there, `report/showcase.json` (reconstructions,
+and, when the demo (or `braing3n_core.jobs.showcase`) put them there, `report/showcase.json` (reconstructions,
 conditional samples, a forecast, centralized probes) and `demo.json` (phase timings). Nothing is
 recomputed and no number is typed in by hand: every value on the page comes from those files.
 
@@ -26,19 +26,30 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import yaml
+
+from braing3n_core.figures import DISPLAY_WINDOW, _save
+from braing3n_core.fileio import atomic_write_bytes, atomic_write_json
 
 matplotlib.use("Agg")  # files only: the report is written on servers without a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
 
-from braing3n_core.fileio import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 REPORT_NAME = "report.html"
+
+
 FIGURE_DIR = "report"
+
+
 SHOWCASE_NAME = "showcase.json"  # inside FIGURE_DIR
+
+
 DEMO_NAME = "demo.json"
+
+
 AGGREGATE = "aggregate"
+
 
 # Per stage: the validation metrics plotted and tabulated (metric name vocabulary of stages.py).
 VALIDATION_METRICS: dict[str, tuple[str, ...]] = {
@@ -46,17 +57,13 @@ VALIDATION_METRICS: dict[str, tuple[str, ...]] = {
     "decoder": ("val/psnr", "val/ssim", "val/l1"),
     "dit": ("val/flow_loss",),
 }
+
+
 HIGHER_IS_BETTER = {"val/psnr", "val/ssim"}
-# Display window of z-scored volumes: one fixed window for every panel, so inputs, reconstructions and
-# samples are compared on the same grey scale (background is 0, i.e. mid-grey).
-DISPLAY_WINDOW: tuple[float, float] = (-3.0, 3.0)
 
 
 class ReportError(RuntimeError):
     """The folder is not a readable run folder; the message names the file and the problem."""
-
-
-# --- reading the run folder ----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -133,9 +140,6 @@ def read_run(run_dir: Path) -> RunContents:
     )
 
 
-# --- series --------------------------------------------------------------------------------------------------
-
-
 def series(records: Iterable[Mapping[str, Any]], stage: str, kind: str, metric: str, site: str) -> list[tuple[int, float]]:
     """(round, value) of one metric of one site (or the aggregate), in round order; missing/None skipped."""
     points = {}
@@ -150,20 +154,6 @@ def series(records: Iterable[Mapping[str, Any]], stage: str, kind: str, metric: 
 def stage_panels(stage: str) -> list[tuple[str, str]]:
     """(kind, metric) of each panel of a stage's curve figure."""
     return [("train", "train/loss"), ("train", "update_norm")] + [("evaluate", m) for m in VALIDATION_METRICS.get(stage, ())]
-
-
-# --- figures -------------------------------------------------------------------------------------------------
-
-
-def _save(figure: plt.Figure, path: Path) -> Path:
-    """Atomic PNG write (a half-written figure never replaces a good one)."""
-    import io
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
 
 
 def plot_stage_curves(contents: RunContents, stage: str, path: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
@@ -200,51 +190,6 @@ def plot_stage_curves(contents: RunContents, stage: str, path: Path) -> dict[str
     _save(figure, path)
     return plotted
 
-
-def mid_slices(volume: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    """Three orthogonal mid-slices of a (D, H, W) LPS volume, oriented for display (superior or anterior
-    up, patient's left on the image's right: neurological view)."""
-    volume = np.asarray(volume, dtype=np.float32)
-    if volume.ndim == 5:
-        volume = volume[0, 0]
-    if volume.ndim != 3:
-        raise ValueError(f"mid_slices: expected a (D, H, W) volume, got shape {volume.shape}")
-    d, h, w = (s // 2 for s in volume.shape)
-    return [
-        ("sagittal", volume[d, ::-1, :].T),  # rows: inferior→superior (drawn origin-lower), columns: posterior→anterior
-        ("coronal", volume[:, h, :].T),  # rows: I→S (origin-lower), columns: right→left (L grows with D)
-        ("axial", volume[:, :, w].T),  # rows: anterior→posterior (drawn origin-upper), columns: right→left
-    ]
-
-
-def plot_montage(rows: Sequence[Sequence[tuple[str, np.ndarray]]], path: Path, row_labels: Sequence[str] = (),
-                 window: tuple[float, float] = DISPLAY_WINDOW) -> Path:
-    """A grid of volumes, each shown as its three orthogonal mid-slices. `rows[i]` is a list of
-    (title, volume (D, H, W)) cells; `row_labels[i]` is written beside row i."""
-    columns = max(len(r) for r in rows)
-    figure, axes = plt.subplots(len(rows), 3 * columns, figsize=(1.55 * 3 * columns, 1.75 * len(rows) + 0.3), squeeze=False)
-    for i, row in enumerate(rows):
-        for j in range(columns):
-            cells = axes[i][3 * j : 3 * j + 3]
-            if j >= len(row):
-                for axis in cells:
-                    axis.axis("off")
-                continue
-            title, volume = row[j]
-            for k, (axis, (plane, image)) in enumerate(zip(cells, mid_slices(volume))):
-                origin = "upper" if plane == "axial" else "lower"
-                axis.imshow(image, cmap="gray", vmin=window[0], vmax=window[1], origin=origin, interpolation="nearest")
-                axis.set_xticks([])
-                axis.set_yticks([])
-                if k == 1:
-                    axis.set_title(title, fontsize=7)
-        if i < len(row_labels):
-            axes[i][0].set_ylabel(row_labels[i], fontsize=7)
-    figure.tight_layout(pad=0.3)
-    return _save(figure, path)
-
-
-# --- HTML ----------------------------------------------------------------------------------------------------
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1180px;margin:24px auto;
@@ -492,7 +437,7 @@ def _section_incidents(c: RunContents) -> str:
 
 def _section_privacy(c: RunContents, images: _Images, figures: Path) -> str:
     """ε spent per site (DP-SGD at sites) and client-level ε, when the run used differential privacy."""
-    from braing3n_core.privacy.figure import privacy_figure, privacy_series
+    from braing3n_core.jobs.report_figures import privacy_figure, privacy_series
 
     drawn = privacy_figure(c.root, figures / "privacy.png")
     if drawn is None:
@@ -515,7 +460,7 @@ def _section_showcase(c: RunContents, images: _Images) -> str:
         parts.append("<h3>Reconstructions of held-out scans</h3><p>Input (preprocessed, z-scored) and the decoder's "
                      "output from the frozen encoder's tokens, three orthogonal mid-slices each, grey scale "
                      f"{DISPLAY_WINDOW[0]:g}…{DISPLAY_WINDOW[1]:g}. PSNR inside the brain mask, SSIM over the volume "
-                     "(z-score window −5…5, `braing3n_core.metrics`).</p>")
+                     "(z-score window −5…5, `braing3n_core.evaluation.metrics`).</p>")
         parts.append(images.tag(recon["image"], "reconstructions"))
         rows = [(i["site"], i["subject"], i.get("session") or "—", i["modality"], fmt(i["psnr"], 2), fmt(i["ssim"]))
                 for i in recon["items"]]

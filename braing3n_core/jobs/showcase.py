@@ -33,22 +33,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from braing3n_core.config import SiteConfig
 from braing3n_core.data.bids import ScanRecord
-from braing3n_core.data.cache import preprocess_scan
 from braing3n_core.data.datasets import SiteData, load_site
+from braing3n_core.data.tokens import TokenCache
+from braing3n_core.data.transforms import preprocess_scan
+from braing3n_core.evaluation.features import pooled_features, probe_table
+from braing3n_core.evaluation.probe_splits import SubjectSplit
+from braing3n_core.evaluation.probe_tasks import ProbeTable, ProbeTask, SkippedTask, TaskKind, select_tasks
+from braing3n_core.evaluation.probes import ProbeReport, fit_probes, run_probes
+from braing3n_core.figures import plot_montage
 from braing3n_core.fileio import atomic_write_json
-from braing3n_core.generate import (
-    ConditionRow, GenerationError, GenerationModels, decode, forecast as forecast_scan, generate, load_run_models,
-    volume_scores, write_forecast, write_samples,
-)
+from braing3n_core.generation.condition_table import ConditionRow
+from braing3n_core.generation.forecasting import forecast as forecast_scan
+from braing3n_core.generation.forecasting import volume_scores
+from braing3n_core.generation.models import GenerationError, GenerationModels, load_run_models
+from braing3n_core.generation.output import write_forecast, write_samples
+from braing3n_core.generation.sampling import decode, generate
+from braing3n_core.jobs.report import FIGURE_DIR, SHOWCASE_NAME
 from braing3n_core.labels import Modality
-from braing3n_core.probes import (
-    ProbeReport, ProbeTable, ProbeTask, SkippedTask, SubjectSplit, TaskKind, fit_probes, run_probes, select_tasks,
-)
-from braing3n_core.report import FIGURE_DIR, SHOWCASE_NAME, plot_montage
-from braing3n_core.stages import longitudinal_pairs
-from braing3n_core.tokens import TokenCache, pooled_features, probe_table
+from braing3n_core.site_config import SiteConfig
+from braing3n_core.training.examples import longitudinal_pairs
 
 WHERE = (
     "In a deployment each of these steps runs at the hospital that holds the scans (the forecast at the "

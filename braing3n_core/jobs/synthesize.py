@@ -38,17 +38,17 @@ import numpy as np
 import torch
 
 from braing3n_core.checkpoint import load_checkpoint, save_checkpoint
-from braing3n_core.conditions import CONDITION_SCHEMA, ContinuousVariable
 from braing3n_core.config import ConfigError
-from braing3n_core.consortium import load_release_private_key
 from braing3n_core.fileio import atomic_write_bytes, atomic_write_json, file_sha256
-from braing3n_core.generate import (
-    MISSING, ConditionRow, GenerationError, GenerationModels, generate, load_run_models,
-    model_hashes, nifti_bytes, read_conditions,
-)
+from braing3n_core.generation.condition_table import MISSING, ConditionRow, read_conditions
+from braing3n_core.generation.models import GenerationError, GenerationModels, load_run_models, model_hashes
+from braing3n_core.generation.output import nifti_bytes
+from braing3n_core.generation.sampling import generate
 from braing3n_core.labels import DIAGNOSES, FIELD_STRENGTHS_T, MODALITIES, SEXES, Modality
+from braing3n_core.models.conditions import CONDITION_SCHEMA, ContinuousVariable
+from braing3n_core.ops.consortium import load_release_private_key
+from braing3n_core.ops.release import sign_directory
 from braing3n_core.presets import Preset
-from braing3n_core.release import sign_directory
 
 # Plausible ranges per diagnosis (years; MMSE points): the cohort the models learn from looks like this.
 AGE_BY_DIAGNOSIS = {"CN": (55.0, 85.0), "MCI": (60.0, 88.0), "AD": (62.0, 90.0), "glioma": (25.0, 75.0)}
@@ -151,7 +151,7 @@ def federated_audit(models: GenerationModels, staged: Path, sites: Sequence[Path
     """Run the audit as a Flower simulation of `sites` and return its `privacy_audit.json`."""
     import yaml
 
-    from braing3n_core.simulate import simulate
+    from braing3n_core.ops.simulate import simulate
 
     out.mkdir(parents=True, exist_ok=True)
     config = out.with_name(out.name + ".yaml")

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from braing3n_core.conditions import CONDITION_SCHEMA, ConditionBatch, null_conditions, random_drop_mask
+from braing3n_core.models.conditions import CONDITION_SCHEMA, ConditionBatch, null_conditions, random_drop_mask
 from braing3n_core.models.dit import DiT
 
 DEFAULT_STEPS = 25

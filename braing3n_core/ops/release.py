@@ -44,8 +44,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from braing3n_core.config import ConfigError
-from braing3n_core.consortium import load_release_private_key, load_release_public_key, ssh_fingerprint
 from braing3n_core.fileio import atomic_write_json
+from braing3n_core.ops.consortium import load_release_private_key, load_release_public_key, ssh_fingerprint
 
 FORMAT = "braing3n-release/1"
 MANIFEST = "RELEASE.json"

@@ -20,35 +20,23 @@ from typing import Any
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from torch import nn
-from torch.utils.data import DataLoader
 
-from braing3n_core.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    flatten_optimizer_state,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    unflatten_optimizer_state,
-)
-from braing3n_core.config import SiteConfig
+from braing3n_core.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, unflatten_optimizer_state
 from braing3n_core.data.datasets import load_site
+from braing3n_core.data.tokens import TokenCache, encoder_sha256
 from braing3n_core.models import MAEEncoder
 from braing3n_core.presets import Preset, get_preset
 from braing3n_core.runtime import cosine_lr, infinite, resolve_device, seed_everything
-from braing3n_core.stages import (
-    SiteInputs,
-    Stage,
-    evaluate,
-    get_stage,
-    make_optimizer,
-    stage_dataset,
-    token_moments,
-    train_steps,
-    trainable_state,
+from braing3n_core.site_config import SiteConfig
+from braing3n_core.training.checkpoints import (
+    initial_model,
+    load_encoder,
+    save_stage_checkpoint,
+    stage_checkpoint_dir,
 )
-from braing3n_core.tokens import TokenCache, encoder_sha256
+from braing3n_core.training.examples import SiteInputs, token_moments
+from braing3n_core.training.loop import evaluate, make_loader, make_optimizer, train_steps
+from braing3n_core.training.stages import Stage, get_stage, stage_dataset
 
 
 @dataclass(frozen=True)
@@ -70,52 +58,6 @@ class TrainOptions:
     resume: bool = True
 
 
-# --- checkpoints -----------------------------------------------------------------------------------------
-
-
-def stage_checkpoint_dir(out_dir: Path, stage: str) -> Path:
-    return Path(out_dir) / "checkpoints" / stage
-
-
-def save_stage_checkpoint(stem: Path, stage: Stage, model: nn.Module, meta: dict[str, Any],
-                          optimizer: torch.optim.Optimizer | None = None) -> Path:
-    tensors = {f"model.{k}": v for k, v in trainable_state(model).items()}
-    meta = {**meta, "stage": stage.name, "model_config": stage.model_config(model)}
-    if optimizer is not None:
-        optim_tensors, optim_meta = flatten_optimizer_state(optimizer.state_dict())
-        tensors |= optim_tensors
-        meta["optimizer"] = optim_meta
-    return save_checkpoint(stem, tensors, meta)
-
-
-def load_stage_model(path: Path | Checkpoint, expected_stage: str | None = None) -> tuple[nn.Module, Checkpoint]:
-    """Rebuild a stage's network from a checkpoint (its config is in the manifest)."""
-    checkpoint = path if isinstance(path, Checkpoint) else load_checkpoint(path)
-    name = checkpoint.meta.get("stage")
-    if expected_stage is not None and name != expected_stage:
-        raise CheckpointError(f"{checkpoint.path}: holds stage {name!r}, expected {expected_stage!r}")
-    stage = get_stage(name)
-    model = stage.from_config(checkpoint.meta["model_config"])
-    model.load_state_dict(checkpoint.sub_state_dict("model"))
-    return model, checkpoint
-
-
-def initial_model(stage: Stage | str, preset: Preset | str, seed: int) -> nn.Module:
-    """A stage's network exactly as `train_centralized(seed=seed)` starts it: the global generators are
-    seeded with `seed` right before it is built, so nothing that runs earlier (site checks, data loading)
-    can shift its weights. `braing3n probe --random-init --seed S` uses it as the untrained baseline."""
-    stage = get_stage(stage) if isinstance(stage, str) else stage
-    preset = get_preset(preset) if isinstance(preset, str) else preset
-    seed_everything(seed)
-    return stage.build(preset)
-
-
-def load_encoder(path: Path) -> MAEEncoder:
-    """The frozen tokenizer from a stage-1 (MAE) checkpoint."""
-    model, _ = load_stage_model(path, expected_stage="mae")
-    return model.encoder.eval().requires_grad_(False)
-
-
 def resolve_encoder_checkpoint(options: TrainOptions) -> Path:
     if options.encoder is not None:
         return Path(options.encoder)
@@ -126,9 +68,6 @@ def resolve_encoder_checkpoint(options: TrainOptions) -> Path:
             f"{options.out_dir} first"
         )
     return found
-
-
-# --- data ------------------------------------------------------------------------------------------------
 
 
 def prepare_sites(
@@ -146,16 +85,6 @@ def prepare_sites(
             tokens = TokenCache(config.resolved_cache_dir, encoder, preset, data.cache, device)
         sites.append(SiteInputs(data, tokens))
     return sites
-
-
-def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0) -> DataLoader:
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=False, num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed),
-    )
-
-
-# --- the trainer -------------------------------------------------------------------------------------------
 
 
 def train_centralized(configs: Sequence[SiteConfig], options: TrainOptions) -> Path:

@@ -24,29 +24,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from braing3n_core.config import SiteConfig
 from braing3n_core.data.bids import ScanRecord
-from braing3n_core.data.checks import Problem
 from braing3n_core.data.datasets import load_site
+from braing3n_core.data.inspection import Problem
+from braing3n_core.data.tokens import TokenCache, encoder_sha256
+from braing3n_core.evaluation.features import pooled_features, probe_table
+from braing3n_core.evaluation.probe_tasks import ProbeTable, SkippedTask, candidate_tasks, select_tasks
+from braing3n_core.evaluation.probes import ProbeReport, run_probes
 from braing3n_core.fileio import atomic_write_json
 from braing3n_core.models import MAEEncoder
 from braing3n_core.presets import Preset, get_preset
-from braing3n_core.probes import (
-    ProbeReport,
-    ProbeTable,
-    SkippedTask,
-    candidate_tasks,
-    run_probes,
-    select_tasks,
-)
 from braing3n_core.runtime import resolve_device
-from braing3n_core.tokens import (
-    TokenCache,
-    encoder_sha256,
-    pooled_features,
-    probe_table,
-)
-from braing3n_core.train import initial_model, load_stage_model
+from braing3n_core.site_config import SiteConfig
+from braing3n_core.training.checkpoints import initial_model, load_stage_model
 
 # The tasks named in the one-line summary (when probed), with the metric each is judged by.
 SUMMARY_METRICS: tuple[str, ...] = (

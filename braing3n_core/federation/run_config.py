@@ -44,7 +44,7 @@ from pydantic import Field, field_validator, model_validator
 from braing3n_core.config import ConfigError, StrictModel, _read_yaml_mapping, _validate
 from braing3n_core.presets import PRESETS
 from braing3n_core.runtime import cosine_lr
-from braing3n_core.stages import STAGE_ORDER, get_stage
+from braing3n_core.training.stages import STAGE_ORDER, get_stage
 
 StageName = Literal["mae", "decoder", "dit"]
 

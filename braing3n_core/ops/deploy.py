@@ -29,14 +29,23 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from braing3n_core.config import ConfigError, SiteConfig
-from braing3n_core.consortium import Consortium, load_consortium, set_revoked
+from braing3n_core.config import ConfigError
+from braing3n_core.federation.run_config import RunConfig
 from braing3n_core.fileio import atomic_write_bytes, atomic_write_json
-from braing3n_core.runconfig import RunConfig
-from braing3n_core.simulate import (
-    APP_DIR, FLOWER_ENV, SimulationError, _alive, _executable, _last_error, _wait_for_port, kill_process_tree,
-    prepare_run_dir, scripts_first_path,
+from braing3n_core.ops.consortium import Consortium, load_consortium, set_revoked
+from braing3n_core.ops.flower import (
+    APP_DIR,
+    FLOWER_ENV,
+    FlowerError,
+    executable,
+    is_alive,
+    kill_process_tree,
+    last_error,
+    scripts_first_path,
+    wait_for_port,
 )
+from braing3n_core.ops.simulate import prepare_run_dir
+from braing3n_core.site_config import SiteConfig
 
 CONNECTION = "consortium"  # the SuperLink connection's name in the flwr CLI's config.toml
 DEFAULT_PORT = 9092  # the one port hospitals reach (Fleet API); Control and Runtime APIs share it in 1.42
@@ -76,8 +85,8 @@ def _quote(word: str) -> str:
 
 def _tool(name: str) -> str:
     try:
-        return _executable(name)
-    except SimulationError as error:
+        return executable(name)
+    except FlowerError as error:
         raise DeploymentError(str(error)) from None
 
 
@@ -219,7 +228,7 @@ def running_superlink(consortium: Consortium) -> dict | None:
     if not path.is_file():
         return None
     info = json.loads(path.read_text())
-    return info if _alive(int(info["pid"])) else None
+    return info if is_alive(int(info["pid"])) else None
 
 
 @dataclass
@@ -277,8 +286,8 @@ def serve(root: Path, address: str = "0.0.0.0", port: int = DEFAULT_PORT, echo: 
             atomic_write_json(state.superlink, {"pid": link.pid, "wrapper_pid": os.getpid(), "address": address,
                                                 "port": port, "connect": connect, "started": time.time()})
             try:
-                _wait_for_port(port, link, state.log, host=_connect_host(address))
-            except SimulationError as error:
+                wait_for_port(port, link, state.log, host=_connect_host(address))
+            except FlowerError as error:
                 raise DeploymentError(str(error)) from None
             write_cli_connection(state.cli_home, connect, layout.ca_cert)
             sync_registrations(consortium, echo)
@@ -482,7 +491,7 @@ def submit(root: Path, run_config: Path, out: Path | None = None, resume: bool =
                 stop(process)
     complete = out / "run_complete.json"
     if not complete.is_file():
-        cause = _last_error(logs / "flwr-run.log")
+        cause = last_error(logs / "flwr-run.log")
         raise DeploymentError(
             f"the federated run did not complete (flwr run exit code {process.returncode})"
             f"{': ' + cause if cause else ''}; submit again with --resume to continue {out}. "

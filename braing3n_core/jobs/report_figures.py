@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from braing3n_core.stages import STAGE_ORDER
+from braing3n_core.training.stages import STAGE_ORDER
 
 
 def privacy_series(run_dir: Path) -> dict[str, Any]:

@@ -23,11 +23,12 @@ from itertools import combinations
 
 import numpy as np
 import torch
-from scipy.stats import norm
 from monai.metrics import MAEMetric, MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 from monai.metrics.regression import compute_ssim_and_cs
+from scipy.stats import norm
 
-from braing3n_core.probes import Probe, ProbeTable, evaluate_predictions
+from braing3n_core.evaluation.probe_tasks import ProbeTable, evaluate_predictions
+from braing3n_core.evaluation.probes import Probe
 
 Z_SCORE_WINDOW: tuple[float, float] = (-5.0, 5.0)
 Z_SCORE_DATA_RANGE: float = Z_SCORE_WINDOW[1] - Z_SCORE_WINDOW[0]

@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,19 +34,27 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from braing3n_core.config import ConfigError, load_site_configs
+from braing3n_core.config import ConfigError
+from braing3n_core.federation.run_config import RunConfig, write_resolved
 from braing3n_core.fileio import atomic_write_json
-from braing3n_core.runconfig import RunConfig, write_resolved
+from braing3n_core.ops.flower import (
+    APP_DIR,
+    FlowerError,
+    executable,
+    flower_env,
+    free_port,
+    kill_process_tree,
+    last_error,
+    same_process,
+    start_superlink,
+    started_at,
+    usable_cpus,
+    wait_for_port,
+)
+from braing3n_core.site_config import load_site_configs
 
-APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml with [tool.flwr.app]
-FLOWER_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-}
 
-
-class SimulationError(RuntimeError):
+class SimulationError(FlowerError):
     """The simulation did not complete; the message says where to look."""
 
 
@@ -56,67 +63,6 @@ class SimulationResult:
     run_dir: Path
     seconds: float
     complete: dict
-
-
-# --- processes -----------------------------------------------------------------------------------------------
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (Linux /proc walk; SuperExec starts its own session, so a process
-    group kill would miss the simulation and Ray)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as handle:
-                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def kill_process_tree(pid: int, grace_s: float = 5.0) -> None:
-    """SIGTERM `pid` and everything under it, wait up to `grace_s`, then SIGKILL what is left."""
-    tree = [pid] + descendants(pid)
-    for target in tree:
-        try:
-            os.kill(target, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(p) for p in tree):
-        time.sleep(0.1)
-    for target in tree + [p for p in descendants(pid) if p not in tree]:
-        try:
-            os.kill(target, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _alive(pid: int) -> bool:
-    return started_at(pid) is not None
-
-
-def started_at(pid: int) -> int | None:
-    """When process `pid` started, in clock ticks since boot (/proc/<pid>/stat field 22); with the PID it
-    names one process, never a later one that reuses the PID. None when no such process is running."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return int(fields[19]) if fields[0] != "Z" else None
-
-
-def _same_process(pid: object, started: object) -> bool:
-    return isinstance(pid, int) and started is not None and started_at(pid) == started
 
 
 HOME_PREFIX = "braing3n-flwr-"  # each attempt's temporary FLWR_HOME
@@ -136,12 +82,12 @@ def stop_stale_attempt(record: Path) -> list[str]:
     except (OSError, ValueError):
         return []
     wrapper = previous.get("wrapper_pid")
-    if wrapper != os.getpid() and _same_process(wrapper, previous.get("wrapper_started")):
+    if wrapper != os.getpid() and same_process(wrapper, previous.get("wrapper_started")):
         raise SimulationError(f"{record.parent.parent}: another braing3n simulate (PID {wrapper}) is running on "
                               "this run folder; wait for it or stop it first")
     done = []
     link = previous.get("superlink_pid")
-    if _same_process(link, previous.get("superlink_started")):
+    if same_process(link, previous.get("superlink_started")):
         kill_process_tree(link)
         done.append(f"stopped the SuperLink of an earlier attempt (PID {link}) and the processes under it")
     home = Path(str(previous.get("flwr_home", "")))
@@ -149,83 +95,6 @@ def stop_stale_attempt(record: Path) -> list[str]:
         shutil.rmtree(home, ignore_errors=True)
         done.append(f"removed the FLWR_HOME of an earlier attempt ({home})")
     return done
-
-
-def usable_cpus() -> int:
-    """The cores this process may run on: its affinity mask (taskset, a cgroup cpuset), not the machine's.
-
-    Ray counts `multiprocessing.cpu_count()`, so under a one-core mask it would still start two sites at
-    once and have them time-share that core.
-    """
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout_s: float = 60.0,
-                   host: str = "127.0.0.1") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SimulationError(f"flower-superlink exited with {process.returncode}; see {log}")
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-            if sock.connect_ex((host, port)) == 0:
-                return
-        time.sleep(0.2)
-    raise SimulationError(f"flower-superlink did not listen on port {port} within {timeout_s:.0f} s; see {log}")
-
-
-def _executable(name: str) -> str:
-    beside = Path(sys.executable).parent / name  # the venv's own console scripts first
-    found = str(beside) if beside.is_file() else shutil.which(name)
-    if not found:
-        raise SimulationError(f"{name} not found; install the project (pip install -e .) in this environment")
-    return found
-
-
-def _last_error(log: Path) -> str:
-    """The last exception line the ServerApp printed (e.g. `FederationError: …`), if any."""
-    if not log.is_file():
-        return ""
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
-    errors = [line for line in lines if line.split(":", 1)[0].endswith(("Error", "Exception")) and ": " in line]
-    return errors[-1][:500] if errors else ""
-
-
-# --- the run -------------------------------------------------------------------------------------------------
-
-
-def scripts_first_path() -> str:
-    """PATH with this environment's console scripts first: Flower's processes start each other
-    (`flower-superexec`, `flwr-simulation`, `flwr-serverapp`, `flwr-clientapp`) through PATH, also when
-    the venv was never activated, as in CI's `.venv/bin/python`."""
-    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-
-
-def flower_env(home: Path, cpus_per_site: int = 1) -> dict[str, str]:
-    """The environment of every Flower process of one attempt: its own FLWR_HOME, Flower's network
-    features off, this environment's scripts first on PATH."""
-    return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home), "BRAING3N_NUM_THREADS": str(cpus_per_site),
-            "PATH": scripts_first_path()}
-
-
-def start_superlink(env: dict[str, str], port: int, log: Path, cwd: Path) -> subprocess.Popen:
-    """Start a simulation SuperLink on 127.0.0.1:`port`, logging to `log` (`_wait_for_port` says when it
-    listens)."""
-    with open(log, "ab") as handle:
-        link = subprocess.Popen(
-            [_executable("flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
-             "--host", "127.0.0.1", "--port", str(port)],
-            stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-            # Its own session: a terminal's Ctrl-C reaches only this wrapper, which then stops the
-            # SuperLink and its tree in order (a SuperLink dying first would orphan Ray).
-            start_new_session=True,
-        )
-    return link
 
 
 def _emit(echo: bool | Callable[[str], None], line: str) -> None:
@@ -294,7 +163,7 @@ def simulate(
                                                      "wrapper_pid": os.getpid(), "wrapper_started": started_at(os.getpid()),
                                                      "port": port, "flwr_home": str(home),
                                                      "started": started, "sites": [str(p) for p in site_yamls]})
-        _wait_for_port(port, link, link_log)
+        wait_for_port(port, link, link_log)
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
         )
@@ -303,7 +172,7 @@ def simulate(
             "site-configs='" + ",".join(str(Path(p).resolve()) for p in site_yamls) + "'",
         ])
         command = [
-            _executable("flwr"), "run", str(app_dir), "sim", "--run-config", flower_config,
+            executable("flwr"), "run", str(app_dir), "sim", "--run-config", flower_config,
             "--federation-config", (f"num-supernodes={len(sites)} client-resources-num-cpus={cpus_per_site} "
                                     f"init-args-num-cpus={cores}"), "--stream",
         ]
@@ -324,7 +193,7 @@ def simulate(
 
     complete = out / "run_complete.json"
     if not complete.is_file():
-        cause = _last_error(logs / "flwr-run.log")
+        cause = last_error(logs / "flwr-run.log")
         raise SimulationError(
             f"the federated run did not complete (flwr run exit code {process.returncode})"
             f"{': ' + cause if cause else ''}; the run folder {out} can be resumed with --resume. "

@@ -14,23 +14,17 @@ here, on plain numpy arrays and torch modules, so it is unit-testable without a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from braing3n_core.data.bids import ScanRecord
-from braing3n_core.models import TokenMoments
-from braing3n_core.probes import (
-    FeatureStats,
-    LinearHead,
+from braing3n_core.evaluation.heads import FeatureStats, LinearHead
+from braing3n_core.evaluation.probe_tasks import (
     ProbeRequirements,
     ProbeSample,
     ProbeTable,
@@ -42,272 +36,13 @@ from braing3n_core.probes import (
     evaluate_predictions,
     probe_metric_name,
 )
-from braing3n_core.stages import (
-    ProximalTerm,
-    SiteInputs,
-    Stage,
-    evaluate,
-    make_optimizer,
-    stage_dataset,
-    token_moments,
-    train_steps,
-    trainable_state,
-)
-
-if TYPE_CHECKING:
-    from braing3n_core.privacy.ledger import PrivacyLedger
-
-Arrays = dict[str, np.ndarray]
-
-# Train-config keys of the privacy protocols (server/privacy.py sets them, client/mods.py reads them).
-CLIPPING_MODE_KEY = "client-dp-clipping"  # client-level DP with client-side clipping: "fixed" | "adaptive"
-SECAGG_ARRAY_NAMES_KEY = "secagg-array-names"  # SecAgg+'s legacy Parameters have no names; JSON list
-
-
-class SiteDeclined(RuntimeError):
-    """A site cannot take part in this request (no usable scans, missing encoder…); the message says why."""
-
-
-# --- conversions -------------------------------------------------------------------------------------------
-
-
-def module_arrays(model: nn.Module) -> Arrays:
-    """A module's persistent state as fp32 numpy arrays (what travels and what is checkpointed)."""
-    return {k: v.numpy() for k, v in trainable_state(model).items()}
-
-
-def load_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> nn.Module:
-    """Load named arrays into `model` (strict: every key must match)."""
-    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, strict=True)
-    return model
-
-
-def round_seed(seed: int, *parts: object) -> int:
-    """A stable 63-bit seed per (run seed, stage, round, site): reproducible and different per site."""
-    digest = hashlib.sha256("/".join(str(p) for p in (seed, *parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-# --- one site's round ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RoundParams:
-    """The settings of one federated training round, as carried by the train message's ConfigRecord."""
-
-    stage: str
-    server_round: int
-    local_steps: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    proximal_mu: float = 0.0
-    seed: int = 0
-    rounds: int = 0  # the stage's total rounds (a site calibrating DP noise to a target ε needs it)
-    run: str = ""  # the run's name (recorded in a site's privacy ledger)
-
-    def to_config(self) -> dict[str, Any]:
-        return {"stage": self.stage, "server-round": self.server_round, "local-steps": self.local_steps,
-                "batch-size": self.batch_size, "lr": self.lr, "weight-decay": self.weight_decay,
-                "proximal-mu": self.proximal_mu, "seed": self.seed, "rounds": self.rounds, "run": self.run}
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "RoundParams":
-        try:
-            return cls(
-                stage=str(config["stage"]), server_round=int(config["server-round"]),
-                local_steps=int(config["local-steps"]), batch_size=int(config["batch-size"]), lr=float(config["lr"]),
-                weight_decay=float(config["weight-decay"]), proximal_mu=float(config.get("proximal-mu", 0.0)),
-                seed=int(config.get("seed", 0)), rounds=int(config.get("rounds", 0)), run=str(config.get("run", "")),
-            )
-        except KeyError as error:
-            raise ValueError(f"train message config lacks {error.args[0]!r}; has {sorted(config)}") from None
-
-
-def _loader(dataset, batch_size: int, shuffle: bool, seed: int):
-    from braing3n_core.train import make_loader  # the centralized trainer's loader, not a copy
-
-    return make_loader(dataset, batch_size, shuffle, seed)
-
-
-def train_site_round(
-    stage: Stage, model: nn.Module, site: SiteInputs, params: RoundParams, device: torch.device
-) -> tuple[Arrays, dict[str, float]]:
-    """`params.local_steps` steps of `stage` on the site's training split, from the global weights in `model`.
-
-    A fresh AdamW per round (optimizer state never crosses rounds or sites); FedProx adds μ/2‖w − w_g‖²
-    when `proximal_mu` > 0. Returns the new weights and metrics: `num-examples` is the site's number of
-    training examples (FedAvg's n_k), `train/examples` the examples actually processed.
-
-    A site whose config enables `privacy` trains with subject-level DP-SGD instead (`_train_private`):
-    same loop, privatised optimizer, the round recorded in the site's ledger before the weights leave,
-    and `privacy/*` metrics; a round that would exceed the site's ε budget is declined before training.
-    """
-    from braing3n_core.runtime import infinite
-
-    dataset = stage_dataset(stage, [site], "train")
-    if len(dataset) == 0:
-        raise SiteDeclined(f"site {site.data.config.site_id}: no usable training scans for stage {stage.name}")
-    seed = round_seed(params.seed, stage.name, params.server_round, site.data.config.site_id)
-    # Augmentation draws its seeds from the process's global generator (VolumeDataset); a ClientApp process
-    # serves many sites and rounds, so seed it per (run, stage, round, site) or reruns would differ.
-    torch.manual_seed(seed)
-    if site.data.config.privacy.enabled:  # DP noise and Poisson sampling use their own OS-seeded generators
-        return _train_private(stage, model, site, params, device, dataset)
-    model = model.to(device)
-    optimizer = make_optimizer(model, params.lr, params.weight_decay)
-    proximal = ProximalTerm.of(model, params.proximal_mu) if params.proximal_mu > 0 else None
-    batches = infinite(_loader(dataset, params.batch_size, True, seed))
-    result = train_steps(
-        stage, model, batches, optimizer, params.local_steps, lr_at=lambda _: params.lr, device=device,
-        generator=torch.Generator(device=device).manual_seed(seed), proximal=proximal,
-    )
-    metrics = {"num-examples": float(len(dataset)), **result.metrics(), "train/steps": float(result.steps)}
-    return module_arrays(model.cpu()), metrics
-
-
-def site_ledger(config) -> "PrivacyLedger":
-    """The site's privacy ledger (on its own disk; see `braing3n_core.privacy.ledger`)."""
-    from braing3n_core.privacy.ledger import PrivacyLedger
-
-    return PrivacyLedger(config.privacy_ledger_path, config.site_id, config.privacy.accountant)
-
-
-def _train_private(stage: Stage, model: nn.Module, site: SiteInputs, params: RoundParams, device: torch.device,
-                   dataset) -> tuple[Arrays, dict[str, float]]:
-    """One DP-SGD round (see `braing3n_core.privacy.dp` for the subject-level guarantee)."""
-    from braing3n_core.privacy.dp import (
-        default_delta, make_private, os_generator, privacy_metrics, proximal_after_noise, resolve_round,
-        subject_groups, subject_loader,
-    )
-    from braing3n_core.privacy.ledger import LedgerError, PrivacyBudgetExceeded
-
-    config = site.data.config
-    privacy = config.privacy
-    ledger = site_ledger(config)
-    subjects = len(subject_groups(dataset))
-    try:
-        delta = ledger.resolve_delta(privacy.delta, default_delta(subjects))
-        settings = resolve_round(privacy, stage.name, params.server_round, subjects, params.batch_size,
-                                 params.local_steps, params.rounds, delta, params.run)
-        ledger.check(settings.release, delta, privacy.epsilon_budget)  # before any training
-    except (LedgerError, PrivacyBudgetExceeded, ValueError) as error:
-        raise SiteDeclined(str(error) if str(error).startswith("site ") else f"site {config.site_id}: {error}") from None
-    model = model.to(device)
-    optimizer = make_optimizer(model, params.lr, params.weight_decay)
-    after_noise = proximal_after_noise(model, params.proximal_mu) if params.proximal_mu > 0 else None
-    private = make_private(model, optimizer, settings, after_noise=after_noise)
-    seed = round_seed(params.seed, stage.name, params.server_round, config.site_id)
-    try:
-        # The Poisson draw uses OS entropy (privacy.dp); the stage's own randomness (masks, diffusion
-        # time and noise) keeps the round's seed.
-        batches = iter(subject_loader(dataset, settings.release.sample_rate, params.local_steps, os_generator()))
-        with warnings.catch_warnings():
-            # Opacus' backward hooks on a first layer whose input needs no gradient: expected, harmless.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-            result = train_steps(
-                stage, model, batches, private.optimizer, params.local_steps, lr_at=lambda _: params.lr,
-                device=device, generator=torch.Generator(device=device).manual_seed(seed), max_grad_norm=None,
-            )
-    finally:
-        private.close()
-    arrays = module_arrays(model.cpu())
-    try:  # recorded before the weights leave the site: a crash after this over-counts, never under-counts
-        entry = ledger.record(settings.release, delta, privacy.epsilon_budget)
-    except (LedgerError, PrivacyBudgetExceeded) as error:
-        raise SiteDeclined(str(error)) from None
-    metrics = {"num-examples": float(len(dataset)), **result.metrics(), "train/steps": float(result.steps),
-               **privacy_metrics(entry.epsilon_after, settings, privacy.epsilon_budget)}
-    return arrays, metrics
-
-
-def evaluate_site(stage: Stage, model: nn.Module, site: SiteInputs, batch_size: int, device: torch.device) -> dict[str, float]:
-    """The stage's validation metrics on the site's val split (`num-examples` = validation examples)."""
-    dataset = stage_dataset(stage, [site], "val")
-    if len(dataset) == 0:
-        raise SiteDeclined(f"site {site.data.config.site_id}: no usable validation scans for stage {stage.name}")
-    values = evaluate(stage, model.to(device), _loader(dataset, batch_size, False, 0), device)
-    return {"num-examples": values["val/examples"], **values}
-
-
-def site_token_moments(dit_stage: Stage, site: SiteInputs, token_dim: int) -> TokenMoments:
-    """Per-channel token sums over the site's DiT training scans (aggregates only)."""
-    dataset = stage_dataset(dit_stage, [site], "train")
-    if len(dataset) == 0:
-        raise SiteDeclined(f"site {site.data.config.site_id}: no usable training scans for token statistics")
-    return token_moments(dataset, token_dim)
-
-
-def moments_to_arrays(moments: TokenMoments) -> Arrays:
-    return {"count": np.array([moments.count], dtype=np.float64), "total": moments.total.numpy(),
-            "total_sq": moments.total_sq.numpy()}
-
-
-def moments_from_arrays(arrays: Mapping[str, np.ndarray]) -> TokenMoments:
-    total = torch.from_numpy(np.asarray(arrays["total"], dtype=np.float64))
-    moments = TokenMoments(total.shape[0])
-    moments.count = int(np.asarray(arrays["count"]).item())
-    moments.total, moments.total_sq = total, torch.from_numpy(np.asarray(arrays["total_sq"], dtype=np.float64))
-    return moments
-
-
-# --- reply checks (server side) -------------------------------------------------------------------------------
-
-
-def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
-    """‖w_site − w_global‖₂ over every floating-point array (in float64)."""
-    total = 0.0
-    for key, ref in reference.items():
-        if np.issubdtype(ref.dtype, np.floating):
-            diff = np.asarray(arrays[key], dtype=np.float64) - ref.astype(np.float64)
-            total += float(np.dot(diff.ravel(), diff.ravel()))
-    return math.sqrt(total)
-
-
-def check_reply_arrays(
-    arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], norm_bound: float | None = None
-) -> tuple[str | None, float]:
-    """(reason to reject or None, update norm). Checks keys, shapes, dtypes, NaN/Inf, then the norm bound."""
-    missing, extra = sorted(set(reference) - set(arrays)), sorted(set(arrays) - set(reference))
-    if missing or extra:
-        return f"array keys differ from the global model (missing {missing[:5]}, unexpected {extra[:5]})", math.nan
-    for key, ref in reference.items():
-        value = arrays[key]
-        if value.shape != ref.shape:
-            return f"array {key!r} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}", math.nan
-        if value.dtype != ref.dtype:
-            return f"array {key!r} has dtype {value.dtype}, expected {ref.dtype}", math.nan
-        if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
-            bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
-            return f"array {key!r} holds {bad} NaN/Inf values", math.nan
-    norm = update_norm(arrays, reference)
-    if norm_bound is not None and norm > norm_bound:
-        return f"update norm {norm:.4g} exceeds the bound {norm_bound:.4g}", norm
-    return None, norm
-
-
-def check_metrics(metrics: Mapping[str, Any]) -> str | None:
-    examples = metrics.get("num-examples")
-    if not isinstance(examples, (int, float)) or not math.isfinite(examples) or examples <= 0:
-        return f"num-examples must be a positive number, got {examples!r}"
-    loss = metrics.get("train/loss")
-    # A DP-SGD round whose Poisson draws were all empty processed no example and has no loss (noise only).
-    drew_nobody = metrics.get("train/examples") == 0
-    if loss is not None and not (isinstance(loss, (int, float)) and math.isfinite(loss)) and not drew_nobody:
-        return f"train/loss is not finite ({loss!r})"
-    return None
-
-
-def weighted_mean(values: Sequence[tuple[float, float]]) -> float:
-    """Example-weighted mean of (value, weight) pairs, ignoring NaN values; NaN when nothing is left."""
-    kept = [(v, w) for v, w in values if v is not None and math.isfinite(v) and w > 0]
-    total = sum(w for _, w in kept)
-    return sum(v * w for v, w in kept) / total if total > 0 else math.nan
-
-
-# --- federated linear probes ------------------------------------------------------------------------------------
+from braing3n_core.federation.arrays import Arrays, load_arrays, module_arrays
+from braing3n_core.runtime import round_seed
+from braing3n_core.training.examples import SiteInputs
 
 CATEGORICAL_COLUMNS: tuple[str, ...] = ("sex", "diagnosis", "modality", "field_strength", "site_id")
+
+
 NUMERIC_COLUMNS: tuple[str, ...] = ("age", "mmse")
 
 

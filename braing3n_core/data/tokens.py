@@ -1,9 +1,4 @@
 """The embedding cache: each scan's frozen-encoder tokens, computed once and kept on the site's disk.
-
-Once stage 1 is over the encoder never changes, so decoder and DiT training read tokens instead of
-running a 3D ViT on every volume of every step. Entries are keyed by the scan's content hash and the
-preprocessing fingerprint, inside a folder named by the encoder's weight hash: a different encoder can
-never serve stale tokens, and two runs with the same encoder share the work.
 """
 
 from __future__ import annotations
@@ -18,12 +13,11 @@ from rich.progress import Progress
 
 from braing3n_core.checkpoint import tensors_sha256
 from braing3n_core.data.bids import ScanRecord
-from braing3n_core.data.cache import ArrayCache, preprocess_scan, preprocessed_volume_key
-from braing3n_core.data.checks import Problem
-from braing3n_core.data.transforms import PreprocessingError
+from braing3n_core.data.cache import ArrayCache
+from braing3n_core.data.inspection import Problem
+from braing3n_core.data.transforms import PreprocessingError, preprocess_scan, preprocessed_volume_key
 from braing3n_core.models import MAEEncoder
 from braing3n_core.presets import Preset
-from braing3n_core.probes import ProbeSample, ProbeTable
 from braing3n_core.runtime import autocast
 
 
@@ -101,19 +95,3 @@ class TokenCache:
             tokens, _ = self.encoder.encode(batch)  # [B, N, E]
         for key, value in zip(keys, tokens.float().cpu().numpy()):
             self.store.put(key, value)
-
-
-# --- pooled features for linear probes -----------------------------------------------------------------
-
-
-def pooled_features(cache: TokenCache, records: Sequence[ScanRecord]) -> np.ndarray:
-    """[n, E] mean of each scan's tokens (the probe feature, spec §9); records must be `ensure`d."""
-    return np.stack([cache.tokens(r).mean(dim=0).numpy() for r in records]) if records else np.zeros((0, 0))
-
-
-def probe_table(records: Sequence[ScanRecord]) -> ProbeTable:
-    return ProbeTable([
-        ProbeSample.from_scan_labels(subject=r.subject, site_id=r.site_id, modality=r.modality, labels=r.labels,
-                                     session=r.session)
-        for r in records
-    ])

@@ -26,7 +26,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from braing3n_core.simulate import APP_DIR
+from braing3n_core.ops.flower import APP_DIR
 
 DEMO_RUN_CONFIG = APP_DIR / "runs-config" / "demo.yaml"
 DEMO_SUBJECTS_PER_SITE = 12
@@ -102,13 +102,13 @@ def run_demo(
     console: Console | None = None,
 ) -> int:
     """Run every phase; returns the process exit code (0 when the report was written)."""
-    from braing3n_core.config import SiteConfig
     from braing3n_core.data.checks import check_site, render_site_report
     from braing3n_core.data.cohort import CohortSpec, make_cohort
     from braing3n_core.fileio import atomic_write_json
-    from braing3n_core.report import write_report
-    from braing3n_core.showcase import run_showcase
-    from braing3n_core.simulate import simulate
+    from braing3n_core.jobs.report import write_report
+    from braing3n_core.jobs.showcase import run_showcase
+    from braing3n_core.ops.simulate import simulate
+    from braing3n_core.site_config import SiteConfig
 
     console = console or Console()
     out_dir = Path(out_dir).resolve()

@@ -1,0 +1,137 @@
+"""Patient-specific forecasting: a baseline scan + an interval → the follow-up's tokens → a volume.
+
+The baseline's tokens come from the site's frozen-encoder cache; the forecast is scored against the
+subject's real follow-up when the site holds one at the asked interval (± 0.25 years).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from braing3n_core.data.bids import ScanRecord
+from braing3n_core.data.datasets import SiteData
+from braing3n_core.data.tokens import TokenCache
+from braing3n_core.data.transforms import preprocess_scan
+from braing3n_core.evaluation.metrics import psnr, ssim
+from braing3n_core.generation.models import GenerationError, GenerationModels
+from braing3n_core.generation.sampling import _synchronize, decode
+from braing3n_core.labels import Modality, ScanLabels
+from braing3n_core.models.conditions import conditions_from_labels
+from braing3n_core.models.diffusion import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, sample
+from braing3n_core.runtime import autocast
+
+
+@dataclass
+class ForecastResult:
+    baseline: ScanRecord
+    follow_up: ScanRecord | None  # the real scan at the forecast interval, when the site holds one
+    interval_years: float
+    tokens: torch.Tensor  # [1, N, E] forecast tokens
+    volume: np.ndarray  # [D, H, W] forecast
+    baseline_volume: np.ndarray  # [D, H, W]
+    follow_up_volume: np.ndarray | None  # [D, H, W]
+    scores: dict[str, float]  # forecast/psnr, forecast/ssim and the baseline-as-forecast reference
+    seconds: float
+    settings: dict[str, Any]
+
+
+def find_baseline(data: SiteData, subject: str, session: str | None, modality: Modality) -> ScanRecord:
+    """The subject's scan of `modality` at `session` (its earliest such scan when `session` is None)."""
+    source = data.config.source_file or data.config.data_root
+    mine = [r for r in data.records if r.subject == subject]
+    if not mine:
+        subjects = sorted({r.subject for r in data.records})
+        raise GenerationError(f"{source}: site {data.config.site_id} has no usable scan of subject {subject!r} "
+                              f"(subjects: {', '.join(subjects[:12])}{' …' if len(subjects) > 12 else ''})")
+    matches = [r for r in mine if Modality(r.modality) is modality and (session is None or r.session == session)]
+    if not matches:
+        known = sorted(f"{r.session or '(no session)'} {Modality(r.modality).value}" for r in mine)
+        raise GenerationError(f"{source}: no usable {modality.value} scan of {subject} "
+                              f"{session or 'in any session'}; its usable scans: {', '.join(known)}")
+    return min(matches, key=lambda r: (math.inf if r.labels.age is None else r.labels.age, r.session or ""))
+
+
+def matching_follow_up(records: Sequence[ScanRecord], baseline: ScanRecord, years: float,
+                       tolerance: float = 0.25) -> ScanRecord | None:
+    """The subject's later scan of the same modality taken `years` (± `tolerance`) after the baseline."""
+    if baseline.labels.age is None:
+        return None
+    best: tuple[float, ScanRecord] | None = None
+    for record in records:
+        if (record.subject != baseline.subject or Modality(record.modality) is not Modality(baseline.modality)
+                or record.session == baseline.session or record.labels.age is None):
+            continue
+        gap = abs(record.labels.age - baseline.labels.age - years)
+        if gap <= tolerance and (best is None or gap < best[0]):
+            best = (gap, record)
+    return best[1] if best else None
+
+
+def volume_scores(prediction: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> tuple[float, float]:
+    """(PSNR inside the target's brain, SSIM over the whole volume) of two [D, H, W] volumes, both on the
+    fixed z-score window (`metrics.py`); the brain is the target's non-zero voxels."""
+    target = torch.as_tensor(np.ascontiguousarray(target), dtype=torch.float32).reshape(1, 1, *np.shape(target)[-3:])
+    prediction = torch.as_tensor(np.ascontiguousarray(prediction), dtype=torch.float32).reshape(target.shape)
+    return float(psnr(prediction, target, mask=target != 0)[0]), float(ssim(prediction, target)[0])
+
+
+def _forecast_scores(forecast_volume: np.ndarray, baseline_volume: np.ndarray, follow_volume: np.ndarray) -> dict[str, float]:
+    """The forecast against the real follow-up and, as the "nothing changes" reference, the baseline."""
+    scores = {}
+    for prefix, volume in (("forecast/", forecast_volume), ("forecast/baseline_", baseline_volume)):
+        scores[f"{prefix}psnr"], scores[f"{prefix}ssim"] = volume_scores(volume, follow_volume)
+    return scores
+
+
+@torch.no_grad()
+def forecast(models: GenerationModels, site: SiteData, tokens: TokenCache, baseline: ScanRecord, years: float, *,
+             follow_up: ScanRecord | None = None, steps: int = DEFAULT_STEPS,
+             guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed: int = 0) -> ForecastResult:
+    """`baseline`'s scan `years` later, conditioned on the baseline's tokens, the interval and what is
+    known at baseline (sex, diagnosis, sequence, field strength, the target age; not the follow-up's
+    MMSE). Scored against `follow_up`, or the site's scan at that interval when there is one."""
+    dit = models.require_dit()
+    if not (math.isfinite(years) and years > 0):
+        raise ValueError(f"the forecast interval must be a positive number of years, got {years}")
+    if tokens.encoder_sha256 != models.encoder_sha256:
+        raise GenerationError(f"{site.config.source_file}: the token cache is of encoder {tokens.encoder_sha256[:12]}…, "
+                              f"not the models' {models.encoder_sha256[:12]}…")
+    _synchronize(models.device)
+    started = time.perf_counter()
+    base_tokens = tokens.tokens(baseline)[None]  # [1, N, E]
+    known = ScanLabels(age=None if baseline.labels.age is None else baseline.labels.age + years,
+                       sex=baseline.labels.sex, diagnosis=baseline.labels.diagnosis,
+                       field_strength=baseline.labels.field_strength)
+    cond = conditions_from_labels([known], [Modality(baseline.modality)])
+    with autocast(models.device):
+        predicted = sample(dit, (1, dit.config.num_tokens, dit.config.token_dim), cond, steps=steps,
+                           guidance_scale=guidance_scale, baseline=base_tokens, interval=torch.tensor([float(years)]),
+                           generator=torch.Generator().manual_seed(seed)).float().cpu()  # [1, N, E]
+    volume = decode(models.decoder, predicted)[0, 0].numpy()
+    _synchronize(models.device)
+    seconds = time.perf_counter() - started
+    baseline_volume = preprocess_scan(baseline.path, models.preset, site.cache)[0]
+    follow_up = follow_up if follow_up is not None else matching_follow_up(site.records, baseline, years)
+    follow_volume, scores = None, {}
+    if follow_up is not None:
+        follow_volume = preprocess_scan(follow_up.path, models.preset, site.cache)[0]
+        scores = _forecast_scores(volume, baseline_volume, follow_volume)
+    settings = {"steps": steps, "guidance_scale": guidance_scale, "seed": seed, "site": site.config.site_id,
+                "subject": baseline.subject, "session": baseline.session, "modality": Modality(baseline.modality).value,
+                "years": float(years), "conditioned_age": known.age, "encoder_sha256": models.encoder_sha256,
+                "device": str(models.device), "autocast": "bf16" if models.device.type == "cuda" else None}
+    return ForecastResult(baseline, follow_up, float(years), predicted, volume, baseline_volume, follow_volume,
+                          scores, seconds, settings)
+
+
+def split_of(data: SiteData, record: ScanRecord) -> str:
+    """Which of the site's splits holds the scan's subject ("train" means the models saw it)."""
+    return next((name for name, records in data.splits.items() if any(r.subject == record.subject for r in records)),
+                "unassigned")

@@ -91,8 +91,9 @@ from braing3n_core.fileio import atomic_write_json
 from braing3n_core.models.mae import MAEEncoder
 from braing3n_core.presets import Preset, get_preset
 from braing3n_core.site_config import SiteConfig
+from braing3n_core.stage_names import STAGE_NAMES
 from braing3n_core.training.loop import trainable_state
-from braing3n_core.training.stages import STAGE_ORDER, get_stage
+from braing3n_core.training.stages import get_stage
 
 RESULTS = Path(__file__).resolve().parent / "results" / "federation.json"
 TARGET_RATIO = 1.15
@@ -505,7 +506,7 @@ def stage_sizes(preset: Preset) -> dict[str, dict[str, int]]:
     """Per stage (and for the frozen encoder): trainable parameters, what travels (parameters + buffers),
     and its exact serialized size."""
     sizes = {}
-    for name in STAGE_ORDER:
+    for name in STAGE_NAMES:
         model = get_stage(name).build(preset)
         state = trainable_state(model)
         sizes[name] = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -523,7 +524,7 @@ def byte_accounting(run_dir: Path, preset: Preset) -> dict[str, Any]:
     messages = read_jsonl(run_dir / "messages.jsonl")
     sizes = stage_sizes(preset)
     table: dict[str, dict[str, Any]] = {}
-    for stage in STAGE_ORDER:
+    for stage in STAGE_NAMES:
         reference = 4 * sizes[stage]["trainable_parameters"]
         rows = defaultdict(lambda: {"to_site": [], "from_site": []})
         for m in messages:
@@ -597,7 +598,7 @@ def bytes_run(args: argparse.Namespace, cohort: Sequence[Path], out: Path) -> di
     later = table["encoder"]["in_decoder_or_dit_rounds"]
     assert not later, f"the encoder rode in decoder/DiT rounds: {later}"
     assert table["encoder"]["sent_once_per_site"], f"encoder deliveries per site: {table['encoder']['deliveries_per_site']}"
-    for stage in STAGE_ORDER:  # each round moves exactly the stage's own weights, each way, per site
+    for stage in STAGE_NAMES:  # each round moves exactly the stage's own weights, each way, per site
         for row in table[stage]["per_round"].values():
             assert row["to_each_site"] == row["from_each_site"] == [table[stage]["expected_wire_bytes"]], (stage, row)
     for deliveries in table["encoder"]["deliveries"].values():
@@ -910,7 +911,7 @@ def summary_line(result: dict[str, Any]) -> str:
             f"{o['cpu_ratio_without_fixed_cost']:.2f}x")
     b = result.get("bytes")
     if b:
-        ratios = " ".join(f"{s} {b[s]['ratio_to_4x_params']:.3f}" for s in STAGE_ORDER)
+        ratios = " ".join(f"{s} {b[s]['ratio_to_4x_params']:.3f}" for s in STAGE_NAMES)
         parts.append(f"bytes/site/round ÷ 4·params: {ratios}; encoder once per site: "
                      f"{'yes' if b['encoder']['sent_once_per_site'] else 'NO'}")
     if result.get("quality"):

@@ -43,9 +43,10 @@ from bench.common import load_average, machine_info
 from braing3n_core.fileio import atomic_write_json
 from braing3n_core.presets import Preset, get_preset
 from braing3n_core.site_config import SiteConfig
+from braing3n_core.stage_names import STAGE_NAMES
 from braing3n_core.training.examples import SiteInputs
 from braing3n_core.training.loop import make_optimizer, train_steps
-from braing3n_core.training.stages import STAGE_ORDER, get_stage
+from braing3n_core.training.stages import get_stage
 
 RESULTS = Path(__file__).resolve().parent / "results" / "privacy.json"
 TARGET_RATIO = 2.0
@@ -160,8 +161,9 @@ def train_federated(stage_name: str, sites: list[SiteInputs], preset: Preset, ro
     arrays = module_arrays(model)
     for server_round in range(1, rounds + 1):
         lr = cosine_lr(stage.defaults.lr * 3, server_round - 1, rounds)  # few rounds: a higher peak rate
-        params = RoundParams(stage_name, server_round, local_steps, stage.defaults.batch_size, lr,
-                             stage.defaults.weight_decay, seed=seed, rounds=rounds, run="bench")
+        params = RoundParams(stage=stage_name, server_round=server_round, local_steps=local_steps,
+                             batch_size=stage.defaults.batch_size, lr=lr, weight_decay=stage.defaults.weight_decay,
+                             seed=seed, rounds=rounds, run="bench")
         replies = [train_site_round(stage, load_arrays(stage.from_config(stage.model_config(model)), arrays), site,
                                     params, torch.device("cpu")) for site in sites]
         arrays = fedavg(replies)
@@ -251,7 +253,7 @@ def main() -> int:
     started = time.perf_counter()
 
     timing = {} if args.skip_timing else {
-        s: time_steps(s, get_preset(args.timing_preset), args.timing_steps, args.timing_blocks) for s in STAGE_ORDER}
+        s: time_steps(s, get_preset(args.timing_preset), args.timing_steps, args.timing_blocks) for s in STAGE_NAMES}
     torch.set_num_threads(1)  # the utility runs are many small steps; one thread wastes no spin-waits
     table = {}
     if not args.skip_utility:

@@ -60,6 +60,7 @@ from braing3n_core.models.diffusion import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
 from braing3n_core.presets import Preset, get_preset
 from braing3n_core.runtime import autocast, infinite, resolve_device, seed_everything
 from braing3n_core.site_config import SiteConfig
+from braing3n_core.stage_names import STAGE_NAMES
 from braing3n_core.training.examples import (
     Batch,
     SiteInputs,
@@ -69,7 +70,7 @@ from braing3n_core.training.examples import (
     token_moments,
 )
 from braing3n_core.training.loop import make_loader, make_optimizer, train_steps
-from braing3n_core.training.stages import STAGE_ORDER, Stage, get_stage, stage_dataset
+from braing3n_core.training.stages import Stage, get_stage, stage_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stages.json"
 
@@ -337,10 +338,10 @@ def bench_preset(name: str, site_yamls: list[Path], device: torch.device, peak: 
         "shape": list(preset.shape), "tokens": preset.num_tokens, "token_dim": preset.mae.width,
         "train_scans": train_scans, "preprocess_or_load_seconds": prepare_seconds,
         "cache_fill_seconds": fill_seconds, "cache_fill_seconds_per_scan": fill_seconds / max(train_scans, 1),
-        "parameters": {s: sum(p.numel() for p in get_stage(s).build(preset).parameters()) for s in STAGE_ORDER},
+        "parameters": {s: sum(p.numel() for p in get_stage(s).build(preset).parameters()) for s in STAGE_NAMES},
     }
     result["throughput"] = {}
-    for stage in STAGE_ORDER:
+    for stage in STAGE_NAMES:
         print(f"[{name}] throughput {stage} …", file=sys.stderr, flush=True)
         result["throughput"][stage] = stage_throughput(stage, preset, sites, device, peak, args)
     result["embedding_cache"] = {}

@@ -10,10 +10,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 _HASH_CHUNK_BYTES = 1 << 20
 
@@ -55,3 +59,35 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def json_safe(value: Any) -> Any:
+    """A value JSON can hold: NaN/inf → None (JSON has neither), tuples → lists, numpy scalars → Python,
+    mapping keys → str; recursive."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """One JSON object per line of an append-only ledger. A last line cut by a crash is skipped; a bad line
+    before it raises ValueError naming the file and line (the ledger was edited or corrupted)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out = []
+    for number, line in enumerate(lines, 1):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                continue
+            raise ValueError(f"{path}: line {number} is not valid JSON ({error})") from None
+    return out

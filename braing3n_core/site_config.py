@@ -11,6 +11,7 @@ from pydantic import Field, field_validator, model_validator
 
 from braing3n_core.config import ConfigError, StrictModel, _read_yaml_mapping, _validate
 from braing3n_core.labels import Modality
+from braing3n_core.stage_names import StageName
 
 
 class SplitConfig(StrictModel):
@@ -71,7 +72,7 @@ class SitePrivacyConfig(StrictModel):
     epsilon_budget: float = Field(8.0, gt=0.0)
     delta: float | None = Field(None, gt=0.0, lt=1.0)
     accountant: Literal["rdp", "prv"] = "rdp"
-    stages: dict[Literal["mae", "decoder", "dit"], StagePrivacyConfig] = Field(default_factory=dict)
+    stages: dict[StageName, StagePrivacyConfig] = Field(default_factory=dict)
     default_stage: StagePrivacyConfig = StagePrivacyConfig(noise_multiplier=1.0)
     ledger: Path | None = None
 

@@ -1,30 +1,29 @@
-"""ClientApp: translates Flower messages into SiteRuntime / braing3n_core calls and back.
+"""ClientApp: dispatches Flower messages to this site's handlers (`SiteRuntime` and the core) and back.
 
-- train (`config["stage"]` ∈ mae | decoder | dit | probes): local steps from the global weights;
-  reply = exactly one ArrayRecord ("arrays") + one MetricRecord ("metrics") + the site id ("site").
-- evaluate (same stages): validation metrics on the site's val split (probes: held-out test split).
-- query (`config["action"]`): hello, install_encoder, token_moments, probe_census, privacy_audit.
-- train messages pass `client.mods.privacy_mod` first: client-side clipping for client-level DP, and
-  the SecAgg+ protocol steps (whose fit step runs this same train handler).
+- train (`TrainRequest.stage` ∈ mae | decoder | dit, or a `ProbeRoundRequest`): local steps from the global
+  weights; reply = exactly one ArrayRecord (`arrays`) + one MetricRecord (`metrics`) + the site's `site` record;
+- evaluate (same stages): validation metrics on the site's val split (probes: held-out test split);
+- query (`Query.action`): one handler per `protocol.Action`.
+Train messages pass `client.mods.privacy_mod` first: client-side clipping for client-level DP, and the
+SecAgg+ protocol steps (whose fit step runs this same train handler).
 
 A site that cannot take part (no usable scans, data unavailable, encoder missing) replies with an
-`Error(code=DECLINED)` whose reason names the site and the cause, instead of failing the round.
-Fault injection (`config["fault"]`, test drills only, see `braing3n_core.federation.run_config`) is honoured here.
+`Error(code=DECLINED)` whose reason names the site and the cause, instead of failing the round. Every
+payload is read through `braing3n_core.federation.protocol`; drills live in `client.faults`.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from braing3n_core.config import ConfigError
 from braing3n_core.evaluation.heads import FeatureStats
-from braing3n_core.federation.arrays import load_arrays
+from braing3n_core.federation.arrays import Arrays, load_arrays
 from braing3n_core.federation.probes import (
     heads_from_arrays,
     label_census,
@@ -33,148 +32,171 @@ from braing3n_core.federation.probes import (
     tasks_from_json,
     train_heads,
 )
-from braing3n_core.federation.protocol import RoundParams, SiteDeclined, moments_to_arrays
+from braing3n_core.federation.protocol import (
+    DECLINED,
+    NUM_EXAMPLES,
+    Action,
+    AuditReply,
+    EvaluateRequest,
+    Hello,
+    InstallEncoder,
+    PrivacyAuditQuery,
+    ProbeCensus,
+    ProbeRoundRequest,
+    ProtocolError,
+    Query,
+    Record,
+    SiteDeclined,
+    SiteReply,
+    TokenMomentsQuery,
+    TrainRequest,
+    moments_to_arrays,
+)
 from braing3n_core.federation.site_round import evaluate_site, site_token_moments, train_site_round
+from braing3n_core.models import DiT, DiTConfig
+from braing3n_core.privacy.audit import run_site_audit
+from braing3n_core.stage_names import DIT, PROBES
 from braing3n_core.training.stages import get_stage
+from client import faults
 from client.mods import privacy_mod
 from client.site import SiteRuntime, configure_threads
 
-DECLINED = 4001  # Error code of a clean refusal (vs Flower's own codes for crashes)
 app = ClientApp()
+Handler = Callable[[Message, ConfigRecord, SiteRuntime], Message]
 
 
-def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+def _arrays(record: ArrayRecord) -> Arrays:
     return {k: v.numpy() for k, v in record.items()}
 
 
-def _reply(msg: Message, site_id: str, arrays: dict[str, np.ndarray] | None, metrics: dict[str, float],
-           **config: object) -> Message:
-    # `privacy/*` values travel in their own ConfigRecord: strategies average every MetricRecord key and
-    # refuse replies whose keys differ, while a site's ε is its own (and only DP sites have one).
+def _reply(msg: Message, reply: SiteReply, arrays: Arrays | None, metrics: Mapping[str, float]) -> Message:
+    # `privacy/*` values travel in their own ConfigRecord: strategies average every MetricRecord key, while a
+    # site's ε is its own (and only DP sites have one).
     privacy = {k: v for k, v in metrics.items() if k.startswith("privacy/")}
     metrics = {k: v for k, v in metrics.items() if not k.startswith("privacy/")}
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site_id, **config})})
+    content = RecordDict({Record.METRICS: MetricRecord(metrics), Record.SITE: ConfigRecord(reply.to_config())})
     if privacy:
-        content["privacy"] = ConfigRecord(privacy)
+        content[Record.PRIVACY] = ConfigRecord(privacy)
     if arrays is not None:
-        content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        content[Record.ARRAYS] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
     return Message(content, reply_to=msg)
 
 
-def _guarded(handler: Callable[[Message, Context, SiteRuntime], Message]) -> Callable[[Message, Context], Message]:
+def _guarded(handler: Handler) -> Callable[[Message, Context], Message]:
     def run(msg: Message, context: Context) -> Message:
         configure_threads()
         try:
             runtime = SiteRuntime.from_context(context.node_config, context.run_config)
-            fault = str(msg.content["config"].get("fault", "")) if "config" in msg.content else ""
-            if fault and msg.content["config"].get("fault-site", runtime.site_id) != runtime.site_id:
-                fault = ""  # a drill in a round whose one config goes to every site (SecAgg+) names its site
-            if fault == "decline":
-                raise SiteDeclined(f"site {runtime.site_id}: declines this round (fault injection)")
-            if fault == "crash":
-                raise RuntimeError(f"site {runtime.site_id}: handler crashed (fault injection)")
-            if fault == "delay":  # a slow site: it answers, `fault-factor` seconds late
-                time.sleep(float(msg.content["config"].get("fault-factor", 0.0)))
-            return handler(msg, context, runtime)
+            config = msg.content.config_records.get(Record.CONFIG, ConfigRecord())
+            faults.before_handler(config, runtime.site_id)
+            return handler(msg, config, runtime)
         except (SiteDeclined, ConfigError) as error:
             return Message(Error(code=DECLINED, reason=str(error)), reply_to=msg)
+        except ProtocolError as error:  # a server of another version, or a bug: say so instead of crashing
+            return Message(Error(code=DECLINED, reason=f"site {runtime.site_id}: {error}"), reply_to=msg)
     return run
-
-
-def _faulty(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray], config: ConfigRecord,
-            site_id: str) -> dict[str, np.ndarray]:
-    """Test drills: corrupt the reply on purpose, as a broken or malicious site would."""
-    fault = str(config.get("fault", ""))
-    if config.get("fault-site", site_id) != site_id:
-        return arrays
-    if fault == "nan":
-        first = next(iter(arrays))
-        arrays[first] = np.full_like(arrays[first], np.nan)
-    elif fault == "scale":
-        factor = float(config.get("fault-factor", 1000.0))
-        arrays = {k: (reference[k] + factor * (v - reference[k])).astype(v.dtype) for k, v in arrays.items()}
-    return arrays
 
 
 @app.train(mods=[privacy_mod])  # client-side DP clipping and SecAgg+ (client/mods.py); train only
 @_guarded
-def train(msg: Message, context: Context, runtime: SiteRuntime) -> Message:
-    config = msg.content["config"]
-    reference = _arrays(msg.content["arrays"])
-    if config["stage"] == "probes":
-        tasks = [task for task, _ in tasks_from_json(str(config["tasks"]))]
-        data = site_probe_data(runtime.probe_inputs(str(config["preset"]), str(config["encoder-sha256"])))
+def train(msg: Message, config: ConfigRecord, runtime: SiteRuntime) -> Message:
+    reference = _arrays(msg.content[Record.ARRAYS])
+    if config.get("stage") == PROBES:
+        request = ProbeRoundRequest.from_config(config)
+        tasks = [task for task, _ in tasks_from_json(request.tasks)]
+        data = site_probe_data(runtime.probe_inputs(request.preset, request.encoder_sha256))
         arrays, metrics = train_heads(
-            heads_from_arrays(tasks, reference), data, steps=int(config["local-steps"]), lr=float(config["lr"]),
-            batch_size=int(config["batch-size"]), weight_decay=float(config["weight-decay"]),
-            seed=int(config["seed"]) + int(config["server-round"]),
+            heads_from_arrays(tasks, reference), data, steps=request.local_steps, lr=request.lr,
+            batch_size=request.batch_size, weight_decay=request.weight_decay, seed=request.seed + request.server_round,
         )
     else:
-        stage, params = get_stage(str(config["stage"])), RoundParams.from_config(config)
-        site = runtime.inputs(stage, str(config["preset"]), str(config.get("encoder-sha256", "")))
-        model = load_arrays(stage.from_config(json.loads(str(config["model-config"]))), reference)
-        arrays, metrics = train_site_round(stage, model, site, params, runtime.device)
-    return _reply(msg, runtime.site_id, _faulty(arrays, reference, config, runtime.site_id), metrics)
+        request = TrainRequest.from_config(config)
+        stage = get_stage(request.stage)
+        site = runtime.inputs(stage, request.preset, request.encoder_sha256)
+        model = load_arrays(stage.from_config(request.model_config), reference)
+        arrays, metrics = train_site_round(stage, model, site, request, runtime.device)
+    arrays = faults.corrupt_reply(arrays, reference, config, runtime.site_id)
+    return _reply(msg, SiteReply(site_id=runtime.site_id), arrays, metrics)
 
 
 @app.evaluate()
 @_guarded
-def evaluate(msg: Message, context: Context, runtime: SiteRuntime) -> Message:
-    config = msg.content["config"]
-    if config["stage"] == "probes":
-        pairs = tasks_from_json(str(config["tasks"]))
-        heads = heads_from_arrays([t for t, _ in pairs], _arrays(msg.content["arrays"]))
-        data = site_probe_data(runtime.probe_inputs(str(config["preset"]), str(config["encoder-sha256"])))
-        return _reply(msg, runtime.site_id, None, score_heads(heads, {t.name: p for t, p in pairs}, data))
-    stage = get_stage(str(config["stage"]))
-    site = runtime.inputs(stage, str(config["preset"]), str(config.get("encoder-sha256", "")))
-    model = load_arrays(stage.from_config(json.loads(str(config["model-config"]))), _arrays(msg.content["arrays"]))
-    return _reply(msg, runtime.site_id, None, evaluate_site(stage, model, site, int(config["batch-size"]), runtime.device))
+def evaluate(msg: Message, config: ConfigRecord, runtime: SiteRuntime) -> Message:
+    weights = _arrays(msg.content[Record.ARRAYS])
+    if config.get("stage") == PROBES:
+        request = ProbeRoundRequest.from_config(config)
+        pairs = tasks_from_json(request.tasks)
+        heads = heads_from_arrays([t for t, _ in pairs], weights)
+        data = site_probe_data(runtime.probe_inputs(request.preset, request.encoder_sha256))
+        return _reply(msg, SiteReply(site_id=runtime.site_id), None, score_heads(heads, {t.name: p for t, p in pairs}, data))
+    request = EvaluateRequest.from_config(config)
+    stage = get_stage(request.stage)
+    site = runtime.inputs(stage, request.preset, request.encoder_sha256)
+    model = load_arrays(stage.from_config(request.model_config), weights)
+    return _reply(msg, SiteReply(site_id=runtime.site_id), None,
+                  evaluate_site(stage, model, site, request.batch_size, runtime.device))
+
+
+# --- queries: one handler per protocol.Action ------------------------------------------------------------------
+
+
+def _hello(msg: Message, query: Query, config: ConfigRecord, runtime: SiteRuntime) -> Message:
+    data = runtime.data(query.preset)
+    hello = Hello(site_id=runtime.site_id, has_encoder=runtime.has_encoder(query.encoder_sha256),
+                  scans={split: len(records) for split, records in data.splits.items()})
+    return _reply(msg, hello, None, {"problems": float(len(data.problems))})
+
+
+def _install_encoder(msg: Message, query: Query, config: ConfigRecord, runtime: SiteRuntime) -> Message:
+    install = InstallEncoder.from_config(config)
+    runtime.install_encoder(query.encoder_sha256, _arrays(msg.content[Record.ENCODER]), install.encoder_config)
+    return _reply(msg, SiteReply(site_id=runtime.site_id), None, {"installed": 1.0})
+
+
+def _token_moments(msg: Message, query: Query, config: ConfigRecord, runtime: SiteRuntime) -> Message:
+    stage = get_stage(DIT)
+    asked = TokenMomentsQuery.from_config(config)
+    moments = site_token_moments(stage, runtime.inputs(stage, query.preset, query.encoder_sha256), asked.token_dim)
+    return _reply(msg, SiteReply(site_id=runtime.site_id), moments_to_arrays(moments), {NUM_EXAMPLES: float(moments.count)})
+
+
+def _probe_census(msg: Message, query: Query, config: ConfigRecord, runtime: SiteRuntime) -> Message:
+    data = site_probe_data(runtime.probe_inputs(query.preset, query.encoder_sha256))
+    if len(data.fit_table) == 0:
+        raise SiteDeclined(f"site {runtime.site_id}: no usable train/val scans for the probes")
+    stats = FeatureStats.from_features(data.fit_features)
+    census = ProbeCensus(site_id=runtime.site_id, census=label_census(data))
+    return _reply(msg, census, stats.to_arrays(), {NUM_EXAMPLES: float(stats.count)})
+
+
+def _privacy_audit(msg: Message, query: Query, config: ConfigRecord, runtime: SiteRuntime) -> Message:
+    """The synthetic set against this site's scans: aggregates and one flag per synthetic scan only."""
+    asked = PrivacyAuditQuery.from_config(config)
+    site = runtime.inputs(get_stage(DIT), query.preset, query.encoder_sha256)  # data + the frozen encoder's tokens
+    volumes = torch.from_numpy(_arrays(msg.content[Record.SYNTHETIC])["volumes"].astype(np.float32))
+    if volumes.shape[0] != asked.n_synthetic or tuple(volumes.shape[1:]) != (1, *site.data.preset.shape):
+        raise SiteDeclined(f"site {runtime.site_id}: synthetic volumes {tuple(volumes.shape)} do not fit preset {query.preset}")
+    dit = None
+    if asked.dit_config is not None:
+        dit = load_arrays(DiT(DiTConfig.from_dict(asked.dit_config)), _arrays(msg.content[Record.DIT]))
+    audit = run_site_audit(site, site.tokens.encoder, volumes, dit)
+    reply = AuditReply(site_id=runtime.site_id, audit=audit.to_json())
+    return _reply(msg, reply, None, {NUM_EXAMPLES: float(audit.n_train + audit.n_held), "flagged": float(sum(audit.flags))})
+
+
+QUERIES: dict[Action, Callable[[Message, Query, ConfigRecord, SiteRuntime], Message]] = {
+    Action.HELLO: _hello,
+    Action.INSTALL_ENCODER: _install_encoder,
+    Action.TOKEN_MOMENTS: _token_moments,
+    Action.PROBE_CENSUS: _probe_census,
+    Action.PRIVACY_AUDIT: _privacy_audit,
+}
+if set(QUERIES) != set(Action):  # a new Action without a handler is an error at import, not at the first query
+    raise ImportError(f"client.app: no handler for {sorted(set(Action) - set(QUERIES))}")
 
 
 @app.query()
 @_guarded
-def query(msg: Message, context: Context, runtime: SiteRuntime) -> Message:
-    config = msg.content["config"]
-    action, preset, sha = str(config["action"]), str(config["preset"]), str(config.get("encoder-sha256", ""))
-    if action == "hello":
-        described = runtime.describe(preset, sha)
-        return _reply(msg, runtime.site_id, None, {"problems": float(described.pop("problems"))},
-                      **{k: v for k, v in described.items() if k != "site-id"})
-    if action == "install_encoder":
-        runtime.install_encoder(sha, _arrays(msg.content["encoder"]), json.loads(str(config["encoder-config"])))
-        return _reply(msg, runtime.site_id, None, {"installed": 1.0})
-    if action == "token_moments":
-        stage = get_stage("dit")
-        moments = site_token_moments(stage, runtime.inputs(stage, preset, sha), int(config["token-dim"]))
-        return _reply(msg, runtime.site_id, moments_to_arrays(moments), {"num-examples": float(moments.count)})
-    if action == "probe_census":
-        data = site_probe_data(runtime.probe_inputs(preset, sha))
-        if len(data.fit_table) == 0:
-            raise SiteDeclined(f"site {runtime.site_id}: no usable train/val scans for the probes")
-        stats = FeatureStats.from_features(data.fit_features)
-        return _reply(msg, runtime.site_id, stats.to_arrays(), {"num-examples": float(stats.count)},
-                      census=json.dumps(label_census(data)))
-    if action == "privacy_audit":
-        return _privacy_audit(msg, runtime, preset, sha)
-    raise SiteDeclined(f"site {runtime.site_id}: unknown query action {action!r}")
-
-
-def _privacy_audit(msg: Message, runtime: SiteRuntime, preset: str, sha: str) -> Message:
-    """The synthetic set against this site's scans: aggregates and one flag per synthetic scan only."""
-    import torch
-
-    from braing3n_core.models import DiT, DiTConfig
-    from braing3n_core.privacy.audit import run_site_audit
-
-    config = msg.content["config"]
-    site = runtime.inputs(get_stage("dit"), preset, sha)  # the data and the token cache of the frozen encoder
-    volumes = torch.from_numpy(_arrays(msg.content["synthetic"])["volumes"].astype(np.float32))
-    if volumes.shape[0] != int(config["n-synthetic"]) or tuple(volumes.shape[1:]) != (1, *site.data.preset.shape):
-        raise SiteDeclined(f"site {runtime.site_id}: synthetic volumes {tuple(volumes.shape)} do not fit preset {preset}")
-    dit = None
-    if "dit" in msg.content:
-        dit = load_arrays(DiT(DiTConfig.from_dict(json.loads(str(config["dit-config"])))), _arrays(msg.content["dit"]))
-    audit = run_site_audit(site, site.tokens.encoder, volumes, dit)
-    return _reply(msg, runtime.site_id, None, {"num-examples": float(audit.n_train + audit.n_held),
-                                               "flagged": float(sum(audit.flags))}, audit=json.dumps(audit.to_json()))
+def query(msg: Message, config: ConfigRecord, runtime: SiteRuntime) -> Message:
+    asked = Query.from_config(config)
+    return QUERIES[asked.action](msg, asked, config, runtime)

@@ -19,14 +19,13 @@ with `@app.train`), so `privacy_mod` dispatches on what a train message carries:
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from braing3n_core.federation.protocol import CLIPPING_MODE_KEY, SECAGG_ARRAY_NAMES_KEY
+from braing3n_core.federation.protocol import NUM_EXAMPLES, ClientClipping, Record, SecureRound, SiteReply
 
 SECAGG_RECORD = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS
 
@@ -59,14 +58,14 @@ def _clipped(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
     """Client-side clipping of the reply's update when the server's client-level DP asks for it."""
     from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
-    config = msg.content.config_records.get("config")
-    mode = str(config.get(CLIPPING_MODE_KEY, "")) if config is not None else ""
+    config = msg.content.config_records.get(Record.CONFIG)
+    mode = ClientClipping.from_config(config).client_dp_clipping if config is not None else ""
     if not mode:
         return call_next(msg, context)
     reply = call_next(msg, context)
     if reply.has_error() or len(reply.content.array_records) != 1:
         return reply
-    if _update_norm(reply, msg.content["arrays"]) == 0.0:
+    if _update_norm(reply, msg.content[Record.ARRAYS]) == 0.0:
         if mode == "adaptive":  # below any positive norm: not clipped
             next(iter(reply.content.metric_records.values()))["norm_bit"] = 0
         return reply
@@ -81,40 +80,41 @@ def _legacy_fit(msg: Message, context: Context, call_next: ClientAppCallable) ->
 
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = dict(fitins.config)
-    names = json.loads(str(config.pop(SECAGG_ARRAY_NAMES_KEY)))
+    secure = SecureRound.from_config(config)
+    names = secure.secagg_array_names
     weights = parameters_to_ndarrays(fitins.parameters)
     if len(names) != len(weights):
         raise SecureRoundError(f"received {len(weights)} arrays for {len(names)} names")
     sent = ArrayRecord({k: Array(np.ascontiguousarray(w)) for k, w in zip(names, weights)})
-    inner = Message(RecordDict({"config": ConfigRecord(config), "arrays": sent}), metadata=msg.metadata)
+    inner = Message(RecordDict({Record.CONFIG: ConfigRecord(config), Record.ARRAYS: sent}), metadata=msg.metadata)
     reply = _clipped(inner, context, call_next)
     if reply.has_error():
         raise SecureRoundError(reply.error.reason)
-    arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    arrays = {k: v.numpy() for k, v in reply.content[Record.ARRAYS].items()}
     update = [arrays[k].astype(np.float64) - w.astype(np.float64) for k, w in zip(names, weights)]
-    site = str(reply.content["site"]["site-id"])
-    _check_own_update(site, update, config)
-    metrics: dict = {**dict(reply.content["metrics"]), "site-id": site}
-    if "privacy" in reply.content.config_records:
-        metrics |= dict(reply.content["privacy"])
-    weight = 1 if config.get("uniform-weight") else round(float(metrics["num-examples"]))
-    if weight > float(config["secagg-max-weight"]):
+    site = SiteReply.from_config(reply.content[Record.SITE]).site_id
+    _check_own_update(site, update, secure)
+    metrics: dict = {**dict(reply.content[Record.METRICS]), SiteReply.key("site_id"): site}
+    if Record.PRIVACY in reply.content.config_records:
+        metrics |= dict(reply.content[Record.PRIVACY])
+    weight = 1 if secure.uniform_weight else round(float(metrics[NUM_EXAMPLES]))
+    if weight > secure.secagg_max_weight:
         raise SecureRoundError(f"site {site}: its weight {weight} exceeds secure_aggregation.max_weight="
-                               f"{config['secagg-max-weight']:g}; the masked sum could overflow")
+                               f"{secure.secagg_max_weight:g}; the masked sum could overflow")
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([u.astype(np.float32) for u in update]), weight, metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
 
-def _check_own_update(site: str, update: list[np.ndarray], config: dict) -> None:
+def _check_own_update(site: str, update: list[np.ndarray], secure: SecureRound) -> None:
     """What the server would have screened, checked here (it only ever sees the masked sum)."""
     if not all(bool(np.all(np.isfinite(u))) for u in update):
         raise SecureRoundError(f"site {site}: its update holds NaN/Inf; not adding it to the secure sum")
     norm = math.sqrt(sum(float(np.dot(u.ravel(), u.ravel())) for u in update))
-    bound = float(config.get("update-norm-bound", 0.0) or 0.0)
+    bound = secure.update_norm_bound
     if bound and norm > bound:
         raise SecureRoundError(f"site {site}: update norm {norm:.4g} exceeds the bound {bound:.4g}")
     largest = max((float(np.abs(u).max()) for u in update if u.size), default=0.0)
-    limit = float(config["secagg-clipping-range"])
+    limit = secure.secagg_clipping_range
     if largest > limit:
         raise SecureRoundError(f"site {site}: an update coordinate of {largest:.4g} exceeds "
                                  f"secure_aggregation.clipping_range={limit:g}; it would be cut when quantised")

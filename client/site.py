@@ -15,7 +15,6 @@ requests name it by hash only.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from braing3n_core.checkpoint import CheckpointError, load_checkpoint, save_chec
 from braing3n_core.config import ConfigError
 from braing3n_core.data.datasets import SiteData, load_site
 from braing3n_core.data.tokens import TokenCache, encoder_sha256
-from braing3n_core.federation.protocol import SiteDeclined
+from braing3n_core.federation.protocol import AppSettings, NodeSettings, SiteDeclined
 from braing3n_core.models import MAEConfig, MAEEncoder
 from braing3n_core.presets import get_preset
 from braing3n_core.runtime import resolve_device, set_threads
@@ -47,16 +46,16 @@ def configure_threads() -> None:
 
 def resolve_site_config(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> SiteConfig:
     """The node's own `site-config` wins; otherwise `site-configs[partition-id]` (simulation)."""
-    own = str(node_config.get("site-config", "") or "")
-    if own:
-        return SiteConfig.from_yaml(own)
-    listed = [p.strip() for p in str(run_config.get("site-configs", "") or "").split(",") if p.strip()]
-    if "partition-id" not in node_config or not listed:
+    node, app = NodeSettings.from_config(node_config), AppSettings.from_config(run_config)
+    if node.site_config:
+        return SiteConfig.from_yaml(node.site_config)
+    listed = app.site_config_paths()
+    if node.partition_id < 0 or not listed:
         raise ConfigError(
             "this node has no site: start the SuperNode with --node-config \"site-config='/path/site.yaml'\" "
             "(deployment) or set the run config's site-configs list (simulation)"
         )
-    index = int(node_config["partition-id"])
+    index = node.partition_id
     if not 0 <= index < len(listed):
         raise ConfigError(f"partition-id {index} has no entry in site-configs ({len(listed)} files listed)")
     return SiteConfig.from_yaml(listed[index])
@@ -168,9 +167,3 @@ class SiteRuntime:
         data = self.data(preset)
         return SiteInputs(data, TokenCache(self.config.resolved_cache_dir, self.encoder(encoder_sha), data.preset,
                                            data.cache, self.device))
-
-    def describe(self, preset: str, encoder_sha: str = "") -> dict[str, Any]:
-        """Counts only: who this node is and what it holds."""
-        data = self.data(preset)
-        return {"site-id": self.site_id, "has-encoder": self.has_encoder(encoder_sha),
-                "scans": json.dumps({k: len(v) for k, v in data.splits.items()}), "problems": len(data.problems)}

@@ -38,6 +38,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from braing3n_core.federation.protocol import Record, SiteReply
 from braing3n_core.federation.replies import check_metrics, check_reply_arrays, weighted_mean
 from braing3n_core.federation.run_config import (
     FedAvgConfig,
@@ -151,8 +152,10 @@ class Verdict:
 def reply_site(message: Message, node_sites: Mapping[int, str]) -> str:
     """The site a reply speaks for: the one it names, else the one its node introduced itself as."""
     node = message.metadata.src_node_id
-    if message.has_content() and "site" in message.content.config_records:
-        return str(message.content.config_records["site"].get("site-id", node_sites.get(node, f"node-{node}")))
+    if message.has_content() and Record.SITE in message.content.config_records:
+        named = message.content.config_records[Record.SITE].get(SiteReply.key("site_id"))
+        if named is not None:
+            return str(named)
     return node_sites.get(node, f"node-{node}")
 
 
@@ -169,7 +172,7 @@ def short_reason(reason: str | None, limit: int = 400) -> str:
 
 def screen_replies(
     replies: Sequence[Message], reference: Mapping[str, np.ndarray], norm_bound: float | None,
-    node_sites: Mapping[int, str], arrays_key: str = "arrays",
+    node_sites: Mapping[int, str], arrays_key: str = Record.ARRAYS,
 ) -> tuple[list[Message], list[Verdict]]:
     """Split train replies into those the strategy may aggregate and a verdict for every reply."""
     verdicts: list[Verdict] = []

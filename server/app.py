@@ -1,14 +1,15 @@
-"""ServerApp: reads the Flower run config and hands the federation to `server.rounds`.
+"""ServerApp: reads the Flower run config and hands the federation to `server.run`.
 
-Flower's `[tool.flwr.app.config]` carries paths and two deployment settings; the recipe itself is the run YAML:
-- `run-config`: the run YAML (`braing3n_core.runconfig.RunConfig`);
+Flower's `[tool.flwr.app.config]` carries paths and two deployment settings (`protocol.AppSettings`); the
+recipe itself is the run YAML:
+- `run-config`: the run YAML (`braing3n_core.federation.run_config.RunConfig`);
 - `run-dir`: the run folder (default `runs/<name>`); resuming = running again with the same folder;
 - `site-configs`: comma-separated site YAMLs, virtual node `partition-id` i ↦ the i-th (simulation;
   in deployment each SuperNode names its own with `--node-config "site-config='…'"`);
 - `expected-sites` (deployment): how many sites to wait for before the run starts (0: the number of
   `site-configs`; at least `min_sites` either way);
 - `signing-key` (deployment): the consortium's Ed25519 release key; when set, the finished run's final
-  checkpoints are released signed in `<run-dir>/release/` (`braing3n_core.release.sign_run`).
+  checkpoints are released signed in `<run-dir>/release/` (`braing3n_core.ops.release.sign_run`).
 """
 
 from __future__ import annotations
@@ -18,26 +19,25 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from braing3n_core.federation.protocol import AppSettings
 from braing3n_core.ops.consortium import load_release_private_key
 from braing3n_core.ops.release import sign_run
 from braing3n_core.runtime import set_threads
-from server.rounds import run_federation, say
+from server.run import run_federation
+from server.session import say
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    settings = context.run_config
-    config_path = str(settings.get("run-config", "") or "")
-    if not config_path:
+    settings = AppSettings.from_config(context.run_config)
+    if not settings.run_config:
         raise ValueError("set the run config: flwr run . <connection> --run-config \"run-config='/abs/run.yaml' ...\"")
-    run_dir = str(settings.get("run-dir", "") or "")
-    sites = [p for p in str(settings.get("site-configs", "") or "").split(",") if p.strip()]
-    expected = int(settings.get("expected-sites", 0) or 0) or len(sites) or None
-    signing = str(settings.get("signing-key", "") or "")
-    key = load_release_private_key(Path(signing)) if signing else None  # a bad key stops the run before training
+    expected = settings.expected_sites or len(settings.site_config_paths()) or None
+    key = load_release_private_key(Path(settings.signing_key)) if settings.signing_key else None  # fails before training
     set_threads(None)  # BRAING3N_NUM_THREADS when set; the server mostly waits and averages arrays
-    complete = run_federation(grid, Path(config_path), Path(run_dir) if run_dir else None, expected)
+    complete = run_federation(grid, Path(settings.run_config), Path(settings.run_dir) if settings.run_dir else None,
+                              expected)
     if key is not None:
         say(f"release signed: {sign_run(complete.parent, key)}")

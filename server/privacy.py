@@ -33,10 +33,8 @@ only the sum. Every message of the protocol is logged to `messages.jsonl` like a
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,7 +48,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from braing3n_core.federation.protocol import CLIPPING_MODE_KEY, SECAGG_ARRAY_NAMES_KEY
+from braing3n_core.federation.protocol import ClientClipping
 from braing3n_core.federation.run_config import ClientDPConfig, SecureAggregationConfig
 
 # --- client-level DP -------------------------------------------------------------------------------------
@@ -92,7 +90,7 @@ class ClientLevelDP:
 
     def train_config(self, config: ConfigRecord) -> ConfigRecord:
         if self.config.side == "client":
-            config[CLIPPING_MODE_KEY] = self.config.clipping
+            config.update(ClientClipping(client_dp_clipping=self.config.clipping).to_config())
         return config
 
     def event(self, sites: int) -> GaussianPrivacyEvent:
@@ -239,7 +237,7 @@ def secure_aggregate(grid: Grid, server_round: int, nodes: Sequence[int], config
     from flwr.server.workflow import SecAggPlusWorkflow
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
-    strategy = _legacy_strategy(nodes, {**config, SECAGG_ARRAY_NAMES_KEY: json.dumps(list(names))})
+    strategy = _legacy_strategy(nodes, config)  # `config` names the arrays (protocol.SecureRound)
     manager = SimpleClientManager()
     for node in nodes:
         manager.register(GridClientProxy(node, grid, 0))
@@ -267,50 +265,3 @@ def finite(arrays: Mapping[str, np.ndarray]) -> bool:
 def update_within(update: Mapping[str, np.ndarray], bound: float | None) -> tuple[bool, float]:
     norm = math.sqrt(sum(float(np.dot(v.ravel().astype(np.float64), v.ravel().astype(np.float64))) for v in update.values()))
     return (bound is None or norm <= bound), norm
-
-
-
-
-# --- federated privacy audit of synthetic data ------------------------------------------------------------
-
-
-def run_audit(federation: Any) -> Path:
-    """Send the staged synthetic set (and the DiT, for membership inference) to every site; combine
-    their aggregates into `<run>/privacy_audit.json` (see `braing3n_core.privacy.audit`)."""
-    from braing3n_core.federation.arrays import module_arrays
-    from braing3n_core.fileio import atomic_write_json
-    from braing3n_core.jobs.synthesize import load_staged, staged_sha256
-    from braing3n_core.privacy.audit import SiteAudit, combine_audits
-    from braing3n_core.training.checkpoints import load_stage_model
-    from server.aggregation import reply_site, to_array_record
-
-    settings = federation.config.audit
-    federation.ensure_encoder("audit")
-    volumes, _, _ = load_staged(settings.synthetic)
-    records = {"synthetic": to_array_record({"volumes": volumes.numpy()})}
-    extra: dict[str, Any] = {"n-synthetic": int(volumes.shape[0])}
-    if settings.dit is not None:
-        dit, checkpoint = load_stage_model(Path(settings.dit), expected_stage="dit")
-        records["dit"] = to_array_record(module_arrays(dit))
-        extra["dit-config"] = json.dumps(checkpoint.meta["model_config"])
-    replies = federation.log_declines(federation.query("privacy_audit", "audit", extra=extra, arrays=records), "audit", 0)
-    audits = []
-    for reply in replies:
-        site = reply_site(reply, federation.node_sites)
-        audit = SiteAudit.from_json(json.loads(str(reply.content["site"]["audit"])))
-        if len(audit.flags) != int(volumes.shape[0]):
-            federation.run.log("audit", 0, site, "rejected", reason="audit of a different number of synthetic scans")
-            continue
-        audits.append(audit)
-        federation.run.log("audit", 0, site, "privacy_audit", flagged=sum(audit.flags), n_train=audit.n_train,
-                           n_held=audit.n_held, **{f"audit/{space}_threshold": s.threshold for space, s in audit.spaces.items()},
-                           **{f"audit/{space}_control_flagged": float(s.control_flagged) for space, s in audit.spaces.items()},
-                           **({"privacy/membership_auc": audit.membership["auc"]} if audit.membership else {}))
-    if not audits:
-        raise RuntimeError("privacy audit: no site returned an audit")
-    result = {**combine_audits(audits), "staged": str(settings.synthetic), "staged_sha256": staged_sha256(settings.synthetic)}
-    path = federation.run.root / "privacy_audit.json"
-    atomic_write_json(path, result)
-    federation.run.log("audit", 0, "aggregate", "privacy_audit", excluded=len(result["excluded"]),
-                       sites=len(audits), **{"privacy/membership_auc": result["membership_auc"]})
-    return path

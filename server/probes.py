@@ -19,7 +19,6 @@ No scan, embedding or label leaves a site: replies carry head weights, sums and 
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -35,24 +34,26 @@ from braing3n_core.federation.probes import (
     pooled_probe_metrics,
     tasks_from_json,
 )
+from braing3n_core.federation.protocol import Action, ProbeCensus, ProbeRoundRequest, Record
 from braing3n_core.federation.run_folder import RoundCheckpoint
-from braing3n_core.fileio import atomic_write_json
+from braing3n_core.fileio import atomic_write_json, json_safe
+from braing3n_core.stage_names import PROBES
 from server.aggregation import metric_record, reply_site, screen_replies, to_array_record
-from server.rounds import Federation, FederationError, say
+from server.session import Federation, FederationError, message, say
 
-STAGE = "probes"
+STAGE = PROBES
 
 
 def _census(federation: Federation) -> dict[str, Any]:
-    replies = federation.log_declines(federation.query("probe_census", STAGE), STAGE, 0)
+    replies = federation.query(Action.PROBE_CENSUS, STAGE)
     censuses, stats = [], []
     for reply in replies:
-        arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+        arrays = {k: v.numpy() for k, v in reply.content[Record.ARRAYS].items()}
         if not all(np.all(np.isfinite(v)) for v in arrays.values()):
             federation.run.log(STAGE, 0, reply_site(reply, federation.node_sites), "rejected", reason="non-finite feature sums")
             continue
         stats.append(FeatureStats.from_arrays(arrays))
-        censuses.append(json.loads(str(reply.content.config_records["site"]["census"])))
+        censuses.append(ProbeCensus.from_config(reply.content.config_records[Record.SITE]).census)
     if len(stats) < federation.config.min_sites:
         raise FederationError(f"probe census from {len(stats)} sites; min_sites is {federation.config.min_sites}")
     plan = plan_probes(censuses, stats)
@@ -77,13 +78,14 @@ def run_probes(federation: Federation) -> None:
     tasks = [task for task, _ in tasks_from_json(tasks_json)]
     if not tasks:
         raise FederationError(f"probes: no task can be probed on this federation ({plan['skipped']})")
-    base = {"stage": STAGE, "tasks": tasks_json, "local-steps": settings.local_steps, "lr": settings.lr,
-            "batch-size": settings.batch_size, "weight-decay": settings.weight_decay, "seed": federation.config.seed,
-            "preset": federation.config.preset, "encoder-sha256": federation.encoder_sha}
+    request = lambda server_round: ProbeRoundRequest(  # noqa: E731
+        stage=STAGE, tasks=tasks_json, server_round=server_round, local_steps=settings.local_steps, lr=settings.lr,
+        batch_size=settings.batch_size, weight_decay=settings.weight_decay, seed=federation.config.seed,
+        preset=federation.config.preset, encoder_sha256=federation.encoder_sha)
     for server_round in range(start, settings.rounds + 1):
         started = time.perf_counter()
         record = to_array_record(arrays)
-        messages = [federation.message(n, MessageType.TRAIN, {**base, "server-round": server_round}, {"arrays": record})
+        messages = [message(n, MessageType.TRAIN, request(server_round), arrays={Record.ARRAYS: record})
                     for n in federation.wait_for_nodes()]
         replies = federation.send(federation.inject_faults(messages, STAGE, server_round), STAGE, server_round)
         accepted, verdicts = screen_replies(replies, arrays, federation.config.update_norm_bound, federation.node_sites)
@@ -91,7 +93,7 @@ def run_probes(federation: Federation) -> None:
         if len(accepted) < federation.config.min_sites:
             raise FederationError(f"probes round {server_round}: {len(accepted)} accepted replies, "
                                   f"min_sites is {federation.config.min_sites}")
-        contributions = [({k: v.numpy() for k, v in m.content["arrays"].items()},
+        contributions = [({k: v.numpy() for k, v in m.content[Record.ARRAYS].items()},
                           dict(metric_record(m.content))) for m in accepted]
         arrays = aggregate_heads(tasks, arrays, contributions)
         run.log(STAGE, server_round, "aggregate", "train", sites=len(accepted), round_seconds=time.perf_counter() - started)
@@ -100,7 +102,7 @@ def run_probes(federation: Federation) -> None:
         run.save_round(RoundCheckpoint(STAGE, server_round, arrays, {}, meta))
         federation.write_state()
         say(f"probes: round {server_round}/{settings.rounds} ({len(accepted)} sites)")
-    evaluate(federation, tasks, tasks_json, arrays, plan, base)
+    evaluate(federation, tasks, arrays, plan, request(settings.rounds))
     run.mark_final(STAGE)
     federation.write_state()
 
@@ -110,10 +112,10 @@ def _readable(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if not k.startswith("sums/")}
 
 
-def evaluate(federation: Federation, tasks, tasks_json: str, arrays, plan: dict[str, Any], base: dict[str, Any]) -> None:
+def evaluate(federation: Federation, tasks, arrays, plan: dict[str, Any], request: ProbeRoundRequest) -> None:
     rounds = federation.config.probes.rounds
     record = to_array_record(arrays)
-    messages = [federation.message(n, MessageType.EVALUATE, {**base, "server-round": rounds}, {"arrays": record})
+    messages = [message(n, MessageType.EVALUATE, request, arrays={Record.ARRAYS: record})
                 for n in federation.wait_for_nodes()]
     replies = federation.log_declines(federation.send(messages, STAGE, rounds), STAGE, rounds)
     per_site: dict[str, dict[str, float]] = {}
@@ -123,11 +125,10 @@ def evaluate(federation: Federation, tasks, tasks_json: str, arrays, plan: dict[
         federation.run.log(STAGE, rounds, site, "probe", **_readable(per_site[site]))
     pooled = pooled_probe_metrics(tasks, per_site)
     federation.run.log(STAGE, rounds, "aggregate", "probe", sites=len(per_site), **pooled)
-    clean = lambda m: {k: (None if isinstance(v, float) and v != v else v) for k, v in m.items()}  # noqa: E731
-    atomic_write_json(federation.run.root / "probes.json", {
+    atomic_write_json(federation.run.probes_path, {
         "encoder_sha256": federation.encoder_sha, "rounds": rounds, "settings": federation.config.probes.model_dump(),
         "tasks": plan["tasks"], "skipped": plan["skipped"],
-        "pooled": clean(pooled), "sites": {s: clean(_readable(m)) for s, m in sorted(per_site.items())},
+        "pooled": json_safe(pooled), "sites": {s: json_safe(_readable(m)) for s, m in sorted(per_site.items())},
     })
     for task in tasks:
         main = task.metric_names[0]

@@ -227,7 +227,7 @@ def _message(message_type: str, content: RecordDict) -> Message:
 
 
 def test_client_hello_and_refused_encoder(synthetic_cohort, tmp_path: Path) -> None:
-    from client.app import DECLINED
+    from braing3n_core.federation.protocol import DECLINED
     from client.app import app as client_app
 
     site = SiteConfig.from_yaml(synthetic_cohort[0])

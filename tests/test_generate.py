@@ -21,8 +21,13 @@ from braing3n_core.cli import main
 from braing3n_core.config import ConfigError
 from braing3n_core.data.datasets import load_site
 from braing3n_core.data.transforms import preprocess_volume
+from braing3n_core.federation.run_folder import RunFolder
 from braing3n_core.generation.condition_table import ConditionRow, read_conditions
-from braing3n_core.generation.models import GenerationError, load_generation_models, load_run_models, stage_checkpoint
+from braing3n_core.generation.models import GenerationError, load_generation_models, load_run_models
+
+
+def stage_checkpoint(run_dir: Path, stage: str) -> Path | None:
+    return RunFolder(run_dir).stage_checkpoint(stage)
 from braing3n_core.generation.output import preset_affine, write_nifti
 from braing3n_core.generation.sampling import generate
 from braing3n_core.labels import Modality

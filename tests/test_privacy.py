@@ -245,7 +245,7 @@ def dp_site(source: Path, folder: Path, budget: float) -> SiteInputs:
 
 
 def mae_round(server_round: int) -> RoundParams:
-    return RoundParams("mae", server_round, local_steps=2, batch_size=2, lr=1e-3, weight_decay=0.05, seed=0,
+    return RoundParams(stage="mae", server_round=server_round, local_steps=2, batch_size=2, lr=1e-3, weight_decay=0.05, seed=0,
                        rounds=10, run="test")
 
 
@@ -281,7 +281,8 @@ CHILD = textwrap.dedent("""
     stage = get_stage("mae")
     for server_round in range(1, 1000):
         train_site_round(stage, stage.build(get_preset("tiny")), site,
-                         RoundParams("mae", server_round, 2, 2, 1e-3, 0.05, 0.0, 0, 10, "child"), torch.device("cpu"))
+                         RoundParams(stage="mae", server_round=server_round, local_steps=2, batch_size=2, lr=1e-3,
+                                     weight_decay=0.05, rounds=10, run="child"), torch.device("cpu"))
 """)
 
 

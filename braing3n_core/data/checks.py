@@ -11,7 +11,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from braing3n_core.data.bids import discover_scans
+from braing3n_core.data.cache import JsonCache
 from braing3n_core.data.inspection import CHECKS_VERSION, ImageInspection, Problem, inspect_image, quiet_nibabel
+from braing3n_core.fileio import file_sha256
 from braing3n_core.labels import Modality, ScanLabels
 
 if TYPE_CHECKING:
@@ -71,8 +74,6 @@ def check_site(config: SiteConfig, progress: bool | None = None) -> SiteReport:
 
     `progress=None` shows a progress bar only when stderr is a terminal.
     """
-    from braing3n_core.data.bids import discover_scans
-
     records, problems = discover_scans(config)
     selected = [r for r in records if r.modality in config.modalities]
     # No scans, no cache: opening it would create folders under a mistyped or missing data root.
@@ -108,8 +109,6 @@ def check_site(config: SiteConfig, progress: bool | None = None) -> SiteReport:
 
 
 def _open_check_cache(config: SiteConfig, problems: list[Problem]) -> JsonCache | None:
-    from braing3n_core.data.cache import JsonCache
-
     root = config.resolved_cache_dir / "checks"
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -135,8 +134,6 @@ def _inspect_all(
 
 
 def _cached_inspection(path: Path, cache: JsonCache | None) -> ImageInspection:
-    from braing3n_core.fileio import file_sha256
-
     if cache is None:
         return inspect_image(path, quiet=False)
     try:

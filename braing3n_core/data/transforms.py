@@ -51,6 +51,7 @@ from monai.transforms import (
 from scipy import ndimage
 
 from braing3n_core.data.cache import ArrayCache
+from braing3n_core.data.inspection import check_image
 from braing3n_core.fileio import file_sha256
 from braing3n_core.presets import Preset
 
@@ -200,8 +201,6 @@ def preprocess_volume(path: str | Path, preset: Preset) -> np.ndarray:
 def _plain_reason(path: Path, error: BaseException) -> str:
     """MONAI reports a file it cannot read as "cannot find a suitable reader" after trying every reader;
     the site check's own reading says what is actually wrong with the file."""
-    from braing3n_core.data.inspection import check_image
-
     problems = check_image(path)
     if problems:
         return problems[0].reason
@@ -271,8 +270,6 @@ def augmentation_transform(flip_axes: tuple[int, ...] = (0, 1, 2)) -> Compose:
 
 def preprocessed_volume_key(path: str | Path, preset: Preset) -> str:
     """Cache key of a scan's preprocessed volume: preprocessing fingerprint + the file's content hash."""
-    from braing3n_core.data.transforms import preprocessing_fingerprint
-
     return f"vol-{preprocessing_fingerprint(preset)[:16]}-{file_sha256(path)}"
 
 
@@ -281,8 +278,6 @@ def preprocess_scan(path: str | Path, preset: Preset, cache: ArrayCache | None) 
 
     Raises `PreprocessingError` (naming the file) when the scan cannot be preprocessed.
     """
-    from braing3n_core.data.transforms import preprocess_volume
-
     if cache is None:
         return preprocess_volume(path, preset)
     return cache.get_or_compute(preprocessed_volume_key(path, preset), lambda: preprocess_volume(path, preset))

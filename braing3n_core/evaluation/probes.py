@@ -55,7 +55,7 @@ from braing3n_core.evaluation.probe_tasks import (
     prior_predictions,
     select_tasks,
 )
-from braing3n_core.fileio import atomic_write_json
+from braing3n_core.fileio import atomic_write_json, json_safe
 
 LOGISTIC_C_GRID: tuple[float, ...] = tuple(np.logspace(-4, 2, 7).tolist())
 
@@ -209,7 +209,7 @@ class ProbeReport:
         raise KeyError(f"no probe result for task {task!r}; probed: {[r.task for r in self.results]}")
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -388,18 +388,6 @@ def _unprobeable(
         return f"test split holds one class only ({task.classes[int(y_test[0])]})"
     return ""
 
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf → None (JSON has neither), tuples → lists, numpy scalars → Python."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.generic,)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def write_report_json(report: ProbeReport, path: Path) -> None:

@@ -1,10 +1,38 @@
-"""Server↔site message payloads: round parameters, declines, array payloads (typed payloads follow)."""
+"""The server↔site protocol: every message's kind, record names and typed payload, in one module.
+
+Flower moves a `RecordDict` of named records between the ServerApp and a site's ClientApp. Both sides
+build and read the `config` record, and the small `site` record of a reply, only through the payload
+types below, so every key is spelled once: a field `local_steps` travels as the key `local-steps`, a
+message that lacks a field raises `ProtocolError` naming the payload and the key at the first message,
+and a misspelt field is a `TypeError` where the payload is built. Adding a query is one `Action`, one
+payload class here, one handler in `client/app.py` and one caller in `server/`.
+
+| Flower message | `config` record | other records, server → site | site → server |
+|---|---|---|---|
+| train, stage `mae`/`decoder`/`dit` | `TrainRequest` (+ `FaultDrill`, privacy keys) | `arrays`: the stage's global weights | `arrays`, `metrics`, `site` (`SiteReply`), `privacy` (DP sites) |
+| train, stage `probes` | `ProbeRoundRequest` | `arrays`: the probe heads | `arrays`, `metrics`, `site` |
+| evaluate, stage `mae`/`decoder`/`dit` | `EvaluateRequest` | `arrays` | `metrics`, `site` |
+| evaluate, stage `probes` | `ProbeRoundRequest` | `arrays` | `metrics` (scores and additive sums), `site` |
+| query `hello` | `Query` | — | `metrics` (problems), `site` (`Hello`) |
+| query `install_encoder` | `Query` + `InstallEncoder` | `encoder` | `metrics` |
+| query `token_moments` | `Query` + `TokenMomentsQuery` | — | `arrays` (count, Σ, Σ²), `metrics` |
+| query `probe_census` | `Query` | — | `arrays` (feature sums), `metrics`, `site` (`ProbeCensus`) |
+| query `privacy_audit` | `Query` + `PrivacyAuditQuery` | `synthetic`, `dit` (optional) | `metrics`, `site` (`AuditReply`) |
+
+A site that cannot take part replies with Flower's `Error(code=DECLINED)` whose reason names the site and
+the cause (`SiteDeclined`), instead of failing the round.
+"""
 
 from __future__ import annotations
 
+import json
+import types
+import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import MISSING, dataclass, fields
+from enum import StrEnum
+from functools import cache
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -12,20 +40,113 @@ import torch
 from braing3n_core.federation.arrays import Arrays
 from braing3n_core.models import TokenMoments
 
-# Train-config keys of the privacy protocols (server/privacy.py sets them, client/mods.py reads them).
-CLIPPING_MODE_KEY = "client-dp-clipping"  # client-level DP with client-side clipping: "fixed" | "adaptive"
+DECLINED = 4001  # Error code of a clean refusal (vs Flower's own codes for crashes)
+NUM_EXAMPLES = "num-examples"  # the metric every reply carries: FedAvg's weight n_k
 
 
-SECAGG_ARRAY_NAMES_KEY = "secagg-array-names"  # SecAgg+'s legacy Parameters have no names; JSON list
+class ProtocolError(ValueError):
+    """A message lacks what its kind requires (a site and a server of different versions, or a bug)."""
 
 
 class SiteDeclined(RuntimeError):
     """A site cannot take part in this request (no usable scans, missing encoder…); the message says why."""
 
 
-@dataclass(frozen=True)
-class RoundParams:
-    """The settings of one federated training round, as carried by the train message's ConfigRecord."""
+class Record(StrEnum):
+    """Names of the records of a message's RecordDict."""
+
+    CONFIG = "config"  # ConfigRecord: the request's payload
+    ARRAYS = "arrays"  # ArrayRecord: weights, heads or summed statistics
+    METRICS = "metrics"  # MetricRecord: what strategies may average
+    SITE = "site"  # ConfigRecord of a reply: who answered, and per-action results that are not metrics
+    PRIVACY = "privacy"  # ConfigRecord of a DP site's reply: its ε (never averaged)
+    ENCODER = "encoder"  # ArrayRecord: the frozen encoder (install_encoder)
+    SYNTHETIC = "synthetic"  # ArrayRecord: the synthetic volumes to audit
+    DIT = "dit"  # ArrayRecord: the DiT whose membership inference the audit measures
+
+
+class Action(StrEnum):
+    """What a query message asks of a site."""
+
+    HELLO = "hello"
+    INSTALL_ENCODER = "install_encoder"
+    TOKEN_MOMENTS = "token_moments"
+    PROBE_CENSUS = "probe_census"
+    PRIVACY_AUDIT = "privacy_audit"
+
+
+# --- typed payloads ------------------------------------------------------------------------------------------
+
+
+def config_key(field_name: str) -> str:
+    """The wire key of a payload field: `local_steps` → `local-steps` (Flower's FedProx adds `proximal-mu`)."""
+    return field_name.replace("_", "-")
+
+
+def _is_json(hint: Any) -> bool:
+    """dict, list and optional ones travel as JSON text (a ConfigRecord holds only scalars and lists)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_is_json(arg) for arg in typing.get_args(hint) if arg is not type(None))
+    return (typing.get_origin(hint) or hint) in (dict, list)
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _decode(hint: Any, value: Any) -> Any:
+    if _is_json(hint):
+        return json.loads(str(value))
+    scalar = typing.get_origin(hint) or hint
+    if scalar is bool:
+        return bool(value)
+    if scalar in (int, float, str):
+        return scalar(value)
+    if isinstance(scalar, type) and issubclass(scalar, StrEnum):
+        return scalar(str(value))
+    raise TypeError(f"payload field of type {hint!r} cannot travel in a ConfigRecord")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Payload:
+    """Typed content of a ConfigRecord. Several payloads may share one record: each reads its own keys."""
+
+    def to_config(self) -> dict[str, Any]:
+        hints = _hints(type(self))
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[config_key(f.name)] = json.dumps(value) if _is_json(hints[f.name]) else value
+        return out
+
+    @classmethod
+    def key(cls, field_name: str) -> str:
+        """The wire key of one of this payload's fields; a field it does not have is an error."""
+        if field_name not in {f.name for f in fields(cls)}:
+            raise AttributeError(f"{cls.__name__} has no field {field_name!r}")
+        return config_key(field_name)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Self:
+        hints, values, missing = _hints(cls), {}, []
+        for f in fields(cls):
+            key = config_key(f.name)
+            if key in config:
+                try:
+                    values[f.name] = _decode(hints[f.name], config[key])
+                except (TypeError, ValueError) as error:
+                    raise ProtocolError(f"{cls.__name__}: key {key!r} holds {config[key]!r} ({error})") from None
+            elif f.default is MISSING and f.default_factory is MISSING:
+                missing.append(key)
+        if missing:
+            raise ProtocolError(f"{cls.__name__} message lacks {missing}; it has {sorted(config)}")
+        return cls(**values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundParams(Payload):
+    """The settings of one federated training round of a stage (what `train_site_round` needs)."""
 
     stage: str
     server_round: int
@@ -33,27 +154,153 @@ class RoundParams:
     batch_size: int
     lr: float
     weight_decay: float
-    proximal_mu: float = 0.0
+    proximal_mu: float = 0.0  # FedProx μ; Flower's FedProx strategy sets this key itself
     seed: int = 0
     rounds: int = 0  # the stage's total rounds (a site calibrating DP noise to a target ε needs it)
     run: str = ""  # the run's name (recorded in a site's privacy ledger)
 
-    def to_config(self) -> dict[str, Any]:
-        return {"stage": self.stage, "server-round": self.server_round, "local-steps": self.local_steps,
-                "batch-size": self.batch_size, "lr": self.lr, "weight-decay": self.weight_decay,
-                "proximal-mu": self.proximal_mu, "seed": self.seed, "rounds": self.rounds, "run": self.run}
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "RoundParams":
-        try:
-            return cls(
-                stage=str(config["stage"]), server_round=int(config["server-round"]),
-                local_steps=int(config["local-steps"]), batch_size=int(config["batch-size"]), lr=float(config["lr"]),
-                weight_decay=float(config["weight-decay"]), proximal_mu=float(config.get("proximal-mu", 0.0)),
-                seed=int(config.get("seed", 0)), rounds=int(config.get("rounds", 0)), run=str(config.get("run", "")),
-            )
-        except KeyError as error:
-            raise ValueError(f"train message config lacks {error.args[0]!r}; has {sorted(config)}") from None
+@dataclass(frozen=True, kw_only=True)
+class TrainRequest(RoundParams):
+    """A stage's train message: the round's settings and the network to rebuild around the weights."""
+
+    preset: str
+    model_config: dict[str, Any]
+    encoder_sha256: str = ""  # the frozen encoder, for the stages that read its tokens
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateRequest(Payload):
+    stage: str
+    preset: str
+    model_config: dict[str, Any]
+    batch_size: int
+    encoder_sha256: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeRoundRequest(Payload):
+    """A federated probe round (train) or the final scoring (evaluate) of the probe heads."""
+
+    stage: str
+    tasks: str  # JSON: the plan's tasks with their priors (`federation.probes.ProbePlan.tasks_json`)
+    server_round: int
+    local_steps: int
+    lr: float
+    batch_size: int
+    weight_decay: float
+    seed: int
+    preset: str
+    encoder_sha256: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaultDrill(Payload):
+    """A drill the run config asks of one site (`run_config.FaultInjection`); tests and rehearsals only."""
+
+    fault: str = ""
+    fault_factor: float = 0.0
+    fault_site: str = ""  # the drilled site, where one config goes to every site (SecAgg+)
+
+    def applies_to(self, site_id: str) -> bool:
+        return bool(self.fault) and self.fault_site in ("", site_id)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Query(Payload):
+    action: Action
+    preset: str
+    encoder_sha256: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstallEncoder(Payload):
+    encoder_config: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenMomentsQuery(Payload):
+    token_dim: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacyAuditQuery(Payload):
+    n_synthetic: int
+    dit_config: dict[str, Any] | None = None  # set when the DiT travels for membership inference
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteReply(Payload):
+    """The `site` record of every reply: who answered."""
+
+    site_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hello(SiteReply):
+    has_encoder: bool
+    scans: dict[str, int]  # usable scans per split
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeCensus(SiteReply):
+    census: dict[str, Any]  # label counts and sums only (`federation.probes.label_census`)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditReply(SiteReply):
+    audit: dict[str, Any]  # `privacy.audit.SiteAudit.to_json`: aggregates and one flag per synthetic scan
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientClipping(Payload):
+    """Client-level DP with client-side clipping: the train handler's mod clips the reply's update."""
+
+    client_dp_clipping: str = ""  # "fixed" | "adaptive"; empty: no clipping asked
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecureRound(Payload):
+    """What a site needs to put its update into a SecAgg+ sum (the server cannot screen a masked one)."""
+
+    secagg_array_names: list[str]  # SecAgg+'s legacy Parameters carry no names
+    secagg_clipping_range: float
+    secagg_max_weight: float
+    update_norm_bound: float = 0.0  # 0: none
+    uniform_weight: bool = False  # client-level DP: every site weighs 1
+
+
+# --- the Flower app's own settings -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class AppSettings(Payload):
+    """The run config of the Flower app (`[tool.flwr.app.config]` in pyproject.toml, `flwr run --run-config`)."""
+
+    run_config: str = ""  # the run YAML (absolute path)
+    run_dir: str = ""
+    site_configs: str = ""  # simulation: comma-separated site YAMLs, indexed by the virtual node's partition-id
+    expected_sites: int = 0  # deployment: sites to wait for (0: as many as site-configs lists)
+    signing_key: str = ""  # deployment: Ed25519 key that signs the finished run's release
+
+    def site_config_paths(self) -> list[str]:
+        return [p.strip() for p in self.site_configs.split(",") if p.strip()]
+
+    def flwr_run_config(self) -> str:
+        """The `flwr run --run-config` argument: every setting that is set, strings quoted."""
+        return " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}"
+                        for k, v in self.to_config().items() if v not in ("", 0))
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeSettings(Payload):
+    """A SuperNode's node config: its site file (deployment) or its partition (simulation)."""
+
+    site_config: str = ""
+    partition_id: int = -1
+
+
+# --- array payloads ----------------------------------------------------------------------------------------------
 
 
 def moments_to_arrays(moments: TokenMoments) -> Arrays:

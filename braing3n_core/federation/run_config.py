@@ -42,12 +42,11 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from braing3n_core.config import ConfigError, StrictModel, _read_yaml_mapping, _validate
+from braing3n_core.fileio import atomic_write_bytes
 from braing3n_core.presets import PRESETS
 from braing3n_core.runtime import cosine_lr
-from braing3n_core.training.stages import STAGE_ORDER, get_stage
-
-StageName = Literal["mae", "decoder", "dit"]
-
+from braing3n_core.stage_names import STAGE_NAMES, FederatedStep, StageName
+from braing3n_core.training.stages import get_stage
 
 # --- strategies ------------------------------------------------------------------------------------------
 
@@ -187,7 +186,7 @@ class FaultInjection(StrictModel):
     """
 
     site: str
-    stage: Literal["mae", "decoder", "dit", "probes"]
+    stage: FederatedStep
     kind: FaultKind
     from_round: int = Field(1, ge=1)
     until_round: int | None = Field(None, ge=1)
@@ -222,7 +221,7 @@ class ClientDPConfig(StrictModel):
     clip_norm_lr: float = Field(0.2, gt=0.0)
     clipped_count_stddev: float | None = Field(
         None, gt=0.0, description="adaptive; default max(n_sites / 20, noise_multiplier) (Flower needs z < 2σ_b)")
-    stages: tuple[StageName, ...] = STAGE_ORDER
+    stages: tuple[StageName, ...] = STAGE_NAMES
 
     def applies_to(self, stage: str) -> bool:
         return self.enabled and stage in self.stages
@@ -235,7 +234,7 @@ class SecureAggregationConfig(StrictModel):
     not a weight."""
 
     enabled: bool = False
-    stages: tuple[StageName, ...] = STAGE_ORDER
+    stages: tuple[StageName, ...] = STAGE_NAMES
     num_shares: float = Field(1.0, gt=0.0, description="≤ 1: fraction of the round's sites; > 2: a count")
     reconstruction_threshold: float = Field(0.67, gt=0.0, description="≤ 1: fraction of the shares; ≥ 2: a count")
     clipping_range: float = Field(1.0, gt=0.0, description="max |update coordinate| before quantisation")
@@ -290,8 +289,8 @@ class RunConfig(StrictModel):
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stages: each stage may appear once, got {names}")
-        if names != sorted(names, key=STAGE_ORDER.index):
-            raise ValueError(f"stages must run in the order {list(STAGE_ORDER)}, got {names}")
+        if names != sorted(names, key=STAGE_NAMES.index):
+            raise ValueError(f"stages must run in the order {list(STAGE_NAMES)}, got {names}")
         both = sorted(set(names) & set(self.start_from))
         if both:
             raise ValueError(f"start_from: {both} are also listed under stages; a stage is either trained or given")
@@ -375,8 +374,6 @@ class RunConfig(StrictModel):
 
 
 def write_resolved(config: RunConfig, path: Path) -> None:
-    from braing3n_core.fileio import atomic_write_bytes
-
     atomic_write_bytes(Path(path), config.to_yaml().encode())
 
 

@@ -16,9 +16,20 @@ from torch import nn
 from braing3n_core.federation.arrays import Arrays, module_arrays
 from braing3n_core.federation.protocol import RoundParams, SiteDeclined
 from braing3n_core.models import TokenMoments
-from braing3n_core.runtime import round_seed
+from braing3n_core.privacy.dp import (
+    default_delta,
+    make_private,
+    os_generator,
+    privacy_metrics,
+    proximal_after_noise,
+    resolve_round,
+    subject_groups,
+    subject_loader,
+)
+from braing3n_core.privacy.ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger
+from braing3n_core.runtime import infinite, round_seed
 from braing3n_core.training.examples import SiteInputs, token_moments
-from braing3n_core.training.loop import ProximalTerm, evaluate, make_optimizer, train_steps
+from braing3n_core.training.loop import ProximalTerm, evaluate, make_loader, make_optimizer, train_steps
 from braing3n_core.training.stages import Stage, stage_dataset
 
 if TYPE_CHECKING:
@@ -26,8 +37,6 @@ if TYPE_CHECKING:
 
 
 def _loader(dataset, batch_size: int, shuffle: bool, seed: int):
-    from braing3n_core.training.loop import make_loader  # the centralized trainer's loader, not a copy
-
     return make_loader(dataset, batch_size, shuffle, seed)
 
 
@@ -44,8 +53,6 @@ def train_site_round(
     same loop, privatised optimizer, the round recorded in the site's ledger before the weights leave,
     and `privacy/*` metrics; a round that would exceed the site's ε budget is declined before training.
     """
-    from braing3n_core.runtime import infinite
-
     dataset = stage_dataset(stage, [site], "train")
     if len(dataset) == 0:
         raise SiteDeclined(f"site {site.data.config.site_id}: no usable training scans for stage {stage.name}")
@@ -69,26 +76,12 @@ def train_site_round(
 
 def site_ledger(config) -> "PrivacyLedger":
     """The site's privacy ledger (on its own disk; see `braing3n_core.privacy.ledger`)."""
-    from braing3n_core.privacy.ledger import PrivacyLedger
-
     return PrivacyLedger(config.privacy_ledger_path, config.site_id, config.privacy.accountant)
 
 
 def _train_private(stage: Stage, model: nn.Module, site: SiteInputs, params: RoundParams, device: torch.device,
                    dataset) -> tuple[Arrays, dict[str, float]]:
     """One DP-SGD round (see `braing3n_core.privacy.dp` for the subject-level guarantee)."""
-    from braing3n_core.privacy.dp import (
-        default_delta,
-        make_private,
-        os_generator,
-        privacy_metrics,
-        proximal_after_noise,
-        resolve_round,
-        subject_groups,
-        subject_loader,
-    )
-    from braing3n_core.privacy.ledger import LedgerError, PrivacyBudgetExceeded
-
     config = site.data.config
     privacy = config.privacy
     ledger = site_ledger(config)

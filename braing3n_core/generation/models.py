@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-from braing3n_core.checkpoint import latest_checkpoint
 from braing3n_core.data.tokens import encoder_sha256
+from braing3n_core.federation.run_folder import RunFolder
 from braing3n_core.fileio import file_sha256
 from braing3n_core.models import CNNDecoder, DiT, MAEEncoder
 from braing3n_core.presets import Preset, get_preset
 from braing3n_core.runtime import resolve_device
-
-STAGES = ("dit", "decoder", "mae")
+from braing3n_core.stage_names import DECODER, DIT, MAE, STAGE_NAMES
+from braing3n_core.training.checkpoints import load_stage_model
 
 
 class GenerationError(RuntimeError):
@@ -50,34 +50,9 @@ class GenerationModels:
         return self.encoder
 
 
-def stage_checkpoint(run_dir: Path, stage: str) -> Path | None:
-    """A run folder's checkpoint of `stage`: a federated run's `final.json`, else a centralized run's
-    newest `step-*.json`, else the run's `start_from.<stage>` (a stage taken from another run)."""
-    folder = Path(run_dir) / "checkpoints" / stage
-    if (folder / "final.json").is_file():
-        return folder / "final.json"
-    found = latest_checkpoint(folder, "step-")
-    if found is not None:
-        return found
-    pinned = Path(run_dir) / "run.yaml"
-    if pinned.is_file():
-        from braing3n_core.federation.run_config import RunConfig
-
-        start_from = RunConfig.from_yaml(pinned).start_from.get(stage)
-        return Path(start_from) if start_from is not None else None
-    return None
-
-
 def _manifest(path: Path) -> Path:
     path = Path(path)
     return path if path.suffix == ".json" else path.with_suffix(".json")
-
-
-def _run_dir_of(checkpoint: Path) -> Path | None:
-    """`<run>` for a checkpoint at `<run>/checkpoints/<stage>/<name>.json`, else None."""
-    if checkpoint.parent.parent.name == "checkpoints":
-        return checkpoint.parents[2]
-    return None
 
 
 def load_run_models(source: Path, *, decoder: Path | None = None, need_dit: bool = True, need_encoder: bool = False,
@@ -87,16 +62,17 @@ def load_run_models(source: Path, *, decoder: Path | None = None, need_dit: bool
     source = Path(source)
     if source.is_dir():
         run_dir: Path | None = source
-        dit = stage_checkpoint(source, "dit")
+        dit = RunFolder(source).stage_checkpoint(DIT)
     else:
         dit = _manifest(source)
         if not dit.is_file():
             raise GenerationError(f"{source}: neither a run folder nor a checkpoint manifest (.json)")
-        run_dir = _run_dir_of(dit)
+        folder = RunFolder.of_checkpoint(dit)
+        run_dir = folder.root if folder is not None else None
     if dit is None and need_dit:
         raise GenerationError(f"{source}: no DiT checkpoint (checkpoints/dit/final.json or step-*.json, or "
                               "start_from.dit in run.yaml); train the dit stage first")
-    decoder = _manifest(decoder) if decoder is not None else (stage_checkpoint(run_dir, "decoder") if run_dir else None)
+    decoder = _manifest(decoder) if decoder is not None else (RunFolder(run_dir).stage_checkpoint(DECODER) if run_dir else None)
     if decoder is None:
         raise GenerationError(f"{run_dir or source}: no decoder checkpoint (checkpoints/decoder/final.json or "
                               "step-*.json, or start_from.decoder in run.yaml); pass one with --decoder")
@@ -112,10 +88,8 @@ def load_generation_models(dit: Path | None, decoder: Path, encoder: Path | None
     encoder (the DiT's samples live in that encoder's token space, which the decoder reads).
 
     Without `encoder`, the encoder is looked for where the trainers recorded it, then in `run_dir`
-    (`stage_checkpoint(run_dir, "mae")`); the first with the right hash is taken, and `None` when there
+    (`RunFolder(run_dir).stage_checkpoint("mae")`); the first with the right hash is taken, and `None` when there
     is none (sampling does not need it)."""
-    from braing3n_core.training.checkpoints import load_stage_model
-
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     decoder_path = _manifest(decoder)
     decoder_model, decoder_ckpt = load_stage_model(decoder_path, expected_stage="decoder")
@@ -141,7 +115,7 @@ def load_generation_models(dit: Path | None, decoder: Path, encoder: Path | None
         candidates, explicit = [_manifest(encoder)], True
     else:
         recorded = [_manifest(Path(m["encoder_checkpoint"])) for m in metas.values() if m.get("encoder_checkpoint")]
-        in_run = stage_checkpoint(run_dir, "mae") if run_dir is not None else None
+        in_run = RunFolder(run_dir).stage_checkpoint(MAE) if run_dir is not None else None
         candidates = list(dict.fromkeys(p for p in [*recorded, in_run] if p is not None and p.is_file()))
         explicit = False
     encoder_model = None
@@ -157,7 +131,7 @@ def load_generation_models(dit: Path | None, decoder: Path, encoder: Path | None
                                   f"was trained on ({sha[:12]}…)")
     return GenerationModels(
         preset, decoder_model.eval().to(device), dit_model.eval().to(device) if dit_model is not None else None,
-        encoder_model, sha, {s: checkpoints[s] for s in STAGES if s in checkpoints}, run_dir, device,
+        encoder_model, sha, {s: checkpoints[s] for s in reversed(STAGE_NAMES) if s in checkpoints}, run_dir, device,
     )
 
 

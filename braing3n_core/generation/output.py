@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from braing3n_core.data.bids import ScanRecord
+from braing3n_core.figures import plot_montage
 from braing3n_core.fileio import atomic_write_bytes
 from braing3n_core.generation.forecasting import ForecastResult
 from braing3n_core.generation.sampling import GeneratedSamples
@@ -60,8 +61,6 @@ def write_samples(samples: GeneratedSamples, preset: Preset, folder: Path, *, mo
                   per_row: int = 4, montage_limit: int = 16) -> tuple[list[Path], Path]:
     """`sample-0001.nii.gz`, … in `folder` and a montage of the first `montage_limit` samples (three
     mid-slices each; default `folder/samples.png`)."""
-    from braing3n_core.figures import plot_montage
-
     folder = Path(folder)
     paths = [write_nifti(volume[0].numpy(), preset, folder / f"sample-{i + 1:04d}.nii.gz")
              for i, volume in enumerate(samples.volumes)]
@@ -74,8 +73,6 @@ def write_samples(samples: GeneratedSamples, preset: Preset, folder: Path, *, mo
 
 def write_forecast(result: ForecastResult, preset: Preset, nifti: Path, montage: Path) -> tuple[Path, Path]:
     """The forecast as NIfTI, and a montage: baseline | forecast | real follow-up (when there is one)."""
-    from braing3n_core.figures import plot_montage
-
     base, follow = result.baseline, result.follow_up
     age = f"{base.labels.age:.1f} y" if base.labels.age is not None else "age not recorded"
     cells = [(f"baseline, {age}", result.baseline_volume), (f"forecast, +{result.interval_years:.1f} y", result.volume)]

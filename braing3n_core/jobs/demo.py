@@ -26,7 +26,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from braing3n_core.data.checks import check_site, render_site_report
+from braing3n_core.data.cohort import CohortSpec, make_cohort
+from braing3n_core.federation.run_folder import RunFolder
+from braing3n_core.fileio import atomic_write_json
+from braing3n_core.jobs.report import write_report
+from braing3n_core.jobs.showcase import run_showcase
 from braing3n_core.ops.flower import APP_DIR
+from braing3n_core.ops.simulate import simulate
+from braing3n_core.site_config import SiteConfig
 
 DEMO_RUN_CONFIG = APP_DIR / "runs-config" / "demo.yaml"
 DEMO_SUBJECTS_PER_SITE = 12
@@ -74,10 +82,6 @@ def _machine() -> dict:
             "load_average_before": [round(x, 2) for x in os.getloadavg()]}
 
 
-def _existing_run(out_dir: Path) -> bool:
-    return (out_dir / "run.yaml").is_file() or (out_dir / "checkpoints").is_dir()
-
-
 def _server_lines(clock: PhaseClock):
     """Keep the ServerApp's own progress lines (`[braing3n …]`) and errors from Flower's stream."""
 
@@ -102,17 +106,11 @@ def run_demo(
     console: Console | None = None,
 ) -> int:
     """Run every phase; returns the process exit code (0 when the report was written)."""
-    from braing3n_core.data.checks import check_site, render_site_report
-    from braing3n_core.data.cohort import CohortSpec, make_cohort
-    from braing3n_core.fileio import atomic_write_json
-    from braing3n_core.jobs.report import write_report
-    from braing3n_core.jobs.showcase import run_showcase
-    from braing3n_core.ops.simulate import simulate
-    from braing3n_core.site_config import SiteConfig
-
     console = console or Console()
     out_dir = Path(out_dir).resolve()
-    if _existing_run(out_dir) and not resume:
+    run = RunFolder(out_dir)
+    existing = run.is_run() or run.has_started()
+    if existing and not resume:
         raise DemoError(f"{out_dir} holds an earlier demo run: `braing3n demo --resume` continues it (and rewrites "
                         f"its report), `braing3n demo --out <another folder>` starts a new one, or delete {out_dir}")
     if not Path(run_config).is_file():
@@ -122,7 +120,7 @@ def run_demo(
     console.print(f"[bold]BrainG3N-FL demo[/] → {out_dir}  ({machine['cpus']} CPU cores, {machine['device']}, "
                   f"load average {machine['load_average_before'][0]:.1f})")
 
-    cohort_dir = out_dir / "cohort"
+    cohort_dir = run.cohort_dir
     site_yamls = sorted((cohort_dir / "sites").glob("*.yaml"))
     clock.begin(f"synthetic cohort: {n_sites} sites × {subjects_per_site} subjects at {voxel_mm:g} mm → {cohort_dir}")
     if resume and len(site_yamls) == n_sites:
@@ -144,8 +142,7 @@ def run_demo(
     clock.end(f"{usable} usable scans: " + ", ".join(f"{k} {v}" for k, v in scans.items()))
 
     clock.begin(f"federated training on Flower's simulation engine ({len(site_yamls)} virtual sites, {run_config.name})")
-    result = simulate(site_yamls, Path(run_config), out_dir, resume=resume or _existing_run(out_dir),
-                      echo=_server_lines(clock))
+    result = simulate(site_yamls, Path(run_config), out_dir, resume=resume or existing, echo=_server_lines(clock))
     clock.end(f"run folder {out_dir}")
 
     clock.begin("showcase: centralized probes, reconstructions, samples, forecast")
@@ -159,12 +156,12 @@ def run_demo(
             "cohort": {"sites": len(site_yamls), "subjects_per_site": subjects_per_site, "voxel_mm": voxel_mm,
                        "usable_scans": scans},
             "run_config": str(Path(run_config).resolve()), "federated_seconds": result.seconds}
-    atomic_write_json(out_dir / "demo.json", demo)
+    atomic_write_json(run.demo_path, demo)
     report_path = write_report(out_dir)
     clock.end(str(report_path))
     total = clock.elapsed()
     demo["phases"], demo["total_seconds"] = clock.phases, total
-    atomic_write_json(out_dir / "demo.json", demo)
+    atomic_write_json(run.demo_path, demo)
     write_report(out_dir)  # once more, so the page states the report phase and the final total too
     console.print(f"[bold green]demo finished in {total / 60:.1f} min ({total:.0f} s)[/]: report {report_path}")
     return 0

@@ -31,7 +31,7 @@ from braing3n_core.data.tokens import TokenCache, encoder_sha256
 from braing3n_core.evaluation.features import pooled_features, probe_table
 from braing3n_core.evaluation.probe_tasks import ProbeTable, SkippedTask, candidate_tasks, select_tasks
 from braing3n_core.evaluation.probes import ProbeReport, run_probes
-from braing3n_core.fileio import atomic_write_json
+from braing3n_core.fileio import atomic_write_json, json_safe
 from braing3n_core.models import MAEEncoder
 from braing3n_core.presets import Preset, get_preset
 from braing3n_core.runtime import resolve_device
@@ -223,19 +223,9 @@ def probe_sites(configs: Sequence[SiteConfig], options: ProbeOptions, out_dir: P
         "report": report.to_dict(),
     }
     path = Path(out_dir) / f"{probe_run_name(frozen, preset, options.seed)}.json"
-    atomic_write_json(path, _finite(document))
+    atomic_write_json(path, json_safe(document))
     return ProbeRun(report, path, frozen, len(scans.records), document["subjects"], len(scans.problems), seconds)
 
-
-def _finite(value: Any) -> Any:
-    """NaN/inf → None in the metrics block (JSON has neither); the report is already JSON-safe."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
 
 
 __all__ = [

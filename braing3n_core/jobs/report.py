@@ -30,22 +30,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import yaml
 
+from braing3n_core.federation.run_folder import RunFolder
 from braing3n_core.figures import DISPLAY_WINDOW, _save
 from braing3n_core.fileio import atomic_write_bytes, atomic_write_json
+from braing3n_core.jobs.report_figures import privacy_figure, privacy_series
 
 matplotlib.use("Agg")  # files only: the report is written on servers without a display
 
 
-REPORT_NAME = "report.html"
-
-
-FIGURE_DIR = "report"
-
-
-SHOWCASE_NAME = "showcase.json"  # inside FIGURE_DIR
-
-
-DEMO_NAME = "demo.json"
+FIGURE_DIR = RunFolder.FIGURES
 
 
 AGGREGATE = "aggregate"
@@ -102,41 +95,26 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return value
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """One JSON object per line; a line cut by a crash (only possible as the last one) is skipped."""
-    if not path.is_file():
-        return []
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    out = []
-    for number, line in enumerate(lines, 1):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            if number == len(lines):
-                continue
-            raise ReportError(f"{path}: line {number} is not valid JSON ({error})") from None
-    return out
-
-
 def read_run(run_dir: Path) -> RunContents:
-    root = Path(run_dir)
-    config_path = root / "run.yaml"
-    if not config_path.is_file():
-        raise ReportError(f"{root}: not a federated run folder (no run.yaml); run `braing3n simulate` first")
+    run = RunFolder(run_dir)
+    if not run.is_run():
+        raise ReportError(f"{run.root}: not a federated run folder (no run.yaml); run `braing3n simulate` first")
     try:
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+        config = yaml.safe_load(run.config_path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
-        raise ReportError(f"{config_path}: not valid YAML ({error})") from None
+        raise ReportError(f"{run.config_path}: not valid YAML ({error})") from None
     if not isinstance(config, dict):
-        raise ReportError(f"{config_path}: expected a mapping")
-    records = _read_jsonl(root / "metrics.jsonl")
+        raise ReportError(f"{run.config_path}: expected a mapping")
+    try:
+        records, messages = run.records(), run.messages()
+    except ValueError as error:  # a ledger line cut or edited before its end
+        raise ReportError(str(error)) from None
     if not records:
-        raise ReportError(f"{root / 'metrics.jsonl'}: missing or empty; the run has not completed a round yet")
+        raise ReportError(f"{run.metrics_path}: missing or empty; the run has not completed a round yet")
     return RunContents(
-        root=root, config=config, records=records, messages=_read_jsonl(root / "messages.jsonl"),
-        state=_read_json(root / "server_state.json") or {}, probes=_read_json(root / "probes.json"),
-        complete=_read_json(root / "run_complete.json"), showcase=_read_json(root / FIGURE_DIR / SHOWCASE_NAME),
-        demo=_read_json(root / DEMO_NAME),
+        root=run.root, config=config, records=records, messages=messages,
+        state=_read_json(run.state_path) or {}, probes=_read_json(run.probes_path),
+        complete=_read_json(run.complete_path), showcase=_read_json(run.showcase_path), demo=_read_json(run.demo_path),
     )
 
 
@@ -437,8 +415,6 @@ def _section_incidents(c: RunContents) -> str:
 
 def _section_privacy(c: RunContents, images: _Images, figures: Path) -> str:
     """ε spent per site (DP-SGD at sites) and client-level ε, when the run used differential privacy."""
-    from braing3n_core.jobs.report_figures import privacy_figure, privacy_series
-
     drawn = privacy_figure(c.root, figures / "privacy.png")
     if drawn is None:
         return ""
@@ -500,8 +476,8 @@ def write_report(run_dir: Path, out: Path | None = None, embed_images: bool = Fa
     """Write `<run_dir>/report.html` (or `out`) and its figures; returns the HTML path."""
     contents = read_run(run_dir)
     root = contents.root
-    out = Path(out) if out is not None else root / REPORT_NAME
-    figures = root / FIGURE_DIR
+    out = Path(out) if out is not None else RunFolder(root).report_path
+    figures = RunFolder(root).figures_dir
     figures.mkdir(parents=True, exist_ok=True)
     # Relative references must resolve from the HTML's folder; a report written elsewhere embeds.
     embed = embed_images or out.resolve().parent != root.resolve()

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from braing3n_core.training.stages import STAGE_ORDER
+from braing3n_core.stage_names import STAGE_NAMES
 
 
 def privacy_series(run_dir: Path) -> dict[str, Any]:
@@ -25,8 +25,8 @@ def privacy_series(run_dir: Path) -> dict[str, Any]:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-    rounds = sorted({(r["stage"], r["round"]) for r in records if r.get("stage") in STAGE_ORDER and r.get("round", 0) > 0},
-                    key=lambda sr: (STAGE_ORDER.index(sr[0]), sr[1]))
+    rounds = sorted({(r["stage"], r["round"]) for r in records if r.get("stage") in STAGE_NAMES and r.get("round", 0) > 0},
+                    key=lambda sr: (STAGE_NAMES.index(sr[0]), sr[1]))
     step = {key: i + 1 for i, key in enumerate(rounds)}
     out: dict[str, Any] = {"sites": {}, "budgets": {}, "declined": {}, "client": [],
                            "ticks": [(i, f"{s} {r}") for (s, r), i in step.items()]}

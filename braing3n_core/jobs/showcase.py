@@ -23,7 +23,6 @@ are `braing3n_core.generate`'s; this module chooses what to show and describes i
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,15 +40,16 @@ from braing3n_core.evaluation.features import pooled_features, probe_table
 from braing3n_core.evaluation.probe_splits import SubjectSplit
 from braing3n_core.evaluation.probe_tasks import ProbeTable, ProbeTask, SkippedTask, TaskKind, select_tasks
 from braing3n_core.evaluation.probes import ProbeReport, fit_probes, run_probes
+from braing3n_core.federation.run_folder import RunFolder
 from braing3n_core.figures import plot_montage
-from braing3n_core.fileio import atomic_write_json
+from braing3n_core.fileio import atomic_write_json, json_safe
 from braing3n_core.generation.condition_table import ConditionRow
 from braing3n_core.generation.forecasting import forecast as forecast_scan
 from braing3n_core.generation.forecasting import volume_scores
 from braing3n_core.generation.models import GenerationError, GenerationModels, load_run_models
 from braing3n_core.generation.output import write_forecast, write_samples
 from braing3n_core.generation.sampling import decode, generate
-from braing3n_core.jobs.report import FIGURE_DIR, SHOWCASE_NAME
+from braing3n_core.jobs.report import FIGURE_DIR
 from braing3n_core.labels import Modality
 from braing3n_core.site_config import SiteConfig
 from braing3n_core.training.examples import longitudinal_pairs
@@ -280,7 +280,7 @@ def run_showcase(run_dir: Path, site_configs: Sequence[SiteConfig], options: Sho
                  say=print) -> Path:
     """Compute every part the run supports and write `<run>/report/showcase.json`; returns its path."""
     started = time.perf_counter()
-    out = Path(run_dir) / FIGURE_DIR
+    out = RunFolder(run_dir).figures_dir
     out.mkdir(parents=True, exist_ok=True)
     models = load_models(run_dir)
     sites = load_sites(site_configs, models)
@@ -316,18 +316,7 @@ def run_showcase(run_dir: Path, site_configs: Sequence[SiteConfig], options: Sho
             say(f"forecast: {predicted['site']} {predicted['subject']} +{predicted['interval']:.1f} y, PSNR vs real "
                 f"follow-up {predicted['psnr_forecast']:.2f} dB (baseline as-is: {predicted['psnr_baseline']:.2f} dB)")
     result["seconds"] = time.perf_counter() - started
-    path = out / SHOWCASE_NAME
-    atomic_write_json(path, _finite(result))
+    path = RunFolder(run_dir).showcase_path
+    atomic_write_json(path, json_safe(result))
     return path
 
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

@@ -39,7 +39,9 @@ import torch
 
 from braing3n_core.checkpoint import load_checkpoint, save_checkpoint
 from braing3n_core.config import ConfigError
-from braing3n_core.fileio import atomic_write_bytes, atomic_write_json, file_sha256
+from braing3n_core.data.cohort.bids_writer import write_json, write_text, write_tsv
+from braing3n_core.federation.run_folder import RunFolder
+from braing3n_core.fileio import atomic_write_bytes, atomic_write_json, file_sha256, json_safe
 from braing3n_core.generation.condition_table import MISSING, ConditionRow, read_conditions
 from braing3n_core.generation.models import GenerationError, GenerationModels, load_run_models, model_hashes
 from braing3n_core.generation.output import nifti_bytes
@@ -48,6 +50,7 @@ from braing3n_core.labels import DIAGNOSES, FIELD_STRENGTHS_T, MODALITIES, SEXES
 from braing3n_core.models.conditions import CONDITION_SCHEMA, ContinuousVariable
 from braing3n_core.ops.consortium import load_release_private_key
 from braing3n_core.ops.release import sign_directory
+from braing3n_core.ops.simulate import simulate
 from braing3n_core.presets import Preset
 
 # Plausible ranges per diagnosis (years; MMSE points): the cohort the models learn from looks like this.
@@ -151,13 +154,11 @@ def federated_audit(models: GenerationModels, staged: Path, sites: Sequence[Path
     """Run the audit as a Flower simulation of `sites` and return its `privacy_audit.json`."""
     import yaml
 
-    from braing3n_core.ops.simulate import simulate
-
     out.mkdir(parents=True, exist_ok=True)
     config = out.with_name(out.name + ".yaml")
     config.write_text(yaml.safe_dump(audit_run_config(models, staged, membership)))
-    result = simulate(list(sites), config, out, resume=(out / "run.yaml").is_file(), echo=False)
-    return json.loads((result.run_dir / "privacy_audit.json").read_text())
+    result = simulate(list(sites), config, out, resume=RunFolder(out).is_run(), echo=False)
+    return json.loads(RunFolder(result.run_dir).audit_path.read_text())
 
 
 # --- export -------------------------------------------------------------------------------------------------
@@ -168,13 +169,8 @@ def privacy_spent(run_dir: Path) -> dict[str, Any]:
     the client-level ε, and whether updates were securely aggregated."""
     sites: dict[str, dict[str, Any]] = {}
     client: dict[str, Any] | None = None
-    metrics = run_dir / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    run = RunFolder(run_dir)
+    for record in run.records():
         if record.get("kind") == "train" and record.get("privacy/epsilon") is not None and record.get("site") != "aggregate":
             sites[record["site"]] = {"epsilon": record["privacy/epsilon"], "delta": record.get("privacy/delta"),
                                      "budget": record.get("privacy/budget"), "stage": record["stage"],
@@ -184,12 +180,7 @@ def privacy_spent(run_dir: Path) -> dict[str, Any]:
                       "releases": record.get("privacy/releases")}
         if record.get("kind") == "declined" and "privacy budget" in str(record.get("reason", "")):
             sites.setdefault(record["site"], {})["declined"] = f"{record['stage']} round {record['round']}"
-    secure = False
-    if (run_dir / "run.yaml").is_file():
-        import yaml
-
-        pinned = yaml.safe_load((run_dir / "run.yaml").read_text()) or {}
-        secure = bool((pinned.get("secure_aggregation") or {}).get("enabled"))
+    secure = run.is_run() and run.run_config().secure_aggregation.enabled
     return {"site_level": sites, "client_level": client, "secure_aggregation": secure,
             "note": "site-level ε is per subject (DP-SGD, see braing3n_core/privacy/dp.py), cumulative over "
                     "the site's whole ledger at the end of this run; sites without an entry trained without DP"}
@@ -198,8 +189,6 @@ def privacy_spent(run_dir: Path) -> dict[str, Any]:
 def write_bids(root: Path, volumes: torch.Tensor, rows: Sequence[ConditionRow], keep: Sequence[int],
                preset: Preset, description: Mapping[str, Any]) -> list[Path]:
     """One subject per kept synthetic scan: `sub-synthNNNN/anat/sub-synthNNNN_<suffix>.nii.gz` + sidecar."""
-    from braing3n_core.data.cohort.bids_writer import write_json, write_text, write_tsv
-
     root.mkdir(parents=True, exist_ok=True)
     written, participants = [], []
     for number, index in enumerate(keep, start=1):
@@ -331,7 +320,7 @@ def synthesize(checkpoint: Path, n: int, out: Path, conditions: Path | None = No
     keep = [i for i in range(len(rows)) if i not in set(excluded)]
     volumes = load_staged(staged)[0]  # exactly what was audited (fp16)
     assert models.run_dir is not None  # load_synthesis_models refuses a DiT outside a run folder
-    run_yaml = models.run_dir / "run.yaml"
+    run_yaml = RunFolder(models.run_dir).config_path
     card = {
         "name": out.name, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": time.time() - started,
         "generated": len(rows), "exported": len(keep), "excluded": excluded,
@@ -347,22 +336,13 @@ def synthesize(checkpoint: Path, n: int, out: Path, conditions: Path | None = No
     }
     bids = out / "bids"
     write_bids(bids, volumes, rows, keep, models.preset, {"Version": "0.1.0", "Description": f"{len(keep)} scans"})
-    atomic_write_json(out / "datacard.json", _finite(card))
+    atomic_write_json(out / "datacard.json", json_safe(card))
     atomic_write_bytes(out / "datacard.md", data_card_markdown(card).encode())
     release = None
     if release_key is not None:
         atomic_write_bytes(bids / ".bidsignore", b"RELEASE.json\n")  # BIDS' own way to name a non-BIDS file
         release = sign_directory(bids, release_key, {"kind": "synthetic dataset", "name": out.name,
-                                                     "datacard": _finite(card)})
+                                                     "datacard": json_safe(card)})
     return SynthesisResult(out, bids, out / "datacard.json", len(rows), len(keep), excluded, release)
 
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 

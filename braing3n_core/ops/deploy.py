@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from braing3n_core.config import ConfigError
+from braing3n_core.federation.protocol import AppSettings
 from braing3n_core.federation.run_config import RunConfig
+from braing3n_core.federation.run_folder import RunFolder
 from braing3n_core.fileio import atomic_write_bytes, atomic_write_json
 from braing3n_core.ops.consortium import Consortium, load_consortium, set_revoked
 from braing3n_core.ops.flower import (
@@ -44,7 +46,6 @@ from braing3n_core.ops.flower import (
     scripts_first_path,
     wait_for_port,
 )
-from braing3n_core.ops.simulate import prepare_run_dir
 from braing3n_core.site_config import SiteConfig
 
 CONNECTION = "consortium"  # the SuperLink connection's name in the flwr CLI's config.toml
@@ -438,10 +439,9 @@ class DeployedRun:
 
 def run_command(consortium: Consortium, pinned: Path, run_dir: Path, expected_sites: int,
                 signing_key: Path | None, app_dir: Path = APP_DIR) -> FlowerCommand:
-    settings = [f"run-config='{pinned}'", f"run-dir='{run_dir}'", f"expected-sites={expected_sites}"]
-    if signing_key is not None:
-        settings.append(f"signing-key='{signing_key}'")
-    return cli_command(consortium, "run", str(app_dir), CONNECTION, "--run-config", " ".join(settings), "--stream")
+    settings = AppSettings(run_config=str(pinned), run_dir=str(run_dir), expected_sites=expected_sites,
+                           signing_key=str(signing_key) if signing_key is not None else "")
+    return cli_command(consortium, "run", str(app_dir), CONNECTION, "--run-config", settings.flwr_run_config(), "--stream")
 
 
 def submit(root: Path, run_config: Path, out: Path | None = None, resume: bool = False, superlink: str | None = None,
@@ -466,12 +466,13 @@ def submit(root: Path, run_config: Path, out: Path | None = None, resume: bool =
         superlink = running["connect"]
     state = _state(consortium)
     write_cli_connection(state.cli_home, superlink, consortium.layout.ca_cert)
+    run = RunFolder(out)
     if print_only:
-        echo(run_command(consortium, out / "run.yaml", out, expected, key, app_dir).shell())
+        echo(run_command(consortium, run.config_path, out, expected, key, app_dir).shell())
         return None
-    pinned = prepare_run_dir(config, out, resume)
-    (out / "run_complete.json").unlink(missing_ok=True)
-    logs = out / "logs"
+    pinned = run.pin(config, resume=resume)
+    run.complete_path.unlink(missing_ok=True)
+    logs = run.logs_dir
     logs.mkdir(exist_ok=True)
     command = run_command(consortium, pinned, out, expected, key, app_dir)
     echo(f"$ {command.shell()}")
@@ -489,14 +490,14 @@ def submit(root: Path, run_config: Path, out: Path | None = None, resume: bool =
         finally:  # `flwr run` only streams; stopping it leaves the run on the SuperLink (`flwr stop` ends it)
             if process.poll() is None:
                 stop(process)
-    complete = out / "run_complete.json"
+    complete = run.complete_path
     if not complete.is_file():
         cause = last_error(logs / "flwr-run.log")
         raise DeploymentError(
             f"the federated run did not complete (flwr run exit code {process.returncode})"
             f"{': ' + cause if cause else ''}; submit again with --resume to continue {out}. "
             f"Log: {logs / 'flwr-run.log'}")
-    release = out / "release" / "RELEASE.json"
+    release = run.release_dir / "RELEASE.json"
     if key is not None and not (release.is_file() and release.stat().st_mtime >= started):
         raise DeploymentError(f"the run completed but its release was not signed; see {logs / 'flwr-run.log'}")
     return DeployedRun(out, time.time() - started, json.loads(complete.read_text()),

@@ -44,8 +44,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from braing3n_core.config import ConfigError
+from braing3n_core.federation.run_folder import RunFolder
 from braing3n_core.fileio import atomic_write_json
 from braing3n_core.ops.consortium import load_release_private_key, load_release_public_key, ssh_fingerprint
+from braing3n_core.stage_names import PROBES
 
 FORMAT = "braing3n-release/1"
 MANIFEST = "RELEASE.json"
@@ -238,13 +240,7 @@ def epsilon_per_site(run_dir: Path) -> dict[str, Any]:
     run's client-level ε (logged by the server), from `metrics.jsonl`; empty when no DP ran."""
     sites: dict[str, float] = {}
     client_level = None
-    path = Path(run_dir) / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for record in RunFolder(run_dir).records():
         value = record.get("privacy/epsilon")
         if not isinstance(value, (int, float)):
             continue
@@ -263,8 +259,9 @@ def epsilon_per_site(run_dir: Path) -> dict[str, Any]:
 
 def run_release_metadata(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
-    state = _read_json(run_dir / "server_state.json")
-    config = yaml.safe_load((run_dir / "run.yaml").read_text())
+    run = RunFolder(run_dir)
+    state = _read_json(run.state_path)
+    config = yaml.safe_load(run.config_path.read_text())
     return {
         "kind": "federated-checkpoints",
         "run": state.get("run"),
@@ -294,16 +291,18 @@ def _stage_files(run_dir: Path, state: Mapping[str, Any]) -> list[Path]:
     probes = state.get("probes") or {}
     unfinished = [s for s, v in stages.items() if not v.get("done")]
     if probes.get("enabled") and not probes.get("done"):
-        unfinished.append("probes")
+        unfinished.append(PROBES)
     if unfinished:
         raise ConfigError(f"{run_dir}: {unfinished} have not finished; only a finished run is released")
     if not stages and not probes.get("done"):
         raise ConfigError(f"{run_dir}: no finished stage to release")
-    files = [Path("run.yaml"), Path("server_state.json")]
-    for stage in list(stages) + (["probes"] if probes.get("done") else []):
-        files += [Path("checkpoints") / stage / "final.json", Path("checkpoints") / stage / "final.safetensors"]
-    if (run_dir / "probes.json").is_file():
-        files.append(Path("probes.json"))
+    run = RunFolder(run_dir)
+    paths = [run.config_path, run.state_path]
+    for stage in list(stages) + ([PROBES] if probes.get("done") else []):
+        paths += [run.final_path(stage), run.final_path(stage).with_suffix(".safetensors")]
+    if run.probes_path.is_file():
+        paths.append(run.probes_path)
+    files = [p.relative_to(run.root) for p in paths]
     missing = [str(f) for f in files if not (run_dir / f).is_file()]
     if missing:
         raise ConfigError(f"{run_dir}: cannot release, missing {missing}")
@@ -315,8 +314,8 @@ def sign_run(run_dir: Path, private_key: PrivateKey, out: Path | None = None) ->
     only once the new one is complete and signed); returns its `RELEASE.json`."""
     key = _private(private_key)  # a bad key fails before anything is written
     run_dir = Path(run_dir).resolve()
-    files = _stage_files(run_dir, _read_json(run_dir / "server_state.json"))
-    out = Path(out).resolve() if out is not None else run_dir / "release"
+    files = _stage_files(run_dir, _read_json(RunFolder(run_dir).state_path))
+    out = Path(out).resolve() if out is not None else RunFolder(run_dir).release_dir
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".release-", dir=out.parent))
     try:

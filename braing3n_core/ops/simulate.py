@@ -35,7 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from braing3n_core.config import ConfigError
-from braing3n_core.federation.run_config import RunConfig, write_resolved
+from braing3n_core.federation.protocol import AppSettings
+from braing3n_core.federation.run_config import RunConfig
+from braing3n_core.federation.run_folder import RunFolder
 from braing3n_core.fileio import atomic_write_json
 from braing3n_core.ops.flower import (
     APP_DIR,
@@ -106,22 +108,6 @@ def _emit(echo: bool | Callable[[str], None], line: str) -> None:
         sys.stdout.flush()
 
 
-def prepare_run_dir(config: RunConfig, out: Path, resume: bool) -> Path:
-    """Pin the resolved run config in `out`; refuse to mix runs in one folder."""
-    pinned = out / "run.yaml"
-    started = (out / "server_state.json").is_file() or (out / "checkpoints").is_dir()
-    if started and not resume:
-        raise ConfigError(f"{out}: holds a run already; pass --resume to continue it or choose another --out")
-    if pinned.is_file():
-        previous = RunConfig.from_yaml(pinned)
-        if not previous.same_recipe(config):
-            raise ConfigError(f"{config.source_file}: differs from the configuration pinned in {pinned}; "
-                              "a run is resumed with its own configuration")
-    out.mkdir(parents=True, exist_ok=True)
-    write_resolved(config, pinned)
-    return pinned
-
-
 def simulate(
     site_yamls: Sequence[Path], run_config: Path, out: Path | None = None, resume: bool = False,
     cpus_per_site: int = 1, app_dir: Path = APP_DIR, echo: bool | Callable[[str], None] = True,
@@ -137,11 +123,12 @@ def simulate(
     if cpus_per_site > cores:
         raise ConfigError(f"cpus_per_site is {cpus_per_site} but this process may use only {cores} core(s)")
     out = Path(out if out is not None else Path("runs") / config.name).resolve()
-    for line in stop_stale_attempt(out / "logs" / "simulation.json"):  # before anything touches the folder
+    run = RunFolder(out)
+    for line in stop_stale_attempt(run.simulation_record):  # before anything touches the folder
         _emit(echo, f"[braing3n] {line}\n")
-    pinned = prepare_run_dir(config, out, resume)
-    (out / "run_complete.json").unlink(missing_ok=True)
-    logs = out / "logs"
+    pinned = run.pin(config, resume=resume)
+    run.complete_path.unlink(missing_ok=True)
+    logs = run.logs_dir
     logs.mkdir(exist_ok=True)
 
     home = Path(tempfile.mkdtemp(prefix=HOME_PREFIX))
@@ -159,7 +146,7 @@ def simulate(
         if previous_term is not None:
             signal.signal(signal.SIGTERM, on_term)
         link = start_superlink(env, port, link_log, out)
-        atomic_write_json(logs / "simulation.json", {"superlink_pid": link.pid, "superlink_started": started_at(link.pid),
+        atomic_write_json(run.simulation_record, {"superlink_pid": link.pid, "superlink_started": started_at(link.pid),
                                                      "wrapper_pid": os.getpid(), "wrapper_started": started_at(os.getpid()),
                                                      "port": port, "flwr_home": str(home),
                                                      "started": started, "sites": [str(p) for p in site_yamls]})
@@ -167,10 +154,8 @@ def simulate(
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
         )
-        flower_config = " ".join([
-            f"run-config='{pinned}'", f"run-dir='{out}'",
-            "site-configs='" + ",".join(str(Path(p).resolve()) for p in site_yamls) + "'",
-        ])
+        flower_config = AppSettings(run_config=str(pinned), run_dir=str(out),
+                                    site_configs=",".join(str(Path(p).resolve()) for p in site_yamls)).flwr_run_config()
         command = [
             executable("flwr"), "run", str(app_dir), "sim", "--run-config", flower_config,
             "--federation-config", (f"num-supernodes={len(sites)} client-resources-num-cpus={cpus_per_site} "
@@ -191,7 +176,7 @@ def simulate(
         signal.signal(signal.SIGTERM, previous_term if previous_term is not None else signal.SIG_DFL)
         shutil.rmtree(home, ignore_errors=True)
 
-    complete = out / "run_complete.json"
+    complete = run.complete_path
     if not complete.is_file():
         cause = last_error(logs / "flwr-run.log")
         raise SimulationError(

@@ -39,6 +39,7 @@ from braing3n_core.data.bids import ScanRecord
 from braing3n_core.data.transforms import preprocess_scan
 from braing3n_core.models import DiT, MAEEncoder
 from braing3n_core.models.conditions import conditions_from_labels
+from braing3n_core.models.diffusion import training_loss
 
 SPACES = ("feature", "voxel")
 REFERENCE_PERCENTILE = 1.0
@@ -125,8 +126,6 @@ def audit_site(site_id: str, synthetic_volumes: Tensor, synthetic_tokens: Tensor
 def dit_losses(dit: DiT, tokens: Tensor, records: Sequence[ScanRecord], draws: int = MIA_DRAWS) -> np.ndarray:
     """Each scan's conditional flow-matching loss, averaged over `draws` (t, noise) draws: [n]. Draw k
     uses seed MIA_SEED + k for every scan, so members and non-members face the same noise."""
-    from braing3n_core.models.diffusion import training_loss
-
     cond = conditions_from_labels([r.labels for r in records], [r.modality for r in records])
     dit = dit.eval()
     losses = np.zeros(len(records))

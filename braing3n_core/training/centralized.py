@@ -28,7 +28,9 @@ from braing3n_core.models import MAEEncoder
 from braing3n_core.presets import Preset, get_preset
 from braing3n_core.runtime import cosine_lr, infinite, resolve_device, seed_everything
 from braing3n_core.site_config import SiteConfig
+from braing3n_core.stage_names import MAE
 from braing3n_core.training.checkpoints import (
+    STEP_PREFIX,
     initial_model,
     load_encoder,
     save_stage_checkpoint,
@@ -61,7 +63,7 @@ class TrainOptions:
 def resolve_encoder_checkpoint(options: TrainOptions) -> Path:
     if options.encoder is not None:
         return Path(options.encoder)
-    found = latest_checkpoint(stage_checkpoint_dir(options.out_dir, "mae"), "step-")
+    found = latest_checkpoint(stage_checkpoint_dir(options.out_dir, MAE), STEP_PREFIX)
     if found is None:
         raise CheckpointError(
             f"stage {options.stage!r} needs a trained encoder: pass --encoder or train the mae stage into "
@@ -115,7 +117,7 @@ def train_centralized(configs: Sequence[SiteConfig], options: TrainOptions) -> P
         model.set_token_statistics(*token_moments(train_set, model.config.token_dim).mean_std())
     optimizer = make_optimizer(model, lr, weight_decay)
     start_step = 0
-    resumed = latest_checkpoint(ckpt_dir, "step-") if options.resume else None
+    resumed = latest_checkpoint(ckpt_dir, STEP_PREFIX) if options.resume else None
     if resumed is not None:
         checkpoint = load_checkpoint(resumed)
         model.load_state_dict(checkpoint.sub_state_dict("model"))

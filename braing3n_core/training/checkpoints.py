@@ -26,8 +26,11 @@ from braing3n_core.runtime import seed_everything
 from braing3n_core.training.loop import trainable_state
 from braing3n_core.training.stages import Stage, get_stage
 
+STEP_PREFIX = "step-"  # a centralized run's checkpoints: <out>/checkpoints/<stage>/step-000400.*
+
 
 def stage_checkpoint_dir(out_dir: Path, stage: str) -> Path:
+    """Where a run folder (centralized or federated, `federation.run_folder`) keeps a stage's checkpoints."""
     return Path(out_dir) / "checkpoints" / stage
 
 

@@ -18,10 +18,12 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from braing3n_core.data.bids import ScanRecord
+from braing3n_core.data.datasets import VolumeDataset
 from braing3n_core.evaluation import metrics as metric_fns
 from braing3n_core.models import CNNDecoder, DecoderConfig, DiT, DiTConfig, MAEConfig, MaskedAutoencoder
 from braing3n_core.models.diffusion import training_loss
 from braing3n_core.presets import Preset
+from braing3n_core.stage_names import DECODER, DIT, MAE, STAGE_NAMES, StageName
 from braing3n_core.training.examples import (
     Batch,
     SiteInputs,
@@ -100,8 +102,6 @@ def _dit_eval(model: nn.Module, batch: Batch) -> dict[str, float]:
 
 
 def _volume_dataset(site: SiteInputs, records: Sequence[ScanRecord], train: bool) -> Dataset:
-    from braing3n_core.data.datasets import VolumeDataset
-
     return VolumeDataset(records, site.data.preset, site.data.cache, augment=train)
 
 
@@ -109,9 +109,9 @@ def _build_dit(preset: Preset) -> DiT:
     return DiT(DiTConfig.from_preset(preset))
 
 
-STAGES: dict[str, Stage] = {
-    "mae": Stage(
-        name="mae",
+STAGES: dict[StageName, Stage] = {
+    MAE: Stage(
+        name=MAE,
         needs_encoder=False,
         # AdamW 1e-4 / wd 0.05 is the reference recipe at batch 12 (spec §5); small batches on CPU sites
         # train faster with a higher rate, so the default is 1.5e-4 and the run config may override it.
@@ -123,8 +123,8 @@ STAGES: dict[str, Stage] = {
         loss=_mae_loss,
         evaluate_batch=_mae_eval,
     ),
-    "decoder": Stage(
-        name="decoder",
+    DECODER: Stage(
+        name=DECODER,
         needs_encoder=True,
         defaults=StageDefaults(lr=3e-4, weight_decay=0.0, batch_size=4),
         build=lambda preset: CNNDecoder(DecoderConfig.from_preset(preset)),
@@ -135,8 +135,8 @@ STAGES: dict[str, Stage] = {
         evaluate_batch=_decoder_eval,
         train_metrics=("train/l1", "train/ssim"),
     ),
-    "dit": Stage(
-        name="dit",
+    DIT: Stage(
+        name=DIT,
         needs_encoder=True,
         defaults=StageDefaults(lr=3e-4, weight_decay=0.0, batch_size=8),
         build=_build_dit,
@@ -149,14 +149,15 @@ STAGES: dict[str, Stage] = {
 }
 
 
-STAGE_ORDER: tuple[str, ...] = ("mae", "decoder", "dit")
+if tuple(STAGES) != STAGE_NAMES:  # the registry and the names every config validates against must agree
+    raise ImportError(f"training.stages.STAGES describes {list(STAGES)}, stage_names declares {list(STAGE_NAMES)}")
 
 
 def get_stage(name: str) -> Stage:
     try:
         return STAGES[name]
     except KeyError:
-        raise ValueError(f"unknown stage {name!r}; choose one of {list(STAGES)}") from None
+        raise ValueError(f"unknown stage {name!r}; choose one of {list(STAGE_NAMES)}") from None
 
 
 def stage_dataset(stage: Stage, sites: Sequence[SiteInputs], split: str, train: bool | None = None) -> Dataset:

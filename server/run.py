@@ -1,0 +1,59 @@
+"""Everything the ServerApp does for one run: pin the recipe, meet the sites, run the stages in order.
+
+Order: the federated probes run right after the MAE stage (or first, when the encoder comes from
+`start_from.mae`), then the decoder and the DiT; an `audit` in the run YAML runs last. A run that stops
+(too few sites, a crash) resumes from its last committed round when it is started again on the same
+run folder with the same recipe.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from flwr.serverapp import Grid
+
+from braing3n_core.federation.run_config import RunConfig
+from braing3n_core.federation.run_folder import RunFolder
+from braing3n_core.stage_names import MAE, PROBES, STAGE_NAMES
+from server.audit import run_audit
+from server.probes import run_probes
+from server.rounds import run_stage
+from server.session import Federation, say
+
+
+def load_run_config(path: Path, run_dir: Path | None) -> tuple[RunConfig, RunFolder]:
+    """The run's configuration, pinned in the run folder: a resumed run must not change its recipe."""
+    config = RunConfig.from_yaml(path)
+    run = RunFolder(run_dir if run_dir is not None else Path("runs") / config.name)
+    run.pin(config)
+    return config, run
+
+
+def run_federation(grid: Grid, config_path: Path, run_dir: Path | None, expected_sites: int | None) -> Path:
+    """Everything the ServerApp does; returns the path of `run_complete.json`."""
+    started = time.time()
+    say(f"ServerApp started; run config {config_path}")
+    config, run = load_run_config(config_path, run_dir)
+    run.complete_path.unlink(missing_ok=True)
+    if run.prune_uncommitted(run.committed_rounds([*STAGE_NAMES, PROBES])):
+        say("dropped ledger lines of rounds that never reached their checkpoint")
+    federation = Federation(grid, run, config, expected_sites)
+    nodes = federation.wait_for_nodes()
+    federation.hello("setup")
+    say(f"run {config.name!r}: {len(nodes)} nodes, sites {sorted(federation.node_sites.values())}, preset {config.preset}")
+    probes_done = False
+    if config.probes.enabled and MAE in config.start_from:
+        run_probes(federation)
+        probes_done = True
+    for spec in config.stages:
+        run_stage(federation, spec)
+        if spec.name == MAE and config.probes.enabled and not probes_done:
+            run_probes(federation)
+            probes_done = True
+    if config.audit is not None:
+        say(f"privacy audit written to {run_audit(federation)}")
+    federation.write_state()
+    complete = run.write_complete(config, time.time() - started, federation.encoder_sha, federation.node_sites.values())
+    say(f"run {config.name!r} complete: {run.root}")
+    return complete

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from braing3n_core.generation.condition_table import ConditionRow
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -303,6 +307,28 @@ def _sample(args: argparse.Namespace) -> int:
     return _generation(run)
 
 
+def _scan_forecast_row(args: argparse.Namespace) -> ConditionRow | None:
+    """`forecast --scan`: what is known at the scan, checked (None for the --site path); the two ways of
+    naming the baseline are exclusive, and a scan in no site needs its age."""
+    from braing3n_core.config import ConfigError
+    from braing3n_core.generation.condition_table import ConditionRow
+
+    labels = [f"--{n.replace('_', '-')}" for n in ("age", "sex", "diagnosis", "field_strength") if getattr(args, n)]
+    if args.scan is None:
+        if args.site is None or args.subject is None:
+            raise ConfigError("forecast: give --site and --subject, or --scan with --age")
+        if labels:
+            raise ConfigError(f"{', '.join(labels)}: only with --scan (a site's tables give its subjects' labels)")
+        return None
+    if args.site is not None or args.subject is not None or args.session is not None:
+        raise ConfigError("--scan: a scan in no site; leave out --site, --subject and --session")
+    if args.age is None:
+        raise ConfigError("--age: required with --scan (years at the scan; the forecast is conditioned on age + --years)")
+    values = {"age": args.age, "sex": args.sex, "diagnosis": args.diagnosis, "modality": args.modality,
+              "field_strength": args.field_strength}
+    return ConditionRow.checked(values, lambda column: f"--{column.replace('_', '-')}")
+
+
 def _forecast(args: argparse.Namespace) -> int:
     from braing3n_core.config import ConfigError
     from braing3n_core.jobs.forecast import export_forecast
@@ -310,6 +336,7 @@ def _forecast(args: argparse.Namespace) -> int:
 
     if not (args.years > 0 and args.years < float("inf")):
         raise ConfigError(f"--years: the forecast interval must be a positive number of years, got {args.years}")
+    scan_row = _scan_forecast_row(args)
     device = _device_or_error(args.device)
     if device is None:
         return 2
@@ -317,14 +344,21 @@ def _forecast(args: argparse.Namespace) -> int:
     def run() -> int:
         import json
 
-        path = export_forecast(Path(args.run_dir), Path(args.site), args.subject, args.session, Modality(args.modality),
-                               args.years, Path(args.out), steps=args.steps, guidance_scale=args.guidance,
-                               seed=args.seed, device=device)
+        if scan_row is not None:
+            from braing3n_core.jobs.forecast import export_scan_forecast
+
+            path = export_scan_forecast(Path(args.run_dir), Path(args.scan), scan_row, args.years, Path(args.out),
+                                        steps=args.steps, guidance_scale=args.guidance, seed=args.seed, device=device)
+        else:
+            path = export_forecast(Path(args.run_dir), Path(args.site), args.subject, args.session,
+                                   Modality(args.modality), args.years, Path(args.out), steps=args.steps,
+                                   guidance_scale=args.guidance, seed=args.seed, device=device)
         record = json.loads(path.read_text())
         scores = record["scores"]
         scored = (f"PSNR vs the real follow-up {scores['forecast/psnr']:.2f} dB (baseline as-is "
                   f"{scores['forecast/baseline_psnr']:.2f} dB)" if scores else record["scores_note"])
-        print(f"forecast of {args.subject} +{args.years:g} y: {path.parent / record['nifti']}; {scored}; {path}")
+        who = Path(args.scan).name if scan_row is not None else args.subject
+        print(f"forecast of {who} +{args.years:g} y: {path.parent / record['nifti']}; {scored}; {path}")
         return 0
 
     return _generation(run)
@@ -365,6 +399,48 @@ def _report(args: argparse.Namespace) -> int:
         return 1
     print(path)
     return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from braing3n_core.jobs.embed import export_embeddings
+
+    device = _device_or_error(args.device)
+    if device is None:
+        return 2
+
+    def run() -> int:
+        path, embeddings = export_embeddings(Path(args.encoder), Path(args.out), paths=[Path(p) for p in args.paths],
+                                             site=Path(args.site) if args.site else None, device=device)
+        for problem in embeddings.skipped:
+            print(f"skipped {problem.path.name}: {problem.reason}", file=sys.stderr)
+        print(f"{len(embeddings.scans)} scans embedded (tokens {tuple(embeddings.tokens.shape)}, pooled "
+              f"{tuple(embeddings.pooled.shape)}), {len(embeddings.skipped)} skipped: {path.parent / 'embeddings.safetensors'}; "
+              f"{path}")
+        return 0
+
+    return _generation(run)
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from braing3n_core.jobs.reconstruct import export_reconstruction
+
+    device = _device_or_error(args.device)
+    if device is None:
+        return 2
+
+    def run() -> int:
+        import json
+
+        path = export_reconstruction(Path(args.scan), Path(args.run), Path(args.out),
+                                     decoder=Path(args.decoder) if args.decoder else None, device=device)
+        record = json.loads(path.read_text())
+        metrics, files = record["metrics"], record["files"]
+        print(f"reconstruction of {Path(args.scan).name}: PSNR {metrics['val/psnr_brain']:.2f} dB, SSIM "
+              f"{metrics['val/ssim_brain']:.3f} in the brain; {path.parent / files['reconstruction_native']} (the "
+              f"scan's own grid), {path.parent / files['reconstruction']} (the model's); {path}")
+        return 0
+
+    return _generation(run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -536,8 +612,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     fct = groups.add_parser("forecast", help="a subject's follow-up scan forecast from a baseline scan")
     fct.add_argument("run_dir", metavar="RUN_DIR", help="run folder (DiT, decoder and frozen encoder), or a DiT checkpoint in one")
-    fct.add_argument("--site", required=True, help="the subject's site YAML (run where that site's data is)")
-    fct.add_argument("--subject", required=True, help="e.g. sub-001")
+    fct.add_argument("--site", default=None, help="the subject's site YAML (run where that site's data is)")
+    fct.add_argument("--subject", default=None, help="e.g. sub-001 (with --site)")
+    fct.add_argument("--scan", default=None, help="instead of --site/--subject: a baseline NIfTI in no site, with --age "
+                     "[--sex --diagnosis --field-strength] as known at that scan")
+    fct.add_argument("--age", default=None, help="with --scan: years at the scan")
+    fct.add_argument("--sex", default=None, help="with --scan: F or M")
+    fct.add_argument("--diagnosis", default=None, help="with --scan: CN, MCI, AD or glioma")
+    fct.add_argument("--field-strength", dest="field_strength", default=None, help="with --scan: tesla, 1.5 or 3")
     fct.add_argument("--session", default=None, help="baseline session, e.g. ses-01 (default: the earliest)")
     fct.add_argument("--modality", required=True, choices=modalities)
     fct.add_argument("--years", type=float, required=True, help="interval after the baseline, in years")
@@ -562,6 +644,23 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None, help="HTML path (default RUN_DIR/report.html)")
     report.add_argument("--embed", action="store_true", help="embed the figures in the HTML (one self-contained file)")
     report.set_defaults(handler=_report)
+
+    embed = groups.add_parser("embed", help="frozen-encoder features of any scans (safetensors + manifest)")
+    embed.add_argument("paths", nargs="*", metavar="SCAN", help="NIfTI files (or use --site)")
+    embed.add_argument("--site", default=None, help="a site YAML: embed every usable scan of that site instead")
+    embed.add_argument("--encoder", required=True, help="stage-1 (mae) checkpoint; its preset fixes the preprocessing")
+    embed.add_argument("--out", required=True, help="output folder: embeddings.safetensors, manifest.json")
+    embed.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (bf16 autocast on CUDA)")
+    embed.set_defaults(handler=_embed)
+
+    rec = groups.add_parser("reconstruct", help="a scan through a run's encoder and decoder, on the model's grid and the scan's own")
+    rec.add_argument("scan", metavar="SCAN", help="NIfTI file (.nii or .nii.gz), any orientation and voxel size")
+    rec.add_argument("--run", required=True, help="run folder (frozen encoder and decoder)")
+    rec.add_argument("--out", required=True, help="output folder: reconstruction[_native].nii.gz, input.nii.gz, "
+                     "reconstruction.png, reconstruct.json")
+    rec.add_argument("--decoder", default=None, help="decoder checkpoint (default: the run folder's)")
+    rec.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (bf16 autocast on CUDA)")
+    rec.set_defaults(handler=_reconstruct)
     return parser
 
 

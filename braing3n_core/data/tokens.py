@@ -26,6 +26,20 @@ def encoder_sha256(encoder: MAEEncoder) -> str:
     return tensors_sha256(encoder.state_dict())
 
 
+@torch.no_grad()
+def encode_volumes(encoder: MAEEncoder, volumes: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """Preprocessed volumes [B, 1, D, H, W] → frozen-encoder tokens [B, N, E], float32 on the CPU.
+
+    The one encoding call the token cache, `braing3n embed`, `reconstruct` and `forecast --scan` share
+    (bf16 autocast on CUDA), so a scan's tokens are the same whichever command asks for them. `device`:
+    the encoder's (default: where its weights are).
+    """
+    device = device if device is not None else next(encoder.parameters()).device
+    with autocast(device):
+        tokens, _ = encoder.encode(volumes.to(device))  # [B, N, E]
+    return tokens.float().cpu()
+
+
 class TokenCache:
     """Tokens `[N, E]` float32 per scan for one frozen encoder at one preset."""
 
@@ -90,8 +104,6 @@ class TokenCache:
                 self.failures.append(Problem(record.path, f"not encoded, scan skipped: {reason}", True))
         if not volumes:
             return
-        batch = torch.stack(volumes).to(self.device)  # [B, 1, D, H, W]
-        with autocast(self.device):
-            tokens, _ = self.encoder.encode(batch)  # [B, N, E]
-        for key, value in zip(keys, tokens.float().cpu().numpy()):
+        tokens = encode_volumes(self.encoder, torch.stack(volumes), self.device)  # [B, N, E]
+        for key, value in zip(keys, tokens.numpy()):
             self.store.put(key, value)

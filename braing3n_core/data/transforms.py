@@ -17,6 +17,9 @@ Pipeline (one channel throughout, `C, D, H, W` with C = 1):
    (symmetric, zero padding).
 6. `NormalizeIntensity(nonzero=True)`: z-score over non-zero (brain) voxels; background stays 0.
 
+`preprocess_invertible` keeps MONAI's record of steps 2-5, so that a volume on the model's grid (a
+reconstruction) can be put back on the scan's own voxel grid (`PreprocessedScan.to_original`).
+
 Training augmentation (applied after the cache, so it is fresh every epoch): `RandFlip` per spatial
 axis and an intensity shift restricted to brain voxels.
 
@@ -27,14 +30,17 @@ still preprocessed, and its z-score then includes that background.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import monai
+import nibabel as nib
 import numpy as np
 import torch
-from monai.data import NibabelReader
+from monai.data import MetaTensor, NibabelReader
 from monai.transforms import (
     Compose,
     CropForeground,
@@ -176,10 +182,18 @@ def preprocess_volume(path: str | Path, preset: Preset) -> np.ndarray:
     Raises `PreprocessingError` naming the file when it cannot be read or yields no usable volume.
     """
     path = Path(path)
+    return _checked_array(path, _run_pipeline(path, preprocessing_transform(preset)), preset)
+
+
+def _run_pipeline(path: Path, transform: Compose) -> MetaTensor:
     try:
-        volume = preprocessing_transform(preset)(str(path))
+        return transform(str(path))
     except Exception as error:  # any failure becomes a named, plain reason
         raise PreprocessingError(path, f"cannot preprocess: {_plain_reason(path, error)}") from error
+
+
+def _checked_array(path: Path, volume: torch.Tensor, preset: Preset) -> np.ndarray:
+    """The pipeline's output as a plain array, refused when it is not a usable model input."""
     array = np.ascontiguousarray(torch.as_tensor(volume).numpy(), dtype=np.float32)
     expected = (1, *preset.shape)
     if array.shape != expected:
@@ -196,6 +210,60 @@ def preprocess_volume(path: str | Path, preset: Preset) -> np.ndarray:
             f"(under {100 * MIN_BRAIN_FRACTION:g}%): not a brain image, or mostly negative intensities",
         )
     return array
+
+
+@dataclass(frozen=True)
+class PreprocessedScan:
+    """One scan's model input together with the record MONAI kept of every spatial step, so that a
+    volume on the model's grid (a reconstruction, a forecast) can be put back on the scan's own grid."""
+
+    path: Path
+    volume: np.ndarray  # [1, D, H, W] float32: exactly what `preprocess_volume` returns
+    original_shape: tuple[int, ...]  # the stored array's shape (trailing singleton dimensions included)
+    original_affine: np.ndarray  # 4 x 4, voxel -> RAS+ mm, as nibabel reads the file
+    _transform: Compose
+    _tracked: MetaTensor  # the pipeline's output with its `applied_operations`
+
+    def to_original(self, volume: np.ndarray | torch.Tensor) -> np.ndarray:
+        """A `[D, H, W]` (or `[1, D, H, W]`) volume on the preset grid → an array of `original_shape`
+        in the scan's voxel space.
+
+        MONAI's `Compose.inverse` undoes, in reverse order, the pad/crop, the head crop (zeros outside
+        it), the resampling (trilinear, back to the stored voxel grid) and the reorientation. The
+        intensity steps (background suppression, z-score) have no inverse: values stay in z-score units.
+        """
+        values = torch.as_tensor(np.ascontiguousarray(volume), dtype=torch.float32).reshape(self.volume.shape)
+        tracked = MetaTensor(values, meta=copy.deepcopy(self._tracked.meta),
+                             applied_operations=copy.deepcopy(self._tracked.applied_operations))
+        inverted = self._transform.inverse(tracked)  # [1, X, Y, Z]
+        affine = np.asarray(inverted.affine, dtype=np.float64)
+        if not np.allclose(affine, self.original_affine, atol=1e-4):
+            raise PreprocessingError(self.path, "the inverse of the preprocessing did not return to the scan's affine")
+        array = np.asarray(torch.as_tensor(inverted).detach().cpu().numpy()[0], dtype=np.float32)
+        return array.reshape(self.original_shape)
+
+
+def check_scan_file(path: str | Path) -> None:
+    """Refuse a scan that no site check has seen (a path given on the command line) for the site check's
+    own reason (not NIfTI, truncated, 4-D, NaN, empty…), which says more than a failed pipeline step."""
+    path = Path(path)
+    excluded = [problem for problem in check_image(path) if problem.excluded]
+    if excluded:
+        raise PreprocessingError(path, excluded[0].reason)
+
+
+def preprocess_invertible(path: str | Path, preset: Preset) -> PreprocessedScan:
+    """`check_scan_file` then `preprocess_volume`, keeping what is needed to map model-grid volumes back
+    to the scan's grid. Raises `PreprocessingError` naming the file.
+    """
+    path = Path(path)
+    check_scan_file(path)
+    transform = preprocessing_transform(preset)
+    tracked = _run_pipeline(path, transform)
+    array = _checked_array(path, tracked, preset)
+    header = nib.load(path)  # the same reader the pipeline used: shape and affine without the voxels
+    return PreprocessedScan(path, array, tuple(int(s) for s in header.shape), np.asarray(header.affine, dtype=np.float64),
+                            transform, tracked)
 
 
 def _plain_reason(path: Path, error: BaseException) -> str:

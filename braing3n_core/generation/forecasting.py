@@ -1,7 +1,8 @@
 """Patient-specific forecasting: a baseline scan + an interval → the follow-up's tokens → a volume.
 
 The baseline's tokens come from the site's frozen-encoder cache; the forecast is scored against the
-subject's real follow-up when the site holds one at the asked interval (± 0.25 years).
+subject's real follow-up when the site holds one at the asked interval (± 0.25 years). A scan in no site
+(`forecast_scan`) is preprocessed and encoded on the spot, with the labels its caller gives.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,8 +19,8 @@ import torch
 
 from braing3n_core.data.bids import ScanRecord
 from braing3n_core.data.datasets import SiteData
-from braing3n_core.data.tokens import TokenCache
-from braing3n_core.data.transforms import preprocess_scan
+from braing3n_core.data.tokens import TokenCache, encode_volumes
+from braing3n_core.data.transforms import check_scan_file, preprocess_scan, preprocess_volume
 from braing3n_core.evaluation.metrics import psnr, ssim
 from braing3n_core.generation.models import GenerationError, GenerationModels
 from braing3n_core.generation.sampling import _synchronize, decode
@@ -97,7 +99,7 @@ def forecast(models: GenerationModels, site: SiteData, tokens: TokenCache, basel
     """`baseline`'s scan `years` later, conditioned on the baseline's tokens, the interval and what is
     known at baseline (sex, diagnosis, sequence, field strength, the target age; not the follow-up's
     MMSE). Scored against `follow_up`, or the site's scan at that interval when there is one."""
-    dit = models.require_dit()
+    models.require_dit()
     if not (math.isfinite(years) and years > 0):
         raise ValueError(f"the forecast interval must be a positive number of years, got {years}")
     if tokens.encoder_sha256 != models.encoder_sha256:
@@ -106,16 +108,9 @@ def forecast(models: GenerationModels, site: SiteData, tokens: TokenCache, basel
     _synchronize(models.device)
     started = time.perf_counter()
     base_tokens = tokens.tokens(baseline)[None]  # [1, N, E]
-    known = ScanLabels(age=None if baseline.labels.age is None else baseline.labels.age + years,
-                       sex=baseline.labels.sex, diagnosis=baseline.labels.diagnosis,
-                       field_strength=baseline.labels.field_strength)
-    cond = conditions_from_labels([known], [Modality(baseline.modality)])
-    with autocast(models.device):
-        predicted = sample(dit, (1, dit.config.num_tokens, dit.config.token_dim), cond, steps=steps,
-                           guidance_scale=guidance_scale, baseline=base_tokens, interval=torch.tensor([float(years)]),
-                           generator=torch.Generator().manual_seed(seed)).float().cpu()  # [1, N, E]
-    volume = decode(models.decoder, predicted)[0, 0].numpy()
-    _synchronize(models.device)
+    known = _known_at_follow_up(baseline.labels, years)
+    predicted, volume = _sample_follow_up(models, base_tokens, known, Modality(baseline.modality), years,
+                                          steps=steps, guidance_scale=guidance_scale, seed=seed)
     seconds = time.perf_counter() - started
     baseline_volume = preprocess_scan(baseline.path, models.preset, site.cache)[0]
     follow_up = follow_up if follow_up is not None else matching_follow_up(site.records, baseline, years)
@@ -129,6 +124,63 @@ def forecast(models: GenerationModels, site: SiteData, tokens: TokenCache, basel
                 "device": str(models.device), "autocast": "bf16" if models.device.type == "cuda" else None}
     return ForecastResult(baseline, follow_up, float(years), predicted, volume, baseline_volume, follow_volume,
                           scores, seconds, settings)
+
+
+def _known_at_follow_up(labels: ScanLabels, years: float) -> ScanLabels:
+    """What the DiT is told about the follow-up: the baseline's labels at the target age, without the
+    MMSE (a follow-up's cognition is what a forecast must not be handed)."""
+    return ScanLabels(age=None if labels.age is None else labels.age + years, sex=labels.sex,
+                      diagnosis=labels.diagnosis, field_strength=labels.field_strength)
+
+
+def _sample_follow_up(models: GenerationModels, base_tokens: torch.Tensor, known: ScanLabels, modality: Modality,
+                      years: float, *, steps: int, guidance_scale: float, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The DiT's follow-up tokens [1, N, E] for baseline tokens [1, N, E], and their decoded volume [D, H, W]."""
+    dit = models.require_dit()
+    try:
+        cond = conditions_from_labels([known], [modality])
+    except ValueError as error:  # e.g. an age past the schema's range once the interval is added
+        raise GenerationError(f"cannot condition the forecast: {error}") from None
+    with autocast(models.device):
+        predicted = sample(dit, (1, dit.config.num_tokens, dit.config.token_dim), cond, steps=steps,
+                           guidance_scale=guidance_scale, baseline=base_tokens, interval=torch.tensor([float(years)]),
+                           generator=torch.Generator().manual_seed(seed)).float().cpu()  # [1, N, E]
+    volume = decode(models.decoder, predicted)[0, 0].numpy()
+    _synchronize(models.device)
+    return predicted, volume
+
+
+SCAN_SITE = "(no site)"  # site_id of the record `forecast_scan` makes for a scan that belongs to no site
+
+
+@torch.no_grad()
+def forecast_scan(models: GenerationModels, scan: Path, labels: ScanLabels, modality: Modality, years: float, *,
+                  steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+                  seed: int = 0) -> ForecastResult:
+    """`forecast` for a scan that belongs to no site (a clinic's file): its tokens come from preprocessing
+    and encoding it here with the run's encoder, its labels from the caller (`labels.age` is the age at
+    the scan). Same DiT sampling as `forecast`; nothing to score against (no follow-up)."""
+    models.require_dit()
+    encoder = models.require_encoder("forecasting a scan (its tokens)")
+    if not (math.isfinite(years) and years > 0):
+        raise ValueError(f"the forecast interval must be a positive number of years, got {years}")
+    scan = Path(scan)
+    check_scan_file(scan)
+    baseline_volume = preprocess_volume(scan, models.preset)  # [1, D, H, W]
+    _synchronize(models.device)
+    started = time.perf_counter()
+    base_tokens = encode_volumes(encoder, torch.from_numpy(baseline_volume)[None], models.device)  # [1, N, E]
+    known = _known_at_follow_up(labels, years)
+    predicted, volume = _sample_follow_up(models, base_tokens, known, modality, years, steps=steps,
+                                          guidance_scale=guidance_scale, seed=seed)
+    seconds = time.perf_counter() - started
+    baseline = ScanRecord(SCAN_SITE, scan.name, None, modality, scan, labels)
+    settings = {"steps": steps, "guidance_scale": guidance_scale, "seed": seed, "site": None, "scan": str(scan),
+                "modality": modality.value, "years": float(years), "conditioned_age": known.age,
+                "encoder_sha256": models.encoder_sha256, "device": str(models.device),
+                "autocast": "bf16" if models.device.type == "cuda" else None}
+    return ForecastResult(baseline, None, float(years), predicted, volume, baseline_volume[0], None, {}, seconds,
+                          settings)
 
 
 def split_of(data: SiteData, record: ScanRecord) -> str:

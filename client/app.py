@@ -3,7 +3,8 @@
 - train (`TrainRequest.stage` ∈ mae | decoder | dit, or a `ProbeRoundRequest`): local steps from the global
   weights; reply = exactly one ArrayRecord (`arrays`) + one MetricRecord (`metrics`) + the site's `site` record;
 - evaluate (same stages): validation metrics on the site's val split (probes: held-out test split);
-- query (`Query.action`): one handler per `protocol.Action`.
+- query (`Query.action`): one handler per `protocol.Action` (hello, encoder install, token moments, probe
+  census, privacy audit, and the generation evaluation's scores, trend census and forecast scores).
 Train messages pass `client.mods.privacy_mod` first: client-side clipping for client-level DP, and the
 SecAgg+ protocol steps (whose fit step runs this same train handler).
 
@@ -23,6 +24,7 @@ from flwr.clientapp import ClientApp
 
 from braing3n_core.config import ConfigError
 from braing3n_core.evaluation.heads import FeatureStats
+from braing3n_core.evaluation.pooled import FourierKernel
 from braing3n_core.federation.arrays import Arrays, load_arrays
 from braing3n_core.federation.probes import (
     heads_from_arrays,
@@ -38,6 +40,8 @@ from braing3n_core.federation.protocol import (
     Action,
     AuditReply,
     EvaluateRequest,
+    ForecastScoresQuery,
+    GenerationScoresQuery,
     Hello,
     InstallEncoder,
     PrivacyAuditQuery,
@@ -46,6 +50,7 @@ from braing3n_core.federation.protocol import (
     ProtocolError,
     Query,
     Record,
+    ScoresReply,
     SiteDeclined,
     SiteReply,
     TokenMomentsQuery,
@@ -53,7 +58,10 @@ from braing3n_core.federation.protocol import (
     moments_to_arrays,
 )
 from braing3n_core.federation.site_round import evaluate_site, site_token_moments, train_site_round
-from braing3n_core.models import DiT, DiTConfig
+from braing3n_core.generation.evaluation import site_generation_scores
+from braing3n_core.generation.forecast_eval import TrendModel, site_forecast_scores, trend_census
+from braing3n_core.generation.models import GenerationModels
+from braing3n_core.models import CNNDecoder, DecoderConfig, DiT, DiTConfig
 from braing3n_core.privacy.audit import run_site_audit
 from braing3n_core.stage_names import DIT, PROBES
 from braing3n_core.training.stages import get_stage
@@ -184,12 +192,50 @@ def _privacy_audit(msg: Message, query: Query, config: ConfigRecord, runtime: Si
     return _reply(msg, reply, None, {NUM_EXAMPLES: float(audit.n_train + audit.n_held), "flagged": float(sum(audit.flags))})
 
 
+def _generation_scores(msg: Message, query: Query, config: ConfigRecord, runtime: SiteRuntime) -> Message:
+    """Generated sets against this site's held-out scans: distances between sets and sums only."""
+    asked = GenerationScoresQuery.from_config(config)
+    site = runtime.inputs(get_stage(DIT), query.preset, query.encoder_sha256)
+    kernels = {space: FourierKernel(**fields) for space, fields in asked.kernels.items()}
+    heads, priors, probe_data = {}, {}, None
+    if asked.tasks:
+        pairs = tasks_from_json(asked.tasks)
+        heads = heads_from_arrays([t for t, _ in pairs], _arrays(msg.content[Record.ARRAYS]))
+        priors = {t.name: p for t, p in pairs}
+        probe_data = site_probe_data(runtime.probe_inputs(query.preset, query.encoder_sha256))
+    scores, sums = site_generation_scores(site, _arrays(msg.content[Record.FEATURES]), kernels, probe_data, heads, priors,
+                                          seed=asked.seed)
+    reply = ScoresReply(site_id=runtime.site_id, scores=scores)
+    return _reply(msg, reply, sums or None, {NUM_EXAMPLES: float(scores["n_held"])})
+
+
+def _trend_census(msg: Message, query: Query, config: ConfigRecord, runtime: SiteRuntime) -> Message:
+    census = trend_census(runtime.inputs(get_stage(DIT), query.preset, query.encoder_sha256))
+    return _reply(msg, ScoresReply(site_id=runtime.site_id, scores=census), None, {NUM_EXAMPLES: float(census["n_pairs"])})
+
+
+def _forecast_scores(msg: Message, query: Query, config: ConfigRecord, runtime: SiteRuntime) -> Message:
+    """Forecasts of this site's held-out subjects against their follow-ups: sums of errors only."""
+    asked = ForecastScoresQuery.from_config(config)
+    site = runtime.inputs(get_stage(DIT), query.preset, query.encoder_sha256)
+    dit = load_arrays(DiT(DiTConfig.from_dict(asked.dit_config)), _arrays(msg.content[Record.DIT])).eval()
+    decoder = load_arrays(CNNDecoder(DecoderConfig.from_dict(asked.decoder_config)), _arrays(msg.content[Record.DECODER])).eval()
+    models = GenerationModels(site.data.preset, decoder.to(runtime.device), dit.to(runtime.device), site.tokens.encoder,
+                              site.tokens.encoder_sha256, {}, None, runtime.device)
+    scores = site_forecast_scores(models, site, TrendModel.from_json(asked.trend), steps=asked.steps,
+                                  guidance_scale=asked.guidance_scale, seed=asked.seed)
+    return _reply(msg, ScoresReply(site_id=runtime.site_id, scores=scores), None, {NUM_EXAMPLES: float(scores["n_subjects"])})
+
+
 QUERIES: dict[Action, Callable[[Message, Query, ConfigRecord, SiteRuntime], Message]] = {
     Action.HELLO: _hello,
     Action.INSTALL_ENCODER: _install_encoder,
     Action.TOKEN_MOMENTS: _token_moments,
     Action.PROBE_CENSUS: _probe_census,
     Action.PRIVACY_AUDIT: _privacy_audit,
+    Action.GENERATION_SCORES: _generation_scores,
+    Action.TREND_CENSUS: _trend_census,
+    Action.FORECAST_SCORES: _forecast_scores,
 }
 if set(QUERIES) != set(Action):  # a new Action without a handler is an error at import, not at the first query
     raise ImportError(f"client.app: no handler for {sorted(set(Action) - set(QUERIES))}")

@@ -1,7 +1,7 @@
 """Everything the ServerApp does for one run: pin the recipe, meet the sites, run the stages in order.
 
 Order: the federated probes run right after the MAE stage (or first, when the encoder comes from
-`start_from.mae`), then the decoder and the DiT; an `audit` in the run YAML runs last. A run that stops
+`start_from.mae`), then the decoder and the DiT; an `audit`, then a `generation_eval`, in the run YAML run last. A run that stops
 (too few sites, a crash) resumes from its last committed round when it is started again on the same
 run folder with the same recipe.
 """
@@ -17,6 +17,7 @@ from braing3n_core.federation.run_config import RunConfig
 from braing3n_core.federation.run_folder import RunFolder
 from braing3n_core.stage_names import MAE, PROBES, STAGE_NAMES
 from server.audit import run_audit
+from server.generation_eval import run_generation_eval
 from server.probes import run_probes
 from server.rounds import run_stage
 from server.session import Federation, say
@@ -53,6 +54,8 @@ def run_federation(grid: Grid, config_path: Path, run_dir: Path | None, expected
             probes_done = True
     if config.audit is not None:
         say(f"privacy audit written to {run_audit(federation)}")
+    if config.generation_eval is not None:
+        say(f"generation evaluation written to {run_generation_eval(federation)}")
     federation.write_state()
     complete = run.write_complete(config, time.time() - started, federation.encoder_sha, federation.node_sites.values())
     say(f"run {config.name!r} complete: {run.root}")

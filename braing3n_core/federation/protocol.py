@@ -18,6 +18,9 @@ payload class here, one handler in `client/app.py` and one caller in `server/`.
 | query `token_moments` | `Query` + `TokenMomentsQuery` | — | `arrays` (count, Σ, Σ²), `metrics` |
 | query `probe_census` | `Query` | — | `arrays` (feature sums), `metrics`, `site` (`ProbeCensus`) |
 | query `privacy_audit` | `Query` + `PrivacyAuditQuery` | `synthetic`, `dit` (optional) | `metrics`, `site` (`AuditReply`) |
+| query `generation_scores` | `Query` + `GenerationScoresQuery` | `features` (generated), `arrays` (probe heads) | `arrays` (moment and kernel sums), `metrics`, `site` (`ScoresReply`) |
+| query `trend_census` | `Query` | — | `metrics`, `site` (`ScoresReply`: sums of annual change per cell) |
+| query `forecast_scores` | `Query` + `ForecastScoresQuery` | `dit`, `decoder` | `metrics`, `site` (`ScoresReply`: sums of errors) |
 
 A site that cannot take part replies with Flower's `Error(code=DECLINED)` whose reason names the site and
 the cause (`SiteDeclined`), instead of failing the round.
@@ -62,7 +65,9 @@ class Record(StrEnum):
     PRIVACY = "privacy"  # ConfigRecord of a DP site's reply: its ε (never averaged)
     ENCODER = "encoder"  # ArrayRecord: the frozen encoder (install_encoder)
     SYNTHETIC = "synthetic"  # ArrayRecord: the synthetic volumes to audit
-    DIT = "dit"  # ArrayRecord: the DiT whose membership inference the audit measures
+    DIT = "dit"  # ArrayRecord: the DiT whose membership inference the audit measures, or which forecasts
+    DECODER = "decoder"  # ArrayRecord: the decoder (forecast evaluation)
+    FEATURES = "features"  # ArrayRecord: pooled features of generated sets (generation evaluation)
 
 
 class Action(StrEnum):
@@ -73,6 +78,9 @@ class Action(StrEnum):
     TOKEN_MOMENTS = "token_moments"
     PROBE_CENSUS = "probe_census"
     PRIVACY_AUDIT = "privacy_audit"
+    GENERATION_SCORES = "generation_scores"
+    TREND_CENSUS = "trend_census"
+    FORECAST_SCORES = "forecast_scores"
 
 
 # --- typed payloads ------------------------------------------------------------------------------------------
@@ -230,6 +238,27 @@ class PrivacyAuditQuery(Payload):
 
 
 @dataclass(frozen=True, kw_only=True)
+class GenerationScoresQuery(Payload):
+    """Score generated sets against the site's held-out scans (`generation.evaluation`)."""
+
+    kernels: dict[str, Any]  # space → FourierKernel fields: the MMD map every site shares
+    tasks: str = ""  # JSON of the probe tasks with priors (the heads travel in `arrays`); empty: no ceiling
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ForecastScoresQuery(Payload):
+    """Forecast the site's held-out subjects and score them against their follow-ups (`generation.forecast_eval`)."""
+
+    dit_config: dict[str, Any]
+    decoder_config: dict[str, Any]
+    trend: dict[str, Any]  # `TrendModel.to_json`, fitted on the training subjects of all sites
+    steps: int
+    guidance_scale: float
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
 class SiteReply(Payload):
     """The `site` record of every reply: who answered."""
 
@@ -250,6 +279,11 @@ class ProbeCensus(SiteReply):
 @dataclass(frozen=True, kw_only=True)
 class AuditReply(SiteReply):
     audit: dict[str, Any]  # `privacy.audit.SiteAudit.to_json`: aggregates and one flag per synthetic scan
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoresReply(SiteReply):
+    scores: dict[str, Any]  # aggregates over the site's scans only (counts, sums, distances between sets)
 
 
 @dataclass(frozen=True, kw_only=True)

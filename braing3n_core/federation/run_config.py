@@ -261,6 +261,22 @@ class AuditRunConfig(StrictModel):
     dit: Path | None = Field(None, description="the DiT checkpoint, for the membership-inference test")
 
 
+class GenerationEvalRunConfig(StrictModel):
+    """A federated evaluation of a trained DiT + decoder (`braing3n evaluate-generation`): the server generates,
+    every site scores against its held-out scans and answers aggregates (`braing3n_core.generation.evaluation`)."""
+
+    dit: Path = Field(description="the DiT checkpoint manifest")
+    decoder: Path = Field(description="the decoder checkpoint manifest")
+    probes: Path | None = Field(None, description="federated probe heads (<run>/checkpoints/probes/final.json); "
+                                                  "None: the evaluation trains them first (probes.enabled)")
+    n: int = Field(32, ge=4, description="samples per generated set")
+    steps: int = Field(25, ge=1)
+    guidance: tuple[float, ...] = Field((1.0, 1.5, 3.0), min_length=1, description="the guidance sweep")
+    default_guidance: float = Field(1.5, ge=1.0, description="guidance of the swapped positive control and forecasts")
+    forecast: bool = Field(False, description="also forecast every held-out subject with a follow-up")
+    seed: int = 0
+
+
 class RunConfig(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     preset: str = "small"
@@ -275,6 +291,7 @@ class RunConfig(StrictModel):
     client_dp: ClientDPConfig = ClientDPConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     audit: AuditRunConfig | None = None
+    generation_eval: GenerationEvalRunConfig | None = None
     source_file: Path | None = Field(default=None, exclude=True)
 
     @field_validator("preset")
@@ -294,13 +311,17 @@ class RunConfig(StrictModel):
         both = sorted(set(names) & set(self.start_from))
         if both:
             raise ValueError(f"start_from: {both} are also listed under stages; a stage is either trained or given")
-        if (any(get_stage(n).needs_encoder for n in names) or self.probes.enabled or self.audit is not None) and not (
+        evaluates = self.audit is not None or self.generation_eval is not None
+        if (any(get_stage(n).needs_encoder for n in names) or self.probes.enabled or evaluates) and not (
             "mae" in names or "mae" in self.start_from
         ):
-            raise ValueError("the decoder, dit, probes and audit need an encoder: train the mae stage or give "
-                             "start_from.mae")
-        if not names and not self.probes.enabled and self.audit is None:
-            raise ValueError("nothing to do: list stages, enable probes or give an audit")
+            raise ValueError("the decoder, dit, probes, audit and generation_eval need an encoder: train the mae "
+                             "stage or give start_from.mae")
+        if not names and not self.probes.enabled and not evaluates:
+            raise ValueError("nothing to do: list stages, enable probes or give an audit or a generation_eval")
+        if self.generation_eval is not None and self.generation_eval.probes is None and not self.probes.enabled:
+            raise ValueError("generation_eval: give probes (a federated probes checkpoint) or enable probes, so the "
+                             "evaluation has heads to measure condition adherence with")
         self._privacy_layers_consistent()
         return self
 
@@ -342,19 +363,21 @@ class RunConfig(StrictModel):
             raw["start_from"] = {
                 k: str(v if Path(str(v)).is_absolute() else (base / str(v)).resolve()) for k, v in raw["start_from"].items()
             }
-        if isinstance(raw.get("audit"), dict):
-            raw["audit"] = {k: (str(v if Path(str(v)).is_absolute() else (base / str(v)).resolve()) if v else v)
-                            for k, v in raw["audit"].items()}
+        for block, keys in (("audit", ("synthetic", "dit")), ("generation_eval", ("dit", "decoder", "probes"))):
+            if isinstance(raw.get(block), dict):
+                raw[block] = {k: (str(v if Path(str(v)).is_absolute() else (base / str(v)).resolve())
+                                  if v and k in keys else v) for k, v in raw[block].items()}
         config = _validate(cls, raw, path)
         for stage, checkpoint in config.start_from.items():
             manifest = checkpoint if checkpoint.suffix == ".json" else checkpoint.with_suffix(".json")
             if not manifest.is_file():
                 raise ConfigError(f"{path}: start_from.{stage}: checkpoint {manifest} not found")
-        if config.audit is not None:
-            for key in ("synthetic", "dit"):
-                target = getattr(config.audit, key)
+        for block, keys in (("audit", ("synthetic", "dit")), ("generation_eval", ("dit", "decoder", "probes"))):
+            settings = getattr(config, block)
+            for key in keys if settings is not None else ():
+                target = getattr(settings, key)
                 if target is not None and not Path(target).with_suffix(".json").is_file():
-                    raise ConfigError(f"{path}: audit.{key}: {target} not found")
+                    raise ConfigError(f"{path}: {block}.{key}: {target} not found")
         return config.model_copy(update={"source_file": path.resolve()})
 
     def resolved(self) -> "RunConfig":
@@ -378,6 +401,6 @@ def write_resolved(config: RunConfig, path: Path) -> None:
 
 
 __all__ = [
-    "AuditRunConfig", "ClientDPConfig", "ConfigError", "FaultInjection", "ProbeRunConfig", "RunConfig",
+    "AuditRunConfig", "ClientDPConfig", "ConfigError", "FaultInjection", "GenerationEvalRunConfig", "ProbeRunConfig", "RunConfig",
     "SecureAggregationConfig", "StageRunConfig", "StrategyConfig", "write_resolved",
 ]

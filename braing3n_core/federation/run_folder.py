@@ -74,6 +74,7 @@ class RunFolder:
     complete_path = property(lambda self: self.root / "run_complete.json")
     probes_path = property(lambda self: self.root / "probes.json")
     audit_path = property(lambda self: self.root / "privacy_audit.json")
+    generation_eval_path = property(lambda self: self.root / "generation_eval.json")
     checkpoints_dir = property(lambda self: self.root / "checkpoints")
     logs_dir = property(lambda self: self.root / "logs")
     simulation_record = property(lambda self: self.root / "logs" / "simulation.json")

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from braing3n_core.config import ConfigError
-from braing3n_core.labels import Modality, ScanLabels
+from braing3n_core.labels import DIAGNOSES, FIELD_STRENGTHS_T, MODALITIES, SEXES, Modality, ScanLabels
 from braing3n_core.models.conditions import (
     CONDITION_SCHEMA,
     ConditionBatch,
@@ -125,3 +127,27 @@ def condition_batch(rows: Sequence[ConditionRow]) -> ConditionBatch:
     if not rows:
         raise ValueError("no condition rows")
     return conditions_from_labels([r.labels() for r in rows], [r.modality for r in rows])
+
+
+# Plausible ranges per diagnosis (years; MMSE points): the cohort the models learn from looks like this.
+AGE_BY_DIAGNOSIS = {"CN": (55.0, 85.0), "MCI": (60.0, 88.0), "AD": (62.0, 90.0), "glioma": (25.0, 75.0)}
+MMSE_BY_DIAGNOSIS = {"CN": (27.0, 30.0), "MCI": (22.0, 27.0), "AD": (12.0, 22.0), "glioma": None}
+
+
+def balanced_conditions(n: int, seed: int = 0) -> list[ConditionRow]:
+    """N rows cycling diagnosis fastest, then sex, modality and field strength (even in every prefix)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        diagnosis = DIAGNOSES[i % len(DIAGNOSES)]
+        low, high = AGE_BY_DIAGNOSIS[diagnosis]
+        mmse_range = MMSE_BY_DIAGNOSIS[diagnosis]
+        rows.append(ConditionRow(
+            age=round(float(rng.uniform(low, high)), 1),
+            sex=SEXES[(i // len(DIAGNOSES)) % len(SEXES)],
+            diagnosis=diagnosis,
+            modality=MODALITIES[(i // (len(DIAGNOSES) * len(SEXES))) % len(MODALITIES)],
+            field_strength=FIELD_STRENGTHS_T[(i // (len(DIAGNOSES) * len(SEXES) * len(MODALITIES))) % len(FIELD_STRENGTHS_T)],
+            mmse=None if mmse_range is None else float(round(rng.uniform(*mmse_range))),
+        ))
+    return rows

@@ -42,20 +42,16 @@ from braing3n_core.config import ConfigError
 from braing3n_core.data.cohort.bids_writer import write_json, write_text, write_tsv
 from braing3n_core.federation.run_folder import RunFolder
 from braing3n_core.fileio import atomic_write_bytes, atomic_write_json, file_sha256, json_safe
-from braing3n_core.generation.condition_table import MISSING, ConditionRow, read_conditions
+from braing3n_core.generation.condition_table import MISSING, ConditionRow, balanced_conditions, read_conditions
 from braing3n_core.generation.models import GenerationError, GenerationModels, load_run_models, model_hashes
 from braing3n_core.generation.output import nifti_bytes
 from braing3n_core.generation.sampling import generate
-from braing3n_core.labels import DIAGNOSES, FIELD_STRENGTHS_T, MODALITIES, SEXES, Modality
+from braing3n_core.labels import DIAGNOSES, SEXES, Modality
 from braing3n_core.models.conditions import CONDITION_SCHEMA, ContinuousVariable
 from braing3n_core.ops.consortium import load_release_private_key
 from braing3n_core.ops.release import sign_directory
 from braing3n_core.ops.simulate import simulate
 from braing3n_core.presets import Preset
-
-# Plausible ranges per diagnosis (years; MMSE points): the cohort the models learn from looks like this.
-AGE_BY_DIAGNOSIS = {"CN": (55.0, 85.0), "MCI": (60.0, 88.0), "AD": (62.0, 90.0), "glioma": (25.0, 75.0)}
-MMSE_BY_DIAGNOSIS = {"CN": (27.0, 30.0), "MCI": (22.0, 27.0), "AD": (12.0, 22.0), "glioma": None}
 
 
 class SynthesisError(RuntimeError):
@@ -79,25 +75,6 @@ def load_synthesis_models(checkpoint: Path) -> GenerationModels:
 
 
 # --- conditions -------------------------------------------------------------------------------------------
-
-
-def balanced_conditions(n: int, seed: int = 0) -> list[ConditionRow]:
-    """N rows cycling diagnosis fastest, then sex, modality and field strength (even in every prefix)."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        diagnosis = DIAGNOSES[i % len(DIAGNOSES)]
-        low, high = AGE_BY_DIAGNOSIS[diagnosis]
-        mmse_range = MMSE_BY_DIAGNOSIS[diagnosis]
-        rows.append(ConditionRow(
-            age=round(float(rng.uniform(low, high)), 1),
-            sex=SEXES[(i // len(DIAGNOSES)) % len(SEXES)],
-            diagnosis=diagnosis,
-            modality=MODALITIES[(i // (len(DIAGNOSES) * len(SEXES))) % len(MODALITIES)],
-            field_strength=FIELD_STRENGTHS_T[(i // (len(DIAGNOSES) * len(SEXES) * len(MODALITIES))) % len(FIELD_STRENGTHS_T)],
-            mmse=None if mmse_range is None else float(round(rng.uniform(*mmse_range))),
-        ))
-    return rows
 
 
 def distribution(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

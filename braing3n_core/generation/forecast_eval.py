@@ -1,7 +1,7 @@
 """Does forecasting beat doing nothing? Held-out subjects' real follow-ups against the forecast and two baselines.
 
-For every held-out subject (val + test split) with two sessions of one modality, the earliest scan is the
-baseline and the latest the follow-up, `years` apart. Four predictions of the follow-up, on the same pairs:
+For every held-out subject (val + test split) with two sessions of one modality (T1w where it has them),
+the earliest scan is the baseline and the latest the follow-up, `years` apart. Four predictions of the follow-up, on the same pairs:
 
 | method | the follow-up predicted as | its predicted regional change |
 |---|---|---|
@@ -43,7 +43,7 @@ from braing3n_core.evaluation.tissue import REGIONS, brain_mask, tissue_volumes
 from braing3n_core.generation.forecasting import forecast
 from braing3n_core.generation.models import GenerationModels
 from braing3n_core.generation.sampling import decode
-from braing3n_core.labels import Modality
+from braing3n_core.labels import MODALITIES, Modality
 from braing3n_core.presets import Preset
 from braing3n_core.training.examples import SiteInputs
 
@@ -67,16 +67,19 @@ class ScanPair:
 
 
 def longitudinal_pairs(records: Sequence[ScanRecord]) -> list[ScanPair]:
-    """Per (subject, modality): the earliest and the latest scan with an age, when they differ in age."""
-    groups: dict[tuple[str, str], list[ScanRecord]] = defaultdict(list)
+    """One pair per subject: its earliest and latest scan of one modality (T1w first, then the order of
+    `MODALITIES`) among the modalities with two ages, so every subject counts once."""
+    groups: dict[str, dict[Modality, list[ScanRecord]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
         if record.labels.age is not None:
-            groups[(record.subject, Modality(record.modality).value)].append(record)
+            groups[record.subject][Modality(record.modality)].append(record)
     pairs = []
-    for key in sorted(groups):
-        scans = sorted(groups[key], key=lambda r: (r.labels.age, r.session or ""))
-        if scans[-1].labels.age - scans[0].labels.age > 0:
-            pairs.append(ScanPair(scans[0], scans[-1]))
+    for subject in sorted(groups):
+        for modality in MODALITIES:
+            scans = sorted(groups[subject].get(modality, []), key=lambda r: (r.labels.age, r.session or ""))
+            if len(scans) >= 2 and scans[-1].labels.age - scans[0].labels.age > 0:
+                pairs.append(ScanPair(scans[0], scans[-1]))
+                break
     return pairs
 
 

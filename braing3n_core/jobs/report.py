@@ -33,7 +33,7 @@ import yaml
 from braing3n_core.federation.run_folder import RunFolder
 from braing3n_core.figures import DISPLAY_WINDOW, _save
 from braing3n_core.fileio import atomic_write_bytes, atomic_write_json
-from braing3n_core.jobs.report_figures import privacy_figure, privacy_series
+from braing3n_core.jobs.report_figures import forecast_figure, guidance_figure, privacy_figure, privacy_series
 
 matplotlib.use("Agg")  # files only: the report is written on servers without a display
 
@@ -472,6 +472,94 @@ def _section_showcase(c: RunContents, images: _Images) -> str:
     return "".join(parts)
 
 
+def find_generation_eval(root: Path) -> dict[str, Any] | None:
+    """The run's `generation_eval.json`: in the run folder, or in the evaluation run `braing3n
+    evaluate-generation` writes beside it (`<run>-generation-eval/`)."""
+    for folder in (root, root.with_name(root.name + "-generation-eval")):
+        found = _read_json(RunFolder(folder).generation_eval_path)
+        if found is not None:
+            return found
+    return None
+
+
+ADHERENCE_ROWS = ("age_mae", "age_pearson_r", "sex_auroc", "diagnosis_bacc", "modality_bacc", "field_strength_bacc", "mmse_mae")
+
+
+def _section_generation(c: RunContents, images: _Images, figures: Path) -> str:
+    """Adherence with its ceiling, floor and swapped control; FD/MMD with the real-vs-real floor; the sweep."""
+    result = find_generation_eval(c.root)
+    if result is None:
+        return ""
+    generation = result["generation"]
+    best = f"guidance-{generation['default_guidance']:g}"
+    adherence, ceiling = generation["adherence"], generation["ceiling"]["pooled"]
+    guided = [n for n in adherence if n.startswith("guidance-")]
+    headers = ["metric", *[f"generated g={n.removeprefix('guidance-')}" for n in guided], "swapped", "unconditioned",
+               "real held-out", "chance"]
+    rows = []
+    for metric in ADHERENCE_ROWS:
+        key = f"gen/adherence_{metric}"
+        if not any(key in adherence[n]["token"] for n in adherence):
+            continue
+        rows.append((metric, *[fmt(adherence[n]["token"].get(key)) for n in guided], fmt(adherence["swapped"]["token"].get(key)),
+                     fmt(adherence["unconditioned"]["token"].get(key)), fmt(ceiling.get(f"probe/{metric}")),
+                     fmt(ceiling.get(f"probe/{metric}_chance"))))
+    pooled = generation["pooled"]
+    rvr = pooled["real_vs_real"].get("token", {})
+    fidelity = []
+    for name, spaces in pooled["sets"].items():
+        for space, scores in spaces.items():
+            fd, mm = scores["fd"], scores["mmd"]
+            fidelity.append((name, space, f"{fmt(fd['value'])} [{fmt(fd['ci_low'])}, {fmt(fd['ci_high'])}]",
+                             fmt(scores.get("fd_half", {}).get("value")), f"{fmt(mm['value'])} [{fmt(mm['ci_low'])}, {fmt(mm['ci_high'])}]",
+                             fmt(generation["diversity"]["generated"].get(name))))
+    parts = ["<h2>Generation: does a sample match what was asked?</h2>",
+             f"<p class=note>{generation['n']} samples per set over a balanced condition table, {generation['steps']} "
+             f"ODE steps; scored with the federated probes (token space) against the requested conditions. "
+             f"Real held-out is the same probes on the sites' test scans (the ceiling); unconditioned is the floor; "
+             f"swapped conditions are the positive control.</p>",
+             _table(headers, rows),
+             "<h3>Fidelity and diversity</h3>",
+             f"<p class=note>Fréchet distance and MMD² of frozen-encoder features, generated vs all sites' held-out "
+             f"scans (pooled from the sites' sums; interval: generated-side bootstrap). Real-vs-real between two "
+             f"disjoint halves of the held-out subjects: FD {fmt(rvr.get('fd'))}, MMD² {fmt(rvr.get('mmd'))} at sizes "
+             f"{_e(rvr.get('n'))}; compare it with the equal-size column. MS-SSIM of real held-out pairs: "
+             f"{fmt(generation['diversity']['real'])}.</p>",
+             _table(["set", "space", "FD [95 %]", "FD equal-size", "MMD² [95 %]", "MS-SSIM within set"], fidelity, left=2)]
+    if guidance_figure(generation, figures / "guidance.png") is not None:
+        parts.append(images.tag(f"{FIGURE_DIR}/guidance.png", "guidance sweep"))
+    parts.append(f"<p class=note>Default guidance: {generation['default_guidance']:g} ({_e(best)}).</p>")
+    forecast = result.get("forecast")
+    if forecast:
+        parts.append(_forecast_html(forecast, images, figures))
+    return "".join(parts)
+
+
+def _forecast_html(forecast: Mapping[str, Any], images: _Images, figures: Path) -> str:
+    pooled = forecast["pooled"]
+    parts = ["<h2>Forecasting: better than doing nothing?</h2>"]
+    if not pooled.get("n_subjects"):
+        notes = "; ".join(f"{s}: {v.get('note', '')}" for s, v in forecast["sites"].items())
+        return parts[0] + f"<p class=bad>No site had enough held-out subjects with a follow-up ({_e(notes)}).</p>"
+    mean = pooled["mean"]
+    methods = ["forecast", "residual", "trend", "no_change"]
+    rows = [(m, *[fmt(mean.get(f"change/{m}/{r}")) for r in ("brain", "gm", "wm", "csf", "mean")],
+             fmt(mean.get(f"truth/{m}/mean")), fmt(mean.get(f"voxel/{m}/mae")), fmt(mean.get(f"voxel/{m}/ssim")))
+            for m in methods]
+    rows.append(("(measurement vs truth)", "", "", "", "", "", fmt(mean.get("truth/measured/mean")), "", ""))
+    improvement = pooled.get("improvement", {})
+    text = ", ".join(f"{m}: {100 * v['value']:+.0f} % [{100 * v['ci_low']:+.0f}, {100 * v['ci_high']:+.0f}]"
+                     for m, v in improvement.items())
+    parts += [f"<p class=note>{pooled['n_subjects']} held-out subjects with a real follow-up. Errors in ml of the "
+              "predicted change of each region against the real follow-up's measured change (intensity-clustering "
+              "tissue volumes, evaluation/tissue.py); 'vs truth' against the synthetic cohort's true change. "
+              f"Reduction of the mean error relative to no change: {_e(text)}.</p>",
+              _table(["method", "brain", "GM", "WM", "CSF", "mean", "mean vs truth", "voxel MAE", "voxel SSIM"], rows)]
+    if forecast_figure(pooled, figures / "forecast.png") is not None:
+        parts.append(images.tag(f"{FIGURE_DIR}/forecast.png", "forecast errors"))
+    return "".join(parts)
+
+
 def write_report(run_dir: Path, out: Path | None = None, embed_images: bool = False) -> Path:
     """Write `<run_dir>/report.html` (or `out`) and its figures; returns the HTML path."""
     contents = read_run(run_dir)
@@ -489,7 +577,8 @@ def write_report(run_dir: Path, out: Path | None = None, embed_images: bool = Fa
         f"<h1>{_e(title)}</h1><p class=muted>Written {_clock(time.time())} from {_e(root.resolve())} by "
         "<code>braing3n report</code>. Every number below is read from the run folder.</p>",
         _section_summary(contents), _section_timing(contents), _section_settings(contents), curves_html,
-        _section_probes(contents), _section_showcase(contents, images), _section_privacy(contents, images, figures),
+        _section_probes(contents), _section_showcase(contents, images), _section_generation(contents, images, figures),
+        _section_privacy(contents, images, figures),
         _section_incidents(contents),
     ])
     page = f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_e(title)}</title><style>{CSS}</style></head><body>{body}</body></html>"

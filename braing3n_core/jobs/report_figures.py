@@ -84,3 +84,76 @@ def privacy_figure(run_dir: Path, path: Path | None = None) -> Path | None:
     plt.close(figure)
     temp.replace(path)
     return path
+
+
+def _save(figure: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp.png")
+    figure.tight_layout()
+    figure.savefig(temp)
+    plt.close(figure)
+    temp.replace(path)
+    return path
+
+
+def guidance_figure(generation: Mapping[str, Any], path: Path, metric: str = "gen/adherence_age_mae") -> Path | None:
+    """The guidance sweep: `metric` (token space) and pooled FD per guidance, with the real ceiling and
+    real-vs-real lines; None when the sweep has a single value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    guidance = [float(g) for g in generation["guidance"]]
+    if len(guidance) < 2:
+        return None
+    names = [f"guidance-{g:g}" for g in guidance]
+    adherence = [generation["adherence"].get(n, {}).get("token", {}).get(metric) for n in names]
+    fd = [generation["pooled"]["sets"].get(n, {}).get("token", {}).get("fd", {}).get("value") for n in names]
+    figure, left = plt.subplots(figsize=(6.0, 3.4), dpi=120)
+    left.plot(guidance, [math_nan(v) for v in adherence], marker="o", color="C0", label=metric.removeprefix("gen/adherence_"))
+    ceiling = generation["ceiling"]["pooled"].get("probe/" + metric.removeprefix("gen/adherence_"))
+    if ceiling is not None:
+        left.axhline(ceiling, color="C0", linestyle="--", linewidth=0.8, label="real held-out (ceiling)")
+    left.set_xlabel("classifier-free guidance")
+    left.set_ylabel(metric.removeprefix("gen/adherence_"), color="C0")
+    right = left.twinx()
+    right.plot(guidance, [math_nan(v) for v in fd], marker="s", color="C1", label="FD (token)")
+    rvr = generation["pooled"]["real_vs_real"].get("token", {}).get("fd")
+    if rvr is not None:
+        right.axhline(rvr, color="C1", linestyle=":", linewidth=0.8, label="FD real-vs-real")
+    right.set_ylabel("Fréchet distance", color="C1")
+    left.set_title("Guidance sweep (dashed: real ceiling; dotted: real-vs-real)", fontsize=9)
+    left.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def forecast_figure(pooled: Mapping[str, Any], path: Path) -> Path | None:
+    """Mean regional volume-change error (ml) per method and region, over the held-out subjects."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean = pooled.get("mean") or {}
+    methods = sorted({k.split("/")[1] for k in mean if k.startswith("change/")})
+    regions = ["brain", "gm", "wm", "csf"]
+    if not methods:
+        return None
+    figure, axis = plt.subplots(figsize=(6.5, 3.4), dpi=120)
+    width = 0.8 / len(methods)
+    for index, method in enumerate(methods):
+        axis.bar([r + index * width for r in range(len(regions))],
+                 [mean.get(f"change/{method}/{region}", float("nan")) for region in regions], width, label=method)
+    axis.set_xticks([r + 0.4 - width / 2 for r in range(len(regions))], regions)
+    axis.set_ylabel("|predicted − real change| (ml)")
+    axis.set_title(f"Regional volume-change error, {pooled.get('n_subjects', 0)} held-out subjects", fontsize=9)
+    axis.legend(fontsize=7)
+    axis.grid(alpha=0.3, axis="y")
+    return _save(figure, path)
+
+
+def math_nan(value: Any) -> float:
+    return float("nan") if value is None else float(value)

@@ -238,7 +238,8 @@ def test_forecast_cli_scores_against_the_real_follow_up(runs, tmp_path: Path, ca
     record = json.loads((out / "forecast.json").read_text())
     assert record["baseline"]["session"] == base.session and record["follow_up"]["session"] == follow.session
     scores = record["scores"]
-    assert set(scores) == {"forecast/psnr", "forecast/ssim", "forecast/baseline_psnr", "forecast/baseline_ssim"}
+    assert set(scores) == {"forecast/psnr", "forecast/ssim", "forecast/residual_psnr", "forecast/residual_ssim",
+                           "forecast/baseline_psnr", "forecast/baseline_ssim"}
     assert all(math.isfinite(v) for v in scores.values()) and -1 <= scores["forecast/ssim"] <= 1
     assert record["settings"]["conditioned_age"] == pytest.approx(follow.labels.age, abs=1e-3)
     assert record["split"] in {"train", "val", "test"} and record["site_file"] == str(runs["site"].resolve())

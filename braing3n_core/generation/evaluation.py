@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from braing3n_core.data.bids import ScanRecord
+from braing3n_core.data.tokens import encode_volumes
 from braing3n_core.data.transforms import preprocess_scan
 from braing3n_core.evaluation.heads import LinearHead
 from braing3n_core.evaluation.metrics import (
@@ -125,19 +126,15 @@ def requested_table(rows: Sequence[ConditionRow]) -> ProbeTable:
 
 
 @torch.no_grad()
-def encode_volumes(encoder: MAEEncoder, volumes: torch.Tensor, batch_size: int = 4) -> np.ndarray:
+def pooled_encoding(encoder: MAEEncoder, volumes: torch.Tensor, batch_size: int = 4) -> np.ndarray:
     """Mean-pooled frozen-encoder tokens [n, E] of volumes [n, 1, D, H, W] (the probes' features)."""
-    device = next(encoder.parameters()).device
-    parts = []
-    with autocast(device):
-        for start in range(0, len(volumes), batch_size):
-            parts.append(encoder(volumes[start:start + batch_size].to(device).float()).float().mean(1).cpu())
+    parts = [encode_volumes(encoder, volumes[start:start + batch_size]).mean(1) for start in range(0, len(volumes), batch_size)]
     return torch.cat(parts).double().numpy()
 
 
 def _features(models: GenerationModels, tokens: torch.Tensor, volumes: torch.Tensor) -> dict[str, np.ndarray]:
     encoder = models.require_encoder("generation evaluation (scan-space features)")
-    return {"token": tokens.float().mean(1).double().numpy(), "scan": encode_volumes(encoder, volumes)}
+    return {"token": tokens.float().mean(1).double().numpy(), "scan": pooled_encoding(encoder, volumes)}
 
 
 @torch.no_grad()

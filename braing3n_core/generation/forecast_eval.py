@@ -42,7 +42,6 @@ from braing3n_core.evaluation.pooled import MIN_ROWS
 from braing3n_core.evaluation.tissue import REGIONS, brain_mask, tissue_volumes
 from braing3n_core.generation.forecasting import forecast
 from braing3n_core.generation.models import GenerationModels
-from braing3n_core.generation.sampling import decode
 from braing3n_core.labels import MODALITIES, Modality
 from braing3n_core.presets import Preset
 from braing3n_core.training.examples import SiteInputs
@@ -215,9 +214,7 @@ def pair_scores(models: GenerationModels, site: SiteInputs, pair: ScanPair, tren
                       guidance_scale=guidance_scale, seed=seed)
     baseline, follow = result.baseline_volume, result.follow_up_volume
     mask = brain_mask(baseline)
-    reconstructed = decode(models.decoder, site.tokens.tokens(pair.baseline)[None])[0, 0].numpy()
-    residual = np.where(mask, baseline + result.volume - reconstructed, 0.0)
-    volumes = {"forecast": result.volume, "residual": residual, "no_change": baseline}
+    volumes = {"forecast": result.volume, "residual": result.residual_volume, "no_change": baseline}
     before = regional(baseline, modality, preset)
     after = regional(follow, modality, preset)
     actual = {r: after[r] - before[r] for r in REGIONS}

@@ -42,6 +42,15 @@ class ForecastResult:
     scores: dict[str, float]  # forecast/psnr, forecast/ssim and the baseline-as-forecast reference
     seconds: float
     settings: dict[str, Any]
+    residual_volume: np.ndarray | None = None  # [D, H, W] `residual_forecast` of the same tokens
+
+
+def residual_forecast(baseline_volume: np.ndarray, forecast_volume: np.ndarray, reconstructed_baseline: np.ndarray) -> np.ndarray:
+    """The real baseline + the decoded change, decode(forecast tokens) − decode(baseline tokens), inside
+    the baseline's brain: the decoder's own reconstruction error cancels where nothing changes, so the
+    forecast keeps the baseline's detail (the direct decode carries the decoder's whole error)."""
+    mask = np.asarray(baseline_volume) != 0
+    return np.where(mask, baseline_volume + forecast_volume - reconstructed_baseline, 0.0).astype(np.float32)
 
 
 def find_baseline(data: SiteData, subject: str, session: str | None, modality: Modality) -> ScanRecord:
@@ -84,10 +93,13 @@ def volume_scores(prediction: np.ndarray | torch.Tensor, target: np.ndarray | to
     return float(psnr(prediction, target, mask=target != 0)[0]), float(ssim(prediction, target)[0])
 
 
-def _forecast_scores(forecast_volume: np.ndarray, baseline_volume: np.ndarray, follow_volume: np.ndarray) -> dict[str, float]:
-    """The forecast against the real follow-up and, as the "nothing changes" reference, the baseline."""
+def _forecast_scores(forecast_volume: np.ndarray, residual_volume: np.ndarray, baseline_volume: np.ndarray,
+                     follow_volume: np.ndarray) -> dict[str, float]:
+    """The direct and the residual forecast against the real follow-up and, as the "nothing changes"
+    reference, the baseline."""
     scores = {}
-    for prefix, volume in (("forecast/", forecast_volume), ("forecast/baseline_", baseline_volume)):
+    for prefix, volume in (("forecast/", forecast_volume), ("forecast/residual_", residual_volume),
+                           ("forecast/baseline_", baseline_volume)):
         scores[f"{prefix}psnr"], scores[f"{prefix}ssim"] = volume_scores(volume, follow_volume)
     return scores
 
@@ -109,21 +121,22 @@ def forecast(models: GenerationModels, site: SiteData, tokens: TokenCache, basel
     started = time.perf_counter()
     base_tokens = tokens.tokens(baseline)[None]  # [1, N, E]
     known = _known_at_follow_up(baseline.labels, years)
-    predicted, volume = _sample_follow_up(models, base_tokens, known, Modality(baseline.modality), years,
-                                          steps=steps, guidance_scale=guidance_scale, seed=seed)
+    predicted, volume, reconstructed = _sample_follow_up(models, base_tokens, known, Modality(baseline.modality), years,
+                                                         steps=steps, guidance_scale=guidance_scale, seed=seed)
     seconds = time.perf_counter() - started
     baseline_volume = preprocess_scan(baseline.path, models.preset, site.cache)[0]
+    residual = residual_forecast(baseline_volume, volume, reconstructed)
     follow_up = follow_up if follow_up is not None else matching_follow_up(site.records, baseline, years)
     follow_volume, scores = None, {}
     if follow_up is not None:
         follow_volume = preprocess_scan(follow_up.path, models.preset, site.cache)[0]
-        scores = _forecast_scores(volume, baseline_volume, follow_volume)
+        scores = _forecast_scores(volume, residual, baseline_volume, follow_volume)
     settings = {"steps": steps, "guidance_scale": guidance_scale, "seed": seed, "site": site.config.site_id,
                 "subject": baseline.subject, "session": baseline.session, "modality": Modality(baseline.modality).value,
                 "years": float(years), "conditioned_age": known.age, "encoder_sha256": models.encoder_sha256,
                 "device": str(models.device), "autocast": "bf16" if models.device.type == "cuda" else None}
     return ForecastResult(baseline, follow_up, float(years), predicted, volume, baseline_volume, follow_volume,
-                          scores, seconds, settings)
+                          scores, seconds, settings, residual)
 
 
 def _known_at_follow_up(labels: ScanLabels, years: float) -> ScanLabels:
@@ -134,8 +147,9 @@ def _known_at_follow_up(labels: ScanLabels, years: float) -> ScanLabels:
 
 
 def _sample_follow_up(models: GenerationModels, base_tokens: torch.Tensor, known: ScanLabels, modality: Modality,
-                      years: float, *, steps: int, guidance_scale: float, seed: int) -> tuple[torch.Tensor, np.ndarray]:
-    """The DiT's follow-up tokens [1, N, E] for baseline tokens [1, N, E], and their decoded volume [D, H, W]."""
+                      years: float, *, steps: int, guidance_scale: float, seed: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """The DiT's follow-up tokens [1, N, E] for baseline tokens [1, N, E], their decoded volume [D, H, W]
+    and the decoded baseline tokens [D, H, W] (for the residual forecast)."""
     dit = models.require_dit()
     try:
         cond = conditions_from_labels([known], [modality])
@@ -145,9 +159,9 @@ def _sample_follow_up(models: GenerationModels, base_tokens: torch.Tensor, known
         predicted = sample(dit, (1, dit.config.num_tokens, dit.config.token_dim), cond, steps=steps,
                            guidance_scale=guidance_scale, baseline=base_tokens, interval=torch.tensor([float(years)]),
                            generator=torch.Generator().manual_seed(seed)).float().cpu()  # [1, N, E]
-    volume = decode(models.decoder, predicted)[0, 0].numpy()
+    volumes = decode(models.decoder, torch.cat([predicted, base_tokens.float().cpu()]))  # [2, 1, D, H, W]
     _synchronize(models.device)
-    return predicted, volume
+    return predicted, volumes[0, 0].numpy(), volumes[1, 0].numpy()
 
 
 SCAN_SITE = "(no site)"  # site_id of the record `forecast_scan` makes for a scan that belongs to no site
@@ -171,8 +185,8 @@ def forecast_scan(models: GenerationModels, scan: Path, labels: ScanLabels, moda
     started = time.perf_counter()
     base_tokens = encode_volumes(encoder, torch.from_numpy(baseline_volume)[None], models.device)  # [1, N, E]
     known = _known_at_follow_up(labels, years)
-    predicted, volume = _sample_follow_up(models, base_tokens, known, modality, years, steps=steps,
-                                          guidance_scale=guidance_scale, seed=seed)
+    predicted, volume, reconstructed = _sample_follow_up(models, base_tokens, known, modality, years, steps=steps,
+                                                         guidance_scale=guidance_scale, seed=seed)
     seconds = time.perf_counter() - started
     baseline = ScanRecord(SCAN_SITE, scan.name, None, modality, scan, labels)
     settings = {"steps": steps, "guidance_scale": guidance_scale, "seed": seed, "site": None, "scan": str(scan),
@@ -180,7 +194,7 @@ def forecast_scan(models: GenerationModels, scan: Path, labels: ScanLabels, moda
                 "encoder_sha256": models.encoder_sha256, "device": str(models.device),
                 "autocast": "bf16" if models.device.type == "cuda" else None}
     return ForecastResult(baseline, None, float(years), predicted, volume, baseline_volume[0], None, {}, seconds,
-                          settings)
+                          settings, residual_forecast(baseline_volume[0], volume, reconstructed))
 
 
 def split_of(data: SiteData, record: ScanRecord) -> str:

@@ -72,14 +72,21 @@ def write_samples(samples: GeneratedSamples, preset: Preset, folder: Path, *, mo
 
 
 def write_forecast(result: ForecastResult, preset: Preset, nifti: Path, montage: Path) -> tuple[Path, Path]:
-    """The forecast as NIfTI, and a montage: baseline | forecast | real follow-up (when there is one)."""
+    """The forecast as NIfTI — the residual forecast, the default since it beat the direct decode on
+    held-out subjects (README, `bench/results/generation.json`); the direct decode goes beside it as
+    `<name>-direct.nii.gz` — and a montage: baseline | forecast | real follow-up (when there is one) |
+    forecast − baseline."""
     base, follow = result.baseline, result.follow_up
+    volume = result.residual_volume if result.residual_volume is not None else result.volume
     age = f"{base.labels.age:.1f} y" if base.labels.age is not None else "age not recorded"
-    cells = [(f"baseline, {age}", result.baseline_volume), (f"forecast, +{result.interval_years:.1f} y", result.volume)]
+    cells = [(f"baseline, {age}", result.baseline_volume), (f"forecast, +{result.interval_years:.1f} y", volume)]
     if follow is not None and result.follow_up_volume is not None:
         cells.append((f"real follow-up, {follow.labels.age:.1f} y", result.follow_up_volume))
+    cells.append(("forecast − baseline", volume - result.baseline_volume))
     label = f"{base.site_id} {base.subject} {Modality(base.modality).short}"
-    return write_nifti(result.volume, preset, nifti), plot_montage([cells], Path(montage), [label])
+    nifti = Path(nifti)
+    write_nifti(result.volume, preset, nifti.with_name(nifti.name.replace(".nii.gz", "-direct.nii.gz")))
+    return write_nifti(volume, preset, nifti), plot_montage([cells], Path(montage), [label])
 
 
 def _scan(record: ScanRecord | None) -> dict[str, Any] | None:

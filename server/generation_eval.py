@@ -31,9 +31,12 @@ from braing3n_core.federation.protocol import (
     ScoresReply,
 )
 from braing3n_core.federation.run_folder import RunFolder
+from braing3n_core.figures import plot_montage
 from braing3n_core.fileio import atomic_write_json, json_safe
 from braing3n_core.generation.condition_table import balanced_conditions
 from braing3n_core.generation.evaluation import (
+    SWAPPED,
+    UNCONDITIONED,
     adherence,
     diversity,
     features_to_arrays,
@@ -45,6 +48,7 @@ from braing3n_core.generation.evaluation import (
 )
 from braing3n_core.generation.forecast_eval import TrendModel, pooled_forecast
 from braing3n_core.generation.models import GenerationModels, load_generation_models
+from braing3n_core.labels import DIAGNOSES
 from braing3n_core.stage_names import MAE, PROBES
 from server.aggregation import reply_site, to_array_record
 from server.session import Federation, FederationError, say
@@ -78,6 +82,7 @@ def _generation(federation: Federation, models: GenerationModels, heads, priors,
                          steps=settings.steps, seed=settings.seed)
     seconds = time.perf_counter() - started
     say(f"generation_eval: {len(sets)} sets of {settings.n} generated in {seconds:.0f} s")
+    montage = _montage(federation.run, sets, guided_set(settings.default_guidance))
     kernels = fourier_kernels(sets, guided_set(settings.default_guidance) if settings.default_guidance in settings.guidance
                               else sets[0].name, settings.seed)
     query = GenerationScoresQuery(kernels={space: {"width": k.width, "bandwidth": k.bandwidth, "seed": k.seed,
@@ -106,8 +111,23 @@ def _generation(federation: Federation, models: GenerationModels, heads, priors,
         "pooled": pooled_distances(sums, sets, kernels, settings.seed),
         "sites": {s: {k: v for k, v in m.items() if k != "probes"} for s, m in per_site.items()},
         "diversity": {"generated": diversity(sets, settings.seed), "real": pooled_diversity(per_site)},
-        "kernels": query.kernels,
+        "kernels": query.kernels, "montage": montage,
     }
+
+
+def _montage(run: RunFolder, sets, default: str) -> str:
+    """Mid-slices of the first sample per diagnosis: one row per set (generated, swapped, unconditioned)."""
+    rows, labels = [], []
+    for generated in sets:
+        if generated.name not in (default, SWAPPED, UNCONDITIONED):
+            continue
+        picks = list(range(min(len(DIAGNOSES), len(generated.volumes))))
+        rows.append([(generated.requested[i].describe(), generated.volumes[i, 0].numpy()) for i in picks])
+        labels.append(generated.name)
+    path = run.figures_dir / "generation_samples.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot_montage(rows, path, labels)
+    return path.name
 
 
 def _forecast(federation: Federation, models: GenerationModels) -> dict[str, Any]:

@@ -241,3 +241,13 @@ def test_no_site_sends_a_per_scan_feature_or_distance(evaluation) -> None:
     for site, scores in {**generation["sites"], **evaluation["result"]["forecast"]["sites"]}.items():
         for path, length in _lists(scores):
             assert length <= 3, f"{site}: {path} is a list of {length} values"
+
+
+@pytest.mark.slow
+def test_report_shows_the_generation_and_forecast_sections(evaluation) -> None:
+    out = evaluation["out"]
+    assert main(["report", str(out)]) == 0
+    html = RunFolder(out).report_path.read_text(encoding="utf-8")
+    assert "Generation: does a sample match what was asked?" in html and "Forecasting: better than doing nothing?" in html
+    for figure in ("guidance.png", "generation_samples.png"):
+        assert (RunFolder(out).figures_dir / figure).is_file()

@@ -19,6 +19,7 @@ import base64
 import html
 import json
 import math
+import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -472,13 +473,13 @@ def _section_showcase(c: RunContents, images: _Images) -> str:
     return "".join(parts)
 
 
-def find_generation_eval(root: Path) -> dict[str, Any] | None:
-    """The run's `generation_eval.json`: in the run folder, or in the evaluation run `braing3n
-    evaluate-generation` writes beside it (`<run>-generation-eval/`)."""
+def find_generation_eval(root: Path) -> tuple[dict[str, Any], Path] | None:
+    """The run's `generation_eval.json` and the run folder holding it: the run itself, or the evaluation
+    run `braing3n evaluate-generation` writes beside it (`<run>-generation-eval/`)."""
     for folder in (root, root.with_name(root.name + "-generation-eval")):
         found = _read_json(RunFolder(folder).generation_eval_path)
         if found is not None:
-            return found
+            return found, folder
     return None
 
 
@@ -487,9 +488,10 @@ ADHERENCE_ROWS = ("age_mae", "age_pearson_r", "sex_auroc", "diagnosis_bacc", "mo
 
 def _section_generation(c: RunContents, images: _Images, figures: Path) -> str:
     """Adherence with its ceiling, floor and swapped control; FD/MMD with the real-vs-real floor; the sweep."""
-    result = find_generation_eval(c.root)
-    if result is None:
+    found = find_generation_eval(c.root)
+    if found is None:
         return ""
+    result, folder = found
     generation = result["generation"]
     best = f"guidance-{generation['default_guidance']:g}"
     adherence, ceiling = generation["adherence"], generation["ceiling"]["pooled"]
@@ -529,6 +531,11 @@ def _section_generation(c: RunContents, images: _Images, figures: Path) -> str:
     if guidance_figure(generation, figures / "guidance.png") is not None:
         parts.append(images.tag(f"{FIGURE_DIR}/guidance.png", "guidance sweep"))
     parts.append(f"<p class=note>Default guidance: {generation['default_guidance']:g} ({_e(best)}).</p>")
+    montage = RunFolder(folder).figures_dir / str(generation.get("montage") or "generation_samples.png")
+    if montage.is_file():
+        if folder != c.root:  # the evaluation's own run folder: copy the figure to this report's
+            shutil.copyfile(montage, figures / montage.name)
+        parts.append("<h3>Samples per condition</h3>" + images.tag(f"{FIGURE_DIR}/{montage.name}", "generated samples"))
     forecast = result.get("forecast")
     if forecast:
         parts.append(_forecast_html(forecast, images, figures))

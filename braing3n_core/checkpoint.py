@@ -13,19 +13,21 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from braing3n_core.errors import BadInput
 from braing3n_core.fileio import atomic_write_json, file_sha256
 
 FORMAT = "braing3n-checkpoint/1"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BadInput, RuntimeError):
     """A checkpoint is missing, incomplete or does not match its manifest; the message names the file."""
 
 
@@ -83,26 +85,50 @@ def save_checkpoint(stem: Path, tensors: Mapping[str, torch.Tensor], meta: Mappi
 
 def load_checkpoint(path: Path | str, map_location: str = "cpu") -> Checkpoint:
     """Load from a stem, a `.json` manifest or a `.safetensors` path; verifies the weights hash."""
-    path = Path(path)
-    manifest_path = path.with_suffix(".json") if path.suffix in (".safetensors", "") else path
-    if path.suffix == "" and not manifest_path.exists():
-        manifest_path = Path(str(path) + ".json")
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{manifest_path}: checkpoint manifest not found (incomplete or missing checkpoint)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{manifest_path}: manifest is not valid JSON: {error}") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{manifest_path}: unknown checkpoint format {manifest.get('format')!r}")
+    manifest_path, manifest = read_manifest(path)
     weights = manifest_path.parent / manifest["weights"]
     if not weights.is_file():
         raise CheckpointError(f"{weights}: weights file named by {manifest_path.name} is missing")
     actual = file_sha256(weights)
-    if actual != manifest["weights_sha256"]:
-        raise CheckpointError(f"{weights}: sha256 {actual[:12]}… does not match its manifest ({manifest['weights_sha256'][:12]}…)")
+    if actual != manifest.get("weights_sha256"):
+        raise CheckpointError(f"{weights}: sha256 {actual[:12]}… does not match its manifest "
+                              f"({str(manifest.get('weights_sha256'))[:12]}…)")
     tensors = load_file(str(weights), device=map_location)
-    return Checkpoint(tensors=tensors, meta=manifest.get("meta", {}), path=manifest_path)
+    meta = manifest.get("meta", {})
+    return Checkpoint(tensors=tensors, meta=meta if isinstance(meta, dict) else {}, path=manifest_path)
+
+
+def read_manifest(path: Path | str) -> tuple[Path, dict[str, Any]]:
+    """A checkpoint's manifest path and content, checked to be ours; nothing is loaded yet.
+
+    People pass all sorts of files as a checkpoint (a PyTorch `.bin`, another tool's JSON, a folder), so each
+    is named for what it is instead of failing on its bytes."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; give a checkpoint's .json manifest "
+                              "(e.g. <run>/checkpoints/mae/final.json)")
+    if path.suffix not in (".json", ".safetensors", ""):
+        raise CheckpointError(f"{path}: not a braing3n checkpoint ({path.suffix} file); give the .json manifest "
+                              "written beside its .safetensors weights")
+    manifest_path = path.with_suffix(".json") if path.suffix in (".safetensors", "") else path
+    if path.suffix == "" and not manifest_path.exists():
+        manifest_path = Path(str(path) + ".json")
+    if not manifest_path.is_file():
+        what = "does not exist" if not path.exists() else "has no manifest beside it"
+        raise CheckpointError(f"{manifest_path}: checkpoint manifest not found ({path} {what}; incomplete or "
+                              "missing checkpoint)")
+    try:
+        manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{manifest_path}: not a checkpoint manifest (not valid JSON: {error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        detail = f"format {found!r}" if found is not None else "no \"format\" field"
+        raise CheckpointError(f"{manifest_path}: not a braing3n checkpoint manifest ({detail}; expected "
+                              f"{FORMAT!r}, as written beside a .safetensors file by training)")
+    if not isinstance(manifest.get("weights"), str):
+        raise CheckpointError(f"{manifest_path}: checkpoint manifest names no weights file")
+    return manifest_path, manifest
 
 
 def list_checkpoints(directory: Path, prefix: str = "") -> list[Path]:

@@ -1,146 +1,315 @@
 """The `braing3n` command.
 
 Each sub-command is a thin function that parses its arguments and calls one core function; the heavy
-imports happen inside the handlers so that `braing3n --help` stays instant.
+imports happen inside the handlers so that `braing3n --help` stays instant. Arguments that name files are
+checked while parsing (cheap `type=` functions), so a mistyped path fails in a fraction of a second with a
+message naming it instead of after torch has loaded. `main` maps every error to the one exit-code contract
+of `braing3n_core.errors`: results go to stdout, messages and progress to stderr, never a traceback unless
+`-v` asks for one.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from braing3n_core.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, BadInput, JobFailed
 
 if TYPE_CHECKING:
     from braing3n_core.generation.condition_table import ConditionRow
 
 Handler = Callable[[argparse.Namespace], int]
 
+DESCRIPTION = """\
+braing3n: federated training of a 3D brain-MRI foundation model across hospitals, on Flower.
 
-def _cohort_make(args: argparse.Namespace) -> int:
-    from braing3n_core.data.cohort import CohortSpec, make_cohort
+A hospital checks its BIDS data and joins the consortium's federation; the consortium trains an MAE
+encoder, a decoder and a conditional diffusion model without any scan leaving a site, then probes,
+generates, forecasts and signs releases."""
 
-    spec = CohortSpec(
-        n_sites=args.sites,
-        subjects_per_site=args.subjects,
-        seed=args.seed,
-        voxel_mm=args.voxel_mm,
-        workers=args.workers,
-    )
-    site_yamls = make_cohort(spec, out_dir=Path(args.out), sites_dir=Path(args.sites_dir) if args.sites_dir else None)
-    for path in site_yamls:
-        print(path)
-    return 0
+EPILOG = """\
+examples:
+  braing3n site check sites/site-a.yaml                 list a site's scans and every problem found
+  braing3n simulate --sites sites/demo/*.yaml --run-config runs-config/tiny.yaml --out runs/tiny
+  braing3n sample runs/tiny --modality T1w --age 75 --sex F --diagnosis AD --out samples
+
+exit codes (every command):
+  0    success
+  1    the job ran and failed (a process died, no usable scan, a release that does not verify)
+  2    bad usage or bad input (a missing or invalid file, setting or argument: the message names it)
+  130  interrupted (Ctrl-C or SIGTERM)
+
+-q/--quiet and -v/--verbose may come before or after the command. `braing3n COMMAND --help` shows a
+command's options; a command without its action (`braing3n site`) lists its actions."""
 
 
-def _site_check(args: argparse.Namespace) -> int:
-    from braing3n_core.data.checks import check_site, render_site_report
-    from braing3n_core.site_config import SiteConfig
+# --- help ----------------------------------------------------------------------------------------------------
 
-    config = SiteConfig.from_yaml(args.site_yaml)
-    report = check_site(config)
-    render_site_report(report, verbose=args.verbose)
-    return 0 if report.usable_scans else 1
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions keep their line breaks; every option shows its default unless the help already says
+    what happens without it (None defaults) or it is an on/off flag."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("braing3n-fl")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        from braing3n_core import __version__
+
+        return __version__
+
+
+# --- arguments checked while parsing ---------------------------------------------------------------------------
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: is a folder, not a file")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{path}: does not exist" if not path.exists() else f"{path}: not a regular file")
+    return path
+
+
+def _existing_dir(text: str) -> Path:
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{path}: does not exist")
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: is a file, not a folder")
+    return path
+
+
+def _existing_path(text: str) -> Path:
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{path}: does not exist")
+    return path
+
+
+def _yaml_file(text: str) -> Path:
+    """A readable YAML mapping (UTF-8 text, not a folder or a scan); its settings are validated later."""
+    from braing3n_core.config import ConfigError, read_yaml_mapping
+
+    try:
+        read_yaml_mapping(Path(text))
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return Path(text)
+
+
+def _release_path(text: str) -> Path:
+    path = _existing_path(text)
+    if path.is_file() and path.name != "RELEASE.json":
+        raise argparse.ArgumentTypeError(f"{path}: a file, not a release; give the release folder (the one holding "
+                                         "RELEASE.json) or its RELEASE.json")
+    return path
+
+
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(\d{1,5})$")
+
+
+def _host_port(text: str) -> str:
+    match = _HOST_PORT.match(text.strip())
+    if match is None or not 1 <= int(match.group(2)) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: give HOST:PORT, e.g. fl.consortium.example:9092 "
+                                         "(the port `consortium serve` listens on)")
+    return text.strip()
+
+
+def _voxel_mm(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of millimetres between 1 and 4") from None
+    if not 1.0 <= value <= 4.0:
+        raise argparse.ArgumentTypeError(f"{text}: the template is simulated at 1 to 4 mm")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
+# --- output ----------------------------------------------------------------------------------------------------
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    """An informational line on stdout; `-q` silences it (errors and --json output are never silenced)."""
+    if not args.quiet:
+        print(text, flush=True)
+
+
+def _note(args: argparse.Namespace, text: str) -> None:
+    """A message about the run rather than its result, on stderr so stdout stays the result."""
+    if not args.quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _print_json(document: Any) -> None:
+    print(json.dumps(document, indent=2, sort_keys=False, default=str))
+
+
+def _console() -> Any:
+    """rich's console as the environment asks: no colour with NO_COLOR, plain text into a pipe or a log."""
+    from rich.console import Console
+
+    return Console()
 
 
 def _comma_list(values: list[str] | None) -> list[str]:
     return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
 
 
-def _deployment(run: Callable[[], int]) -> int:
-    """Run a deployment command; Flower failures and Ctrl-C end it with a message, not a traceback."""
-    from braing3n_core.ops.deploy import DeploymentError
-
-    try:
-        return run()
-    except DeploymentError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; every process started here was stopped.", file=sys.stderr)
-        return 130
+def _optional_path(value: str | None) -> Path | None:
+    return Path(value) if value else None
 
 
-def _synced(consortium) -> int:
-    from braing3n_core.ops.deploy import sync_registrations
+# --- data ------------------------------------------------------------------------------------------------------
 
-    sync_registrations(consortium)
-    return 0
+
+def _cohort_make(args: argparse.Namespace) -> int:
+    from braing3n_core.config import ConfigError
+    from braing3n_core.data.cohort import CohortSpec, existing_cohort, make_cohort, summarize_cohort
+
+    spec = CohortSpec(n_sites=args.sites, subjects_per_site=args.subjects, seed=args.seed, voxel_mm=args.voxel_mm,
+                      workers=args.workers, progress=not args.quiet)
+    out, sites_dir = Path(args.out), _optional_path(args.sites_dir)
+    existing = existing_cohort(spec, out, sites_dir)
+    if existing and not args.force:
+        shown = ", ".join(str(p) for p in existing[:4]) + (f" and {len(existing) - 4} more" if len(existing) > 4 else "")
+        raise ConfigError(f"{out}: holds a cohort already ({shown}); pass --force to replace it, or choose another --out")
+    started = time.perf_counter()
+    site_yamls = make_cohort(spec, out_dir=out, sites_dir=sites_dir)
+    for path in site_yamls:
+        _say(args, str(path))
+    summary = summarize_cohort(site_yamls)
+    _note(args, f"cohort: {summary.sites} sites, {summary.subjects} subjects, {summary.sessions} sessions, "
+                f"{summary.scans} scans in {time.perf_counter() - started:.1f} s: {out}")
+    return EXIT_OK
+
+
+def _site_check(args: argparse.Namespace) -> int:
+    from braing3n_core.config import ConfigError
+    from braing3n_core.data.checks import check_site, render_site_report, site_report_json
+    from braing3n_core.site_config import SiteConfig
+
+    config = SiteConfig.from_yaml(args.site_yaml)
+    if not config.data_root.is_dir():
+        raise ConfigError(f"{args.site_yaml}: data_root {config.data_root} does not exist (or is not a folder)")
+    # A hospital's dataset may be read-only: the check writes a cache only where the user chose one.
+    cache = Path(args.cache_dir) if args.cache_dir else config.cache_dir
+    report = check_site(config, progress=False if (args.quiet or args.json) else None, cache=cache)
+    if args.json:
+        _print_json(site_report_json(report, cache))
+    elif args.quiet:
+        print(f"{len(report.usable_scans)} usable scans, {len(report.excluded_files)} files excluded")
+    else:
+        render_site_report(report, verbose=args.verbose > 0, console=_console(), cache=cache)
+    return EXIT_OK if report.usable_scans else EXIT_FAILED
+
+
+# --- the consortium ----------------------------------------------------------------------------------------------
 
 
 def _consortium_init(args: argparse.Namespace) -> int:
     from braing3n_core.ops.consortium import init_consortium
 
     consortium = init_consortium(Path(args.dir), _comma_list([args.sites]), args.host, _comma_list(args.ip),
-                                 _comma_list(args.dns), server_days=args.days)
+                                 _comma_list(args.dns), server_days=args.days, force=args.force)
     layout = consortium.layout
-    print(f"consortium folder {layout.root}")
-    print(f"  SuperLink certificate {layout.server_cert}: DNS {', '.join(consortium.dns_names)}; "
-          f"IP {', '.join(consortium.ip_addresses)}")
-    print(f"  release signing key {layout.release_key} (public: {layout.release_pub})")
+    _say(args, f"consortium folder {layout.root}")
+    _say(args, f"  SuperLink certificate {layout.server_cert}: DNS {', '.join(consortium.dns_names)}; "
+               f"IP {', '.join(consortium.ip_addresses)}")
+    _say(args, f"  release signing key {layout.release_key} (public: {layout.release_pub})")
     for site, entry in sorted(consortium.sites.items()):
-        print(f"  site {site}: hand over {layout.bundle(site)} (key {entry.fingerprint})")
-    print("Keep ca/ca.key, superlink/server.key and release/release.key on the consortium server only.")
-    return 0
+        _say(args, f"  site {site}: hand over {layout.bundle(site)} (key {entry.fingerprint})")
+    _say(args, "Keep ca/ca.key, superlink/server.key and release/release.key on the consortium server only.")
+    return EXIT_OK
+
+
+def _sync_if_running(args: argparse.Namespace) -> int:
+    """Register a new or changed key now when the SuperLink runs here; otherwise `consortium serve` does at start."""
+    from braing3n_core.ops.consortium import load_consortium
+    from braing3n_core.ops.deploy import running_superlink, sync_registrations
+
+    consortium = load_consortium(Path(args.dir))
+    if running_superlink(consortium) is not None:
+        sync_registrations(consortium, echo=lambda text: _say(args, text))
+    return EXIT_OK
 
 
 def _consortium_add_site(args: argparse.Namespace) -> int:
     from braing3n_core.ops.consortium import add_site, load_consortium
-    from braing3n_core.ops.deploy import running_superlink
 
-    entry = add_site(Path(args.dir), args.site, Path(args.public_key) if args.public_key else None)
+    entry = add_site(Path(args.dir), args.site, _optional_path(args.public_key))
     consortium = load_consortium(Path(args.dir))
-    print(f"site {args.site}: hand over {consortium.layout.bundle(args.site)} (key {entry.fingerprint})")
-    if running_superlink(consortium) is not None:  # register now; otherwise `consortium serve` does at start
-        return _deployment(lambda: _synced(consortium))
-    return 0
+    _say(args, f"site {args.site}: hand over {consortium.layout.bundle(args.site)} (key {entry.fingerprint})")
+    return _sync_if_running(args)
 
 
 def _consortium_rekey(args: argparse.Namespace) -> int:
     from braing3n_core.ops.consortium import load_consortium, rekey_site
-    from braing3n_core.ops.deploy import running_superlink
 
-    entry = rekey_site(Path(args.dir), args.site, Path(args.public_key) if args.public_key else None)
+    entry = rekey_site(Path(args.dir), args.site, _optional_path(args.public_key))
     consortium = load_consortium(Path(args.dir))
-    print(f"site {args.site}: new key {entry.fingerprint}; hand over {consortium.layout.bundle(args.site)}")
-    if running_superlink(consortium) is not None:  # swap the keys now; otherwise `consortium serve` does at start
-        return _deployment(lambda: _synced(consortium))
-    return 0
+    _say(args, f"site {args.site}: new key {entry.fingerprint}; hand over {consortium.layout.bundle(args.site)}")
+    return _sync_if_running(args)
 
 
 def _consortium_revoke(args: argparse.Namespace) -> int:
     from braing3n_core.ops.deploy import revoke
 
-    return _deployment(lambda: revoke(Path(args.dir), args.site) or 0)
+    revoke(Path(args.dir), args.site, echo=lambda text: _say(args, text))
+    return EXIT_OK
 
 
 def _consortium_serve(args: argparse.Namespace) -> int:
     from braing3n_core.ops.deploy import serve
 
-    return _deployment(lambda: serve(Path(args.dir), args.address, args.port, print_only=args.print_command))
+    return serve(Path(args.dir), args.address, args.port, print_only=args.print_command,
+                 echo=lambda text: _say(args, text) if not args.print_command else print(text))
 
 
 def _consortium_run(args: argparse.Namespace) -> int:
     from braing3n_core.ops.deploy import submit
 
-    def run() -> int:
-        result = submit(Path(args.dir), Path(args.run_config), Path(args.out) if args.out else None, resume=args.resume,
-                        superlink=args.superlink, expected_sites=args.expect_sites, sign=not args.no_sign,
-                        print_only=args.print_command)
-        if result is not None:
-            print(f"federated run complete in {result.seconds:.0f} s: {result.run_dir}"
-                  + (f"; signed release {result.release}" if result.release else ""))
-        return 0
-
-    return _deployment(run)
+    result = submit(Path(args.dir), Path(args.run_config), _optional_path(args.out), resume=args.resume,
+                    superlink=args.superlink, expected_sites=args.expect_sites, sign=not args.no_sign,
+                    print_only=args.print_command, echo=print if args.print_command else lambda text: _say(args, text))
+    if result is not None:
+        _say(args, f"federated run complete in {result.seconds:.0f} s: {result.run_dir}"
+                   + (f"; signed release {result.release}" if result.release else ""))
+    return EXIT_OK
 
 
 def _site_join(args: argparse.Namespace) -> int:
     from braing3n_core.ops.deploy import join
 
-    return _deployment(lambda: join(Path(args.site_yaml), Path(args.credentials), args.superlink, args.port,
-                                    rejoin_wait_s=args.rejoin_wait, print_only=args.print_command))
+    return join(Path(args.site_yaml), Path(args.credentials), args.superlink, args.port, rejoin_wait_s=args.rejoin_wait,
+                print_only=args.print_command, echo=print if args.print_command else lambda text: _say(args, text))
 
 
 def _release_sign(args: argparse.Namespace) -> int:
@@ -148,191 +317,172 @@ def _release_sign(args: argparse.Namespace) -> int:
 
     path = Path(args.path)
     if (path / "server_state.json").is_file() and (path / "run.yaml").is_file():
-        manifest = sign_run(path, Path(args.key), Path(args.out) if args.out else None)
+        manifest = sign_run(path, Path(args.key), _optional_path(args.out))
     else:
         manifest = sign_directory(path, Path(args.key), {"kind": args.kind, "name": path.resolve().name})
-    print(manifest)
-    return 0
+    _say(args, str(manifest))
+    return EXIT_OK
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from braing3n_core.config import ConfigError
     from braing3n_core.ops.release import verify_directory
 
-    report = verify_directory(Path(args.path), Path(args.public_key) if args.public_key else None)
-    print(report.summary())
-    if not report.ok:
-        return 1
-    return 0 if report.trusted else 3
+    if args.public_key is None and not args.integrity_only:
+        raise ConfigError("verify: pass --public-key release.pub (the consortium's key) to check who signed the "
+                          "release, or --integrity-only to check its files against the manifest only")
+    report = verify_directory(Path(args.path), args.public_key)
+    if args.json:
+        _print_json({"path": str(report.path), "ok": report.ok, "trusted": report.trusted, "files": report.files,
+                     "key_fingerprint": report.key_fingerprint,
+                     "problems": [{"kind": p.kind, "path": p.path, "detail": p.detail} for p in report.problems]})
+    elif not args.quiet or not report.ok:
+        print(report.summary(), file=sys.stdout if report.ok else sys.stderr)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+# --- training and probes -------------------------------------------------------------------------------------------
 
 
 def _train(args: argparse.Namespace) -> int:
     from braing3n_core.site_config import load_site_configs
     from braing3n_core.training.centralized import TrainOptions, train_centralized
 
+    configs = load_site_configs(args.sites)
     options = TrainOptions(
         stage=args.stage, preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         warmup_steps=args.warmup_steps, seed=args.seed, device=args.device, out_dir=Path(args.out),
-        encoder=Path(args.encoder) if args.encoder else None, checkpoint_every=args.checkpoint_every,
+        encoder=_optional_path(args.encoder), checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every, num_workers=args.num_workers, resume=not args.restart,
     )
-    final = train_centralized(load_site_configs(args.sites), options)
-    print(final)
-    return 0
+    final = train_centralized(configs, options)
+    _say(args, str(final))
+    return EXIT_OK
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from braing3n_core.checkpoint import CheckpointError
-    from braing3n_core.jobs.probe import ProbeError, ProbeOptions, probe_sites
     from braing3n_core.site_config import load_site_configs
 
-    try:
-        options = ProbeOptions(
-            preset=args.preset, encoder=Path(args.encoder) if args.encoder else None, random_init=args.random_init,
-            seed=args.seed, folds=args.folds, device=args.device, batch_size=args.batch_size,
-            tasks=tuple(_comma_list(args.tasks)) if args.tasks else None,
-        )
-        run = probe_sites(load_site_configs(args.sites), options, Path(args.out))
-    except (ProbeError, CheckpointError) as error:  # bad input exits 2, as a bad site YAML does in main()
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(run.summary())
-    return 0
+    configs = load_site_configs(args.sites)  # before the heavy imports: a bad site file fails at once
+    if args.encoder is not None:
+        from braing3n_core.checkpoint import read_manifest
+
+        read_manifest(args.encoder)  # a file that is no checkpoint is named before the encoder is built
+    from braing3n_core.jobs.probe import ProbeOptions, probe_sites
+
+    options = ProbeOptions(
+        preset=args.preset, encoder=args.encoder, random_init=args.random_init, seed=args.seed, folds=args.folds,
+        device=args.device, batch_size=args.batch_size, tasks=tuple(_comma_list(args.tasks)) if args.tasks else None,
+    )
+    run = probe_sites(configs, options, Path(args.out))
+    if args.json:
+        _print_json({"path": str(run.path), "encoder": run.encoder.label, "encoder_sha256": run.encoder.sha256,
+                     "scans": run.scans, "subjects": run.subjects, "excluded": run.excluded,
+                     "seconds": run.seconds, "metrics": run.report.metrics()})
+    else:
+        _say(args, run.summary())
+    return EXIT_OK
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from braing3n_core.ops.simulate import SimulationError, simulate
+    from braing3n_core.ops.simulate import simulate
 
     try:
-        result = simulate([Path(p) for p in args.sites], Path(args.run_config), Path(args.out) if args.out else None,
-                          resume=args.resume, cpus_per_site=args.cpus_per_site)
-    except SimulationError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        result = simulate(list(args.sites), Path(args.run_config), _optional_path(args.out), resume=args.resume,
+                          cpus_per_site=args.cpus_per_site, echo=not args.quiet)
     except KeyboardInterrupt:
         print("interrupted; the SuperLink was stopped. Continue later with --resume.", file=sys.stderr)
-        return 130
-    print(f"federated run complete in {result.seconds:.0f} s: {result.run_dir}")
-    return 0
+        return EXIT_INTERRUPTED
+    _say(args, f"federated run complete in {result.seconds:.0f} s: {result.run_dir}")
+    return EXIT_OK
+
+
+# --- generation ------------------------------------------------------------------------------------------------------
 
 
 def _synthesize(args: argparse.Namespace) -> int:
-    from braing3n_core.jobs.synthesize import SynthesisError, synthesize
-    from braing3n_core.ops.simulate import SimulationError
+    from braing3n_core.jobs.synthesize import synthesize
 
-    try:
-        result = synthesize(
-            Path(args.checkpoint), args.n, Path(args.out), conditions=Path(args.conditions) if args.conditions else None,
-            sites=[Path(p) for p in args.sites or []], audit=Path(args.audit) if args.audit else None,
-            skip_audit=args.no_audit, stage_only=args.stage_only, steps=args.steps, guidance_scale=args.guidance,
-            seed=args.seed, membership=not args.no_membership,
-            signing_key=Path(args.signing_key) if args.signing_key else None,
-        )
-    except (SynthesisError, SimulationError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    result = synthesize(
+        Path(args.run_dir), args.n, Path(args.out), conditions=_optional_path(args.conditions),
+        sites=list(args.sites or []), audit=_optional_path(args.audit), skip_audit=args.no_audit,
+        stage_only=args.stage_only, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+        membership=not args.no_membership, signing_key=_optional_path(args.signing_key),
+    )
     if args.stage_only:
-        print(f"{result.generated} synthetic scans staged in {result.out / 'staging'}; run the federated audit with "
-              f"the run config {result.datacard}, then call again with --audit <run-dir>/privacy_audit.json")
-        return 0
-    print(f"{result.exported} of {result.generated} synthetic scans exported to {result.bids} "
-          f"({len(result.excluded)} excluded by the audit); data card {result.datacard}")
+        _say(args, f"{result.generated} synthetic scans staged in {result.out / 'staging'}; run the federated audit "
+                   f"with the run config {result.datacard}, then call again with --audit <run-dir>/privacy_audit.json")
+        return EXIT_OK
+    _say(args, f"{result.exported} of {result.generated} synthetic scans exported to {result.bids} "
+               f"({len(result.excluded)} excluded by the audit); data card {result.datacard}")
     if result.release is not None:
-        print(f"signed: {result.release} (check with `braing3n verify {result.bids} --public-key release.pub`)")
-    return 0
+        _say(args, f"signed: {result.release} (check with `braing3n verify {result.bids} --public-key release.pub`)")
+    return EXIT_OK
 
 
 def _evaluate_generation(args: argparse.Namespace) -> int:
     from braing3n_core.config import ConfigError
-    from braing3n_core.jobs.evaluate_generation import evaluate_generation, summary_line
-    from braing3n_core.ops.simulate import SimulationError
 
     try:
         guidance = [float(g) for g in args.guidance.split(",") if g.strip()]
     except ValueError:
-        print(f"error: --guidance {args.guidance!r}: give numbers separated by commas, e.g. 1.0,1.5,3.0", file=sys.stderr)
-        return 2
-    try:
-        result = evaluate_generation(Path(args.run_dir), [Path(p) for p in args.sites or []], Path(args.out), n=args.n,
-                                     steps=args.steps, guidance=guidance, default_guidance=args.default_guidance,
-                                     forecast=args.forecast, seed=args.seed, config_only=args.config_only)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except SimulationError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        raise ConfigError(f"--guidance {args.guidance!r}: give numbers separated by commas, e.g. 1.0,1.5,3.0") from None
+    from braing3n_core.jobs.evaluate_generation import evaluate_generation, summary_line
+
+    result = evaluate_generation(Path(args.run_dir), list(args.sites or []), Path(args.out), n=args.n,
+                                 steps=args.steps, guidance=guidance, default_guidance=args.default_guidance,
+                                 forecast=args.forecast, seed=args.seed, config_only=args.config_only)
     if args.config_only:
-        print(f"evaluation run config written to {result}; submit it with `flwr run` (braing3n consortium run)")
-        return 0
-    print(summary_line(result))
-    print(f"full results: {Path(args.out) / 'generation_eval.json'}")
-    return 0
+        _say(args, f"evaluation run config written to {result}; submit it with `flwr run` (braing3n consortium run)")
+        return EXIT_OK
+    _say(args, summary_line(result))
+    _say(args, f"full results: {Path(args.out) / 'generation_eval.json'}")
+    return EXIT_OK
 
 
-def _generation(run: Callable[[], int]) -> int:
-    """Run `sample` / `forecast`: bad input (a checkpoint, site, scan or argument) is exit code 2 and a
-    message naming the file or argument, not a traceback."""
-    from braing3n_core.checkpoint import CheckpointError
-    from braing3n_core.data.transforms import PreprocessingError
-    from braing3n_core.generation.models import GenerationError
-
-    try:
-        return run()
-    except (GenerationError, CheckpointError, PreprocessingError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-
-def _device_or_error(name: str) -> str | None:
+def _device(name: str) -> str:
+    """`--device` resolved, or a bad-input error naming it (CUDA asked for where there is none)."""
     import torch
 
+    from braing3n_core.config import ConfigError
     from braing3n_core.runtime import resolve_device
 
     try:
         device = resolve_device(name)
     except (RuntimeError, ValueError) as error:
-        print(f"error: --device: {error}", file=sys.stderr)
-        return None
+        raise ConfigError(f"--device: {error}") from None
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        print(f"error: --device: {name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)", file=sys.stderr)
-        return None
+        raise ConfigError(f"--device: {name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return str(device)
+
+
+_CONDITION_OPTIONS = ("age", "sex", "diagnosis", "modality", "field_strength", "mmse")
 
 
 def _sample(args: argparse.Namespace) -> int:
     from braing3n_core.config import ConfigError
     from braing3n_core.generation.condition_table import ConditionRow, read_conditions
-    from braing3n_core.jobs.sample import export_samples
 
-    given = [f"--{name.replace('_', '-')}" for name in ("age", "sex", "diagnosis", "modality", "field_strength", "mmse")
-             if getattr(args, name) is not None]
+    given = [f"--{name.replace('_', '-')}" for name in _CONDITION_OPTIONS if getattr(args, name) is not None]
     if args.conditions and given:
         raise ConfigError(f"--conditions and {', '.join(given)}: give the conditions either as a table or as options")
-    if args.n is not None and args.n < 1:
-        raise ConfigError(f"--n: need at least one sample, got {args.n}")
     if args.conditions:
         rows = read_conditions(Path(args.conditions))
         rows = [rows[i % len(rows)] for i in range(args.n)] if args.n else rows
     else:
-        values = {name: getattr(args, name) for name in ("age", "sex", "diagnosis", "modality", "field_strength", "mmse")}
+        values = {name: getattr(args, name) for name in _CONDITION_OPTIONS}
         row = ConditionRow.checked(values, lambda column: f"--{column.replace('_', '-')}")
         rows = [row] * (args.n or 1)
-    device = _device_or_error(args.device)
-    if device is None:
-        return 2
+    device = _device(args.device)
+    from braing3n_core.jobs.sample import export_samples
 
-    def run() -> int:
-        path = export_samples(Path(args.source), rows, Path(args.out), decoder=Path(args.decoder) if args.decoder else None,
-                              conditions_file=Path(args.conditions) if args.conditions else None, steps=args.steps,
-                              guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size, device=device)
-        import json
-
-        record = json.loads(path.read_text())
-        print(f"{len(rows)} samples in {path.parent} ({record['seconds_per_volume']:.2f} s per volume on "
-              f"{record['settings']['device']}); montage {path.parent / record['montage']}; {path}")
-        return 0
-
-    return _generation(run)
+    path = export_samples(Path(args.run_dir), rows, Path(args.out), decoder=_optional_path(args.decoder),
+                          conditions_file=_optional_path(args.conditions), steps=args.steps,
+                          guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size, device=device)
+    record = json.loads(path.read_text())
+    _say(args, f"{len(rows)} samples in {path.parent} ({record['seconds_per_volume']:.2f} s per volume on "
+               f"{record['settings']['device']}); montage {path.parent / record['montage']}; {path}")
+    return EXIT_OK
 
 
 def _scan_forecast_row(args: argparse.Namespace) -> ConditionRow | None:
@@ -357,366 +507,464 @@ def _scan_forecast_row(args: argparse.Namespace) -> ConditionRow | None:
     return ConditionRow.checked(values, lambda column: f"--{column.replace('_', '-')}")
 
 
+
+
 def _forecast(args: argparse.Namespace) -> int:
     from braing3n_core.config import ConfigError
-    from braing3n_core.jobs.forecast import export_forecast
-    from braing3n_core.labels import Modality
 
     if not (args.years > 0 and args.years < float("inf")):
         raise ConfigError(f"--years: the forecast interval must be a positive number of years, got {args.years}")
     scan_row = _scan_forecast_row(args)
-    device = _device_or_error(args.device)
-    if device is None:
-        return 2
+    device = _device(args.device)
+    from braing3n_core.jobs.forecast import export_forecast, export_scan_forecast
+    from braing3n_core.labels import Modality
 
-    def run() -> int:
-        import json
+    if scan_row is not None:
+        path = export_scan_forecast(Path(args.run_dir), Path(args.scan), scan_row, args.years, Path(args.out),
+                                    steps=args.steps, guidance_scale=args.guidance, seed=args.seed, device=device)
+    else:
+        path = export_forecast(Path(args.run_dir), Path(args.site), args.subject, args.session, Modality(args.modality),
+                               args.years, Path(args.out), steps=args.steps, guidance_scale=args.guidance,
+                               seed=args.seed, device=device)
+    record = json.loads(path.read_text())
+    scores = record["scores"]
+    scored = (f"PSNR vs the real follow-up {scores['forecast/psnr']:.2f} dB (baseline as-is "
+              f"{scores['forecast/baseline_psnr']:.2f} dB)" if scores else record["scores_note"])
+    who = Path(args.scan).name if scan_row is not None else args.subject
+    _say(args, f"forecast of {who} +{args.years:g} y: {path.parent / record['nifti']}; {scored}; {path}")
+    return EXIT_OK
 
-        if scan_row is not None:
-            from braing3n_core.jobs.forecast import export_scan_forecast
 
-            path = export_scan_forecast(Path(args.run_dir), Path(args.scan), scan_row, args.years, Path(args.out),
-                                        steps=args.steps, guidance_scale=args.guidance, seed=args.seed, device=device)
-        else:
-            path = export_forecast(Path(args.run_dir), Path(args.site), args.subject, args.session,
-                                   Modality(args.modality), args.years, Path(args.out), steps=args.steps,
-                                   guidance_scale=args.guidance, seed=args.seed, device=device)
-        record = json.loads(path.read_text())
-        scores = record["scores"]
-        scored = (f"PSNR vs the real follow-up {scores['forecast/psnr']:.2f} dB (baseline as-is "
-                  f"{scores['forecast/baseline_psnr']:.2f} dB)" if scores else record["scores_note"])
-        who = Path(args.scan).name if scan_row is not None else args.subject
-        print(f"forecast of {who} +{args.years:g} y: {path.parent / record['nifti']}; {scored}; {path}")
-        return 0
+def _embed(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    from braing3n_core.jobs.embed import export_embeddings
 
-    return _generation(run)
+    path, embeddings = export_embeddings(Path(args.encoder), Path(args.out), paths=list(args.paths),
+                                         site=_optional_path(args.site), device=device)
+    for problem in embeddings.skipped:
+        print(f"skipped {problem.path.name}: {problem.reason}", file=sys.stderr)
+    _say(args, f"{len(embeddings.scans)} scans embedded (tokens {tuple(embeddings.tokens.shape)}, pooled "
+               f"{tuple(embeddings.pooled.shape)}), {len(embeddings.skipped)} skipped: "
+               f"{path.parent / 'embeddings.safetensors'}; {path}")
+    return EXIT_OK
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    from braing3n_core.jobs.reconstruct import export_reconstruction
+
+    path = export_reconstruction(Path(args.scan), Path(args.run), Path(args.out), decoder=_optional_path(args.decoder),
+                                 device=device)
+    record = json.loads(path.read_text())
+    metrics, files = record["metrics"], record["files"]
+    _say(args, f"reconstruction of {Path(args.scan).name}: PSNR {metrics['val/psnr_brain']:.2f} dB, SSIM "
+               f"{metrics['val/ssim_brain']:.3f} in the brain; {path.parent / files['reconstruction_native']} (the "
+               f"scan's own grid), {path.parent / files['reconstruction']} (the model's); {path}")
+    return EXIT_OK
+
+
+# --- the demo and the report -----------------------------------------------------------------------------------------
 
 
 def _demo(args: argparse.Namespace) -> int:
     from braing3n_core.jobs.demo import DemoError, run_demo
-    from braing3n_core.ops.simulate import SimulationError
 
     try:
         sized = {"subjects_per_site": args.subjects} if args.subjects else {}
         return run_demo(out_dir=Path(args.out), seed=args.seed, resume=args.resume, **sized)
-    except (DemoError, SimulationError) as error:
+    except DemoError as error:  # an earlier demo in --out, or no usable scan: the demo cannot go on
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted; continue later with `braing3n demo --resume`.", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _report(args: argparse.Namespace) -> int:
-    from braing3n_core.jobs.report import ReportError, write_report
+    from braing3n_core.jobs.report import write_report
 
-    run_dir = Path(args.run_dir)
-    try:
-        if args.sites:
-            from braing3n_core.jobs.showcase import ShowcaseError, run_showcase
-            from braing3n_core.site_config import load_site_configs
+    if args.sites:
+        from braing3n_core.jobs.showcase import run_showcase
+        from braing3n_core.site_config import load_site_configs
 
-            try:
-                run_showcase(run_dir, load_site_configs(args.sites))
-            except ShowcaseError as error:
-                print(f"error: {error}", file=sys.stderr)
-                return 1
-        path = write_report(run_dir, Path(args.out) if args.out else None, embed_images=args.embed)
-    except ReportError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+        run_showcase(Path(args.run_dir), load_site_configs(args.sites))
+    path = write_report(Path(args.run_dir), _optional_path(args.out), embed_images=args.embed)
+    _say(args, str(path))
+    return EXIT_OK
 
 
-def _embed(args: argparse.Namespace) -> int:
-    from braing3n_core.jobs.embed import export_embeddings
-
-    device = _device_or_error(args.device)
-    if device is None:
-        return 2
-
-    def run() -> int:
-        path, embeddings = export_embeddings(Path(args.encoder), Path(args.out), paths=[Path(p) for p in args.paths],
-                                             site=Path(args.site) if args.site else None, device=device)
-        for problem in embeddings.skipped:
-            print(f"skipped {problem.path.name}: {problem.reason}", file=sys.stderr)
-        print(f"{len(embeddings.scans)} scans embedded (tokens {tuple(embeddings.tokens.shape)}, pooled "
-              f"{tuple(embeddings.pooled.shape)}), {len(embeddings.skipped)} skipped: {path.parent / 'embeddings.safetensors'}; "
-              f"{path}")
-        return 0
-
-    return _generation(run)
+# --- the parser ------------------------------------------------------------------------------------------------------
 
 
-def _reconstruct(args: argparse.Namespace) -> int:
-    from braing3n_core.jobs.reconstruct import export_reconstruction
+def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """-q/-v on the top-level parser and again on every command, so they work before or after it. On a
+    command their default is SUPPRESS: argparse would otherwise reset the top-level value."""
+    quiet = False if top else argparse.SUPPRESS
+    verbose = 0 if top else argparse.SUPPRESS
+    parser.add_argument("-q", "--quiet", action="store_true", default=quiet,
+                        help="only errors, and the result a script reads (--json, or the verdict)")
+    parser.add_argument("-v", "--verbose", action="count", default=verbose,
+                        help="more detail (site check: every scan); on an unexpected error, its traceback")
 
-    device = _device_or_error(args.device)
-    if device is None:
-        return 2
 
-    def run() -> int:
-        import json
+class _Commands:
+    """Adds commands and actions with the shared formatter and global options."""
 
-        path = export_reconstruction(Path(args.scan), Path(args.run), Path(args.out),
-                                     decoder=Path(args.decoder) if args.decoder else None, device=device)
-        record = json.loads(path.read_text())
-        metrics, files = record["metrics"], record["files"]
-        print(f"reconstruction of {Path(args.scan).name}: PSNR {metrics['val/psnr_brain']:.2f} dB, SSIM "
-              f"{metrics['val/ssim_brain']:.3f} in the brain; {path.parent / files['reconstruction_native']} (the "
-              f"scan's own grid), {path.parent / files['reconstruction']} (the model's); {path}")
-        return 0
+    def __init__(self, subparsers: Any) -> None:
+        self.subparsers = subparsers
 
-    return _generation(run)
+    def command(self, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        parser = self.subparsers.add_parser(name, help=help, description=description or help,
+                                            formatter_class=_HelpFormatter)
+        _global_options(parser, top=False)
+        return parser
+
+    def group(self, name: str, help: str) -> _Commands:
+        parser = self.command(name, help)
+        parser.set_defaults(handler=None, help_of=parser)
+        return _Commands(parser.add_subparsers(dest="action", metavar="ACTION"))
+
+
+_DEVICE_HELP = "cpu, cuda, cuda:N or auto (bf16 autocast on CUDA)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="braing3n", description=__doc__.splitlines()[0])
-    groups = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = argparse.ArgumentParser(prog="braing3n", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _global_options(parser, top=True)
+    parser.set_defaults(handler=None, help_of=parser)
+    commands = _Commands(parser.add_subparsers(dest="command", metavar="COMMAND"))
 
-    cohort = groups.add_parser("cohort", help="synthetic multi-site cohorts").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
-    )
-    make = cohort.add_parser("make", help="write one BIDS dataset per site plus matching site YAML files")
-    make.add_argument("--sites", type=int, default=4, help="number of sites (default 4)")
-    make.add_argument("--subjects", type=int, default=20, help="subjects per site (default 20)")
-    make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--voxel-mm", type=float, default=2.0, help="template resolution to simulate at: 1 or 2 mm")
-    make.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
-    make.add_argument("--out", required=True, help="output folder; one BIDS dataset per site inside")
-    make.add_argument("--sites-dir", default=None, help="where to write site YAML files (default OUT/sites)")
+    cohort = commands.group("cohort", "synthetic multi-site cohorts")
+    make = cohort.command("make", "write one BIDS dataset per site plus matching site YAML files",
+                          "Write one synthetic BIDS dataset per site (real ICBM152 anatomy, non-IID sites) and one "
+                          "site YAML each; prints the YAML paths, then a summary on stderr.")
+    make.add_argument("--out", required=True, metavar="DIR", help="output folder; one BIDS dataset per site inside")
+    make.add_argument("--sites", type=_positive_int, default=4, help="number of sites")
+    make.add_argument("--subjects", type=_positive_int, default=20, help="subjects per site")
+    make.add_argument("--seed", type=int, default=0, help="the cohort is the same for the same seed")
+    make.add_argument("--voxel-mm", type=_voxel_mm, default=2.0,
+                      help="simulation grid in mm, 1 to 4 (1: finest and slowest; 4: coarse, for tests)")
+    make.add_argument("--workers", type=int, default=0, help="processes (0: one per available core)")
+    make.add_argument("--sites-dir", default=None, metavar="DIR", help="where to write site YAML files (default: OUT/sites)")
+    make.add_argument("--force", action="store_true", help="replace a cohort this command wrote before in --out")
     make.set_defaults(handler=_cohort_make)
 
-    site = groups.add_parser("site", help="a hospital's data").add_subparsers(dest="action", required=True, metavar="ACTION")
-    check = site.add_parser("check", help="list scans and every problem found in a site's BIDS dataset")
-    check.add_argument("site_yaml", help="site config, e.g. sites/site-a.yaml")
-    check.add_argument("-v", "--verbose", action="store_true", help="list every scan, not only a summary")
+    site = commands.group("site", "a hospital's data and its SuperNode")
+    check = site.command("check", "list scans and every problem found in a site's BIDS dataset",
+                         "Read every scan of a site's BIDS dataset and list what is usable and every problem found "
+                         "(exit 0: usable scans found; 1: none usable; 2: bad site file). Writes nothing unless a "
+                         "cache folder is given (--cache-dir, or cache_dir in the site YAML).")
+    check.add_argument("site_yaml", metavar="SITE_YAML", type=_yaml_file, help="site config, e.g. sites/site-a.yaml")
+    check.add_argument("--cache-dir", default=None, metavar="DIR",
+                       help="cache the verdicts by file content in DIR/checks (default: the site YAML's cache_dir; "
+                            "none when it has none)")
+    check.add_argument("--json", action="store_true", help="print the report as JSON (for scripts)")
     check.set_defaults(handler=_site_check)
-    join = site.add_parser("join", help="run this site's Flower SuperNode (TLS, site key) until stopped")
-    join.add_argument("site_yaml", help="site config, e.g. sites/site-a.yaml (its site_id must match the credentials)")
-    join.add_argument("--credentials", required=True, help="this site's bundle from `consortium init` (ca.crt, supernode.key)")
-    join.add_argument("--superlink", required=True, help="the consortium SuperLink as HOST:PORT")
-    join.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's ClientApp API (loopback; default 9094)")
-    join.add_argument("--rejoin-wait", type=float, default=120.0,
-                      help="seconds to keep retrying while the SuperLink refuses the key (a crashed session expires in <= 60 s)")
+    join = site.command("join", "run this site's Flower SuperNode (TLS, site key) until stopped")
+    join.add_argument("site_yaml", metavar="SITE_YAML", type=_yaml_file,
+                      help="site config, e.g. sites/site-a.yaml (its site_id must match the credentials)")
+    join.add_argument("--credentials", required=True, metavar="DIR", type=_existing_dir,
+                      help="this site's bundle from `consortium init` (ca.crt, supernode.key)")
+    join.add_argument("--superlink", required=True, metavar="HOST:PORT", type=_host_port,
+                      help="the consortium's SuperLink, e.g. fl.consortium.example:9092")
+    join.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's ClientApp API (loopback)")
+    join.add_argument("--rejoin-wait", type=float, default=120.0, metavar="SECONDS",
+                      help="keep retrying while the SuperLink refuses the key (a crashed session expires in <= 60 s)")
     join.add_argument("--print-command", action="store_true", help="print the flower-supernode command and exit")
     join.set_defaults(handler=_site_join)
 
-    train = groups.add_parser("train", help="centralized training of one stage on the pooled sites")
-    train.add_argument("stage", choices=["mae", "decoder", "dit"])
-    train.add_argument("--sites", nargs="+", required=True, help="site YAML files (their data is pooled)")
-    train.add_argument("--preset", default="small", choices=["paper", "small", "tiny"])
-    train.add_argument("--steps", type=int, default=200)
-    train.add_argument("--batch-size", type=int, default=None, help="default: the stage's")
+    train = commands.command("train", "centralized training of one stage on the pooled sites")
+    train.add_argument("stage", metavar="STAGE", choices=["mae", "decoder", "dit"], help="mae, decoder or dit")
+    train.add_argument("--sites", nargs="+", required=True, metavar="SITE_YAML", type=_yaml_file,
+                       help="site YAML files (their data is pooled)")
+    train.add_argument("--preset", default="small", choices=["paper", "small", "tiny"], help="model and input size")
+    train.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    train.add_argument("--batch-size", type=int, default=None, help="volumes per step (default: the stage's)")
     train.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the stage's)")
-    train.add_argument("--warmup-steps", type=int, default=0)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    train.add_argument("--out", default="runs/central", help="run folder (checkpoints, metrics.jsonl)")
-    train.add_argument("--encoder", default=None, help="MAE checkpoint (default: the latest in --out)")
-    train.add_argument("--checkpoint-every", type=int, default=100)
+    train.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up before the cosine decay")
+    train.add_argument("--seed", type=int, default=0, help="initial weights and data order")
+    train.add_argument("--device", default="cpu", help=_DEVICE_HELP)
+    train.add_argument("--out", default="runs/central", metavar="RUN_DIR", help="run folder (checkpoints, metrics.jsonl)")
+    train.add_argument("--encoder", default=None, metavar="CKPT",
+                       help="MAE checkpoint for the decoder and DiT (default: the latest in --out)")
+    train.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     train.add_argument("--eval-every", type=int, default=0, help="validation interval in steps (0: at the end)")
     train.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
     train.add_argument("--restart", action="store_true", help="ignore existing checkpoints instead of resuming")
     train.set_defaults(handler=_train)
 
-    probe = groups.add_parser("probe", help="linear probes (age, sex, diagnosis, ...) on a frozen or random-init encoder")
-    probe.add_argument("--sites", nargs="+", required=True, help="site YAML files (their scans are pooled)")
+    probe = commands.command("probe", "linear probes (age, sex, diagnosis, ...) on a frozen or random-init encoder")
+    probe.add_argument("--sites", nargs="+", required=True, metavar="SITE_YAML", type=_yaml_file,
+                       help="site YAML files (their scans are pooled)")
     which = probe.add_mutually_exclusive_group(required=True)
-    which.add_argument("--encoder", default=None, help="stage-1 (mae) checkpoint, e.g. runs/x/checkpoints/mae/final.json")
+    which.add_argument("--encoder", default=None, metavar="CKPT", type=_existing_path,
+                       help="stage-1 (mae) checkpoint, e.g. runs/x/checkpoints/mae/final.json")
     which.add_argument("--random-init", action="store_true", help="the untrained encoder `train mae --seed` starts from")
-    probe.add_argument("--preset", default="small", choices=["paper", "small", "tiny"], help="must be the encoder's")
-    probe.add_argument("--out", required=True, help="folder for the JSON report (probes-<encoder>-seed<S>.json)")
+    probe.add_argument("--preset", default=None, choices=["paper", "small", "tiny"],
+                       help="default: the one the --encoder checkpoint records; small with --random-init")
+    probe.add_argument("--out", required=True, metavar="DIR",
+                       help="folder for the JSON report (probes-<encoder>-seed<S>.json)")
     probe.add_argument("--seed", type=int, default=0, help="random-init weights and cross-validation folds")
-    probe.add_argument("--folds", type=int, default=5, help="outer subject-grouped cross-validation folds (default 5)")
-    probe.add_argument("--tasks", action="append", default=None, help="task names, comma-separated (default: all the labels support)")
-    probe.add_argument("--batch-size", type=int, default=4, help="volumes per encoder call (default 4)")
+    probe.add_argument("--folds", type=int, default=5, help="outer subject-grouped cross-validation folds")
+    probe.add_argument("--tasks", action="append", default=None,
+                       help="task names, comma-separated (default: all the labels support)")
+    probe.add_argument("--batch-size", type=int, default=4, help="volumes per encoder call")
     probe.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    probe.add_argument("--json", action="store_true", help="print the result as JSON (for scripts)")
     probe.set_defaults(handler=_probe)
 
-    consortium = groups.add_parser("consortium", help="the consortium's keys, SuperLink and federated jobs").add_subparsers(
-        dest="action", required=True, metavar="ACTION")
-    init = consortium.add_parser("init", help="CA, SuperLink TLS certificate, site keys and bundles, release key")
-    init.add_argument("dir", help="new consortium folder (private keys are written 0600)")
+    consortium = commands.group("consortium", "the consortium's keys, SuperLink and federated jobs")
+    init = consortium.command("init", "CA, SuperLink TLS certificate, site keys and bundles, release key")
+    init.add_argument("dir", metavar="CONSORTIUM_DIR", help="new (or empty) consortium folder; private keys are 0600")
     init.add_argument("--sites", required=True, help="comma-separated site ids, e.g. site-a,site-b")
     init.add_argument("--host", required=True, help="the SuperLink's DNS name (or IP) as sites dial it")
     init.add_argument("--ip", action="append", help="extra IP address SAN(s), comma-separated or repeated")
     init.add_argument("--dns", action="append", help="extra DNS name SAN(s), comma-separated or repeated")
-    init.add_argument("--days", type=int, default=825, help="SuperLink certificate validity (default 825 days)")
+    init.add_argument("--days", type=int, default=825, help="SuperLink certificate validity in days")
+    init.add_argument("--force", action="store_true", help="write into a folder that holds other files")
     init.set_defaults(handler=_consortium_init)
-    add = consortium.add_parser("add-site", help="a credentials bundle for a new site")
-    add.add_argument("dir")
-    add.add_argument("site", help="site id (must match site_id in the site's YAML)")
-    add.add_argument("--public-key", default=None, help="the site's own OpenSSH ECDSA public key instead of a new key pair")
+    add = consortium.command("add-site", "a credentials bundle for a new site")
+    add.add_argument("dir", metavar="CONSORTIUM_DIR", type=_existing_dir, help="the folder `consortium init` wrote")
+    add.add_argument("site", metavar="SITE_ID", help="site id (must match site_id in the site's YAML)")
+    add.add_argument("--public-key", default=None, metavar="FILE", type=_existing_file,
+                     help="the site's own OpenSSH ECDSA public key instead of a new key pair")
     add.set_defaults(handler=_consortium_add_site)
-    rekey = consortium.add_parser("rekey", help="a new key for a site (lost, leaked or revoked key); the old one is unregistered")
-    rekey.add_argument("dir")
-    rekey.add_argument("site")
-    rekey.add_argument("--public-key", default=None, help="the site's own OpenSSH ECDSA public key instead of a new key pair")
+    rekey = consortium.command("rekey", "a new key for a site (lost, leaked or revoked key); the old one is unregistered")
+    rekey.add_argument("dir", metavar="CONSORTIUM_DIR", type=_existing_dir, help="the folder `consortium init` wrote")
+    rekey.add_argument("site", metavar="SITE_ID", help="the site to rekey")
+    rekey.add_argument("--public-key", default=None, metavar="FILE", type=_existing_file,
+                       help="the site's own OpenSSH ECDSA public key instead of a new key pair")
     rekey.set_defaults(handler=_consortium_rekey)
-    revoke = consortium.add_parser("revoke", help="revoke a site: its key is unregistered and refused from then on")
-    revoke.add_argument("dir")
-    revoke.add_argument("site")
+    revoke = consortium.command("revoke", "revoke a site: its key is unregistered and refused from then on")
+    revoke.add_argument("dir", metavar="CONSORTIUM_DIR", type=_existing_dir, help="the folder `consortium init` wrote")
+    revoke.add_argument("site", metavar="SITE_ID", help="the site to revoke")
     revoke.set_defaults(handler=_consortium_revoke)
-    serve = consortium.add_parser("serve", help="run the SuperLink (TLS, SuperNode authentication) until stopped")
-    serve.add_argument("dir")
-    serve.add_argument("--address", default="0.0.0.0", help="interface to listen on (default 0.0.0.0)")
-    serve.add_argument("--port", type=int, default=9092, help="the one port sites connect to (default 9092)")
+    serve = consortium.command("serve", "run the SuperLink (TLS, SuperNode authentication) until stopped")
+    serve.add_argument("dir", metavar="CONSORTIUM_DIR", type=_existing_dir, help="the folder `consortium init` wrote")
+    serve.add_argument("--address", default="0.0.0.0", help="interface to listen on")
+    serve.add_argument("--port", type=int, default=9092, help="the one port sites connect to")
     serve.add_argument("--print-command", action="store_true", help="print the Flower commands and exit")
     serve.set_defaults(handler=_consortium_serve)
-    crun = consortium.add_parser("run", help="submit a federated job to the SuperLink and stream its progress")
-    crun.add_argument("dir")
-    crun.add_argument("--run-config", required=True, help="run YAML (stages, rounds, strategies, probes)")
-    crun.add_argument("--out", default=None, help="run folder on this server (default runs/<name>)")
+    crun = consortium.command("run", "submit a federated job to the SuperLink and stream its progress")
+    crun.add_argument("dir", metavar="CONSORTIUM_DIR", type=_existing_dir, help="the folder `consortium init` wrote")
+    crun.add_argument("--run-config", required=True, metavar="RUN_YAML", type=_yaml_file,
+                      help="run YAML (stages, rounds, strategies, probes)")
+    crun.add_argument("--out", default=None, metavar="RUN_DIR", help="run folder on this server (default: runs/<name>)")
     crun.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    crun.add_argument("--superlink", default=None, help="HOST:PORT (default: the SuperLink `serve` runs here)")
+    crun.add_argument("--superlink", default=None, metavar="HOST:PORT", type=_host_port,
+                      help="default: the SuperLink `serve` runs here (with --print-command and none running: "
+                           "the consortium host on port 9092)")
     crun.add_argument("--expect-sites", type=int, default=None, help="sites to wait for (default: every active site)")
     crun.add_argument("--no-sign", action="store_true", help="do not sign the finished run's release")
-    crun.add_argument("--print-command", action="store_true", help="print the flwr run command and exit")
+    crun.add_argument("--print-command", action="store_true",
+                      help="pin the run YAML in --out, print the flwr run command and exit")
     crun.set_defaults(handler=_consortium_run)
 
-    release = groups.add_parser("release", help="signed releases").add_subparsers(dest="action", required=True, metavar="ACTION")
-    sign = release.add_parser("sign", help="sign a finished run (into RUN_DIR/release/) or a dataset folder")
-    sign.add_argument("path", help="run folder or dataset folder")
-    sign.add_argument("--key", required=True, help="the consortium's Ed25519 key (release/release.key)")
-    sign.add_argument("--out", default=None, help="release folder for a run (default RUN_DIR/release)")
-    sign.add_argument("--kind", default="dataset", help="what a signed folder holds (metadata; default dataset)")
+    release = commands.group("release", "signed releases")
+    sign = release.command("sign", "sign a finished run (into RUN_DIR/release/) or a dataset folder")
+    sign.add_argument("path", metavar="RUN_DIR_OR_FOLDER", type=_existing_dir, help="run folder or dataset folder")
+    sign.add_argument("--key", required=True, metavar="FILE", type=_existing_file,
+                      help="the consortium's Ed25519 key (release/release.key)")
+    sign.add_argument("--out", default=None, metavar="DIR", help="release folder for a run (default: RUN_DIR/release)")
+    sign.add_argument("--kind", default="dataset", help="what a signed folder holds (metadata)")
     sign.set_defaults(handler=_release_sign)
-    verify = groups.add_parser("verify", help="check a signed release: names missing, extra or changed files and bad signatures")
-    verify.add_argument("path", help="release folder or its RELEASE.json")
-    verify.add_argument("--public-key", default=None, help="the consortium's release.pub (without it only integrity is checked)")
+    verify = commands.command("verify", "check a signed release: names missing, extra or changed files and bad "
+                              "signatures", "Check a signed release (exit 0: every file matches a manifest signed by "
+                              "the trusted key; 1: it does not; 2: bad input).")
+    verify.add_argument("path", metavar="RELEASE", type=_release_path, help="release folder or its RELEASE.json")
+    trust = verify.add_mutually_exclusive_group()
+    trust.add_argument("--public-key", default=None, metavar="FILE", type=_existing_file,
+                       help="the consortium's release.pub: the release must be signed by it")
+    trust.add_argument("--integrity-only", action="store_true",
+                       help="check the files against the manifest without checking who signed it")
+    verify.add_argument("--json", action="store_true", help="print the verdict as JSON (for scripts)")
     verify.set_defaults(handler=_verify)
 
-    sim = groups.add_parser("simulate", help="federated run of N virtual sites on Flower's simulation engine")
-    sim.add_argument("--sites", nargs="+", required=True, help="site YAML files, one virtual site each")
-    sim.add_argument("--run-config", required=True, help="run YAML (stages, rounds, strategies, probes)")
-    sim.add_argument("--out", default=None, help="run folder (default runs/<name from the run config>)")
+    sim = commands.command("simulate", "federated run of N virtual sites on Flower's simulation engine")
+    sim.add_argument("--sites", nargs="+", required=True, metavar="SITE_YAML", type=_yaml_file,
+                     help="site YAML files, one virtual site each")
+    sim.add_argument("--run-config", required=True, metavar="RUN_YAML", type=_yaml_file,
+                     help="run YAML (stages, rounds, strategies, probes)")
+    sim.add_argument("--out", default=None, metavar="RUN_DIR", help="run folder (default: runs/<name from the run config>)")
     sim.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    sim.add_argument("--cpus-per-site", type=int, default=1, help="CPU cores reserved per virtual site (default 1)")
+    sim.add_argument("--cpus-per-site", type=_positive_int, default=1, help="CPU cores reserved per virtual site")
     sim.set_defaults(handler=_simulate)
 
-    synth = groups.add_parser("synthesize", help="audited synthetic scans (BIDS + data card) from a trained DiT")
-    synth.add_argument("--checkpoint", required=True, help="run folder, or a DiT checkpoint (.json) inside one")
-    synth.add_argument("--n", type=int, required=True, help="number of scans to generate (before the audit)")
-    synth.add_argument("--conditions", default=None, help="TSV of age, sex, diagnosis, modality, field_strength, "
-                       "mmse (n/a = missing), cycled to --n (default: a balanced table)")
-    synth.add_argument("--out", required=True, help="output folder: bids/, datacard.json/.md, staging/, audit-run/")
-    synth.add_argument("--sites", nargs="+", default=None, help="site YAMLs: run the federated audit in a simulation")
-    synth.add_argument("--audit", default=None, help="privacy_audit.json of a deployment's audit run of this set")
+    synth = commands.command("synthesize", "audited synthetic scans (BIDS + data card) from a trained DiT")
+    synth.add_argument("run_dir", metavar="RUN_DIR", type=_existing_path,
+                       help="run folder, or a DiT checkpoint (.json) inside one")
+    synth.add_argument("--n", type=_positive_int, required=True, help="number of scans to generate (before the audit)")
+    synth.add_argument("--out", required=True, metavar="DIR",
+                       help="output folder: bids/, datacard.json/.md, staging/, audit-run/")
+    synth.add_argument("--conditions", default=None, metavar="TSV", type=_existing_file,
+                       help="age, sex, diagnosis, modality, field_strength, mmse (n/a = missing), cycled to --n "
+                            "(default: a balanced table)")
+    synth.add_argument("--sites", nargs="+", default=None, metavar="SITE_YAML", type=_yaml_file,
+                       help="site YAMLs: run the federated audit in a simulation")
+    synth.add_argument("--audit", default=None, metavar="JSON", type=_existing_file,
+                       help="privacy_audit.json of a deployment's audit run of this set")
     synth.add_argument("--no-audit", action="store_true", help="export without an audit (the data card says so)")
-    synth.add_argument("--stage-only", action="store_true", help="generate and stage only, and write the audit "
-                       "run config for a deployment's `flwr run`")
+    synth.add_argument("--stage-only", action="store_true",
+                       help="generate and stage only, and write the audit run config for a deployment's `flwr run`")
     synth.add_argument("--no-membership", action="store_true", help="skip the DiT membership-inference test")
-    synth.add_argument("--steps", type=int, default=25, help="ODE steps (default 25)")
-    synth.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--signing-key", default=None,
+    synth.add_argument("--steps", type=_positive_int, default=25, help="ODE steps")
+    synth.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
+    synth.add_argument("--seed", type=int, default=0, help="noise and condition table")
+    synth.add_argument("--signing-key", default=None, metavar="FILE", type=_existing_file,
                        help="the consortium's Ed25519 release key: sign the exported BIDS folder (bids/RELEASE.json)")
     synth.set_defaults(handler=_synthesize)
 
     from braing3n_core.labels import MODALITIES  # stdlib-only module: --help stays instant
 
     modalities = [m.value for m in MODALITIES]
-    smp = groups.add_parser("sample", help="conditional samples from a trained DiT + decoder (NIfTI, montage, JSON)")
-    smp.add_argument("source", metavar="RUN_DIR_OR_DIT_CKPT", help="run folder, or a DiT checkpoint (.json) inside one")
-    smp.add_argument("--out", required=True, help="output folder: sample-NNNN.nii.gz, samples.png, sample.json")
-    smp.add_argument("--conditions", default=None, help="TSV with a header among age, sex, diagnosis, modality, "
-                     "field_strength, mmse (modality required; n/a = unconditioned), one sample per row")
+    smp = commands.command("sample", "conditional samples from a trained DiT + decoder (NIfTI, montage, JSON)")
+    smp.add_argument("run_dir", metavar="RUN_DIR", type=_existing_path,
+                     help="run folder, or a DiT checkpoint (.json) inside one")
+    smp.add_argument("--out", required=True, metavar="DIR", help="output folder: sample-NNNN.nii.gz, samples.png, sample.json")
+    smp.add_argument("--conditions", default=None, metavar="TSV", type=_existing_file,
+                     help="TSV with a header among age, sex, diagnosis, modality, field_strength, mmse (modality "
+                          "required; n/a = unconditioned), one sample per row")
     smp.add_argument("--age", default=None, help="years")
     smp.add_argument("--sex", default=None, help="F or M")
     smp.add_argument("--diagnosis", default=None, help="CN, MCI, AD or glioma")
     smp.add_argument("--modality", default=None, choices=modalities, help="required unless --conditions")
     smp.add_argument("--field-strength", dest="field_strength", default=None, help="tesla: 1.5 or 3")
     smp.add_argument("--mmse", default=None, help="0-30")
-    smp.add_argument("--n", type=int, default=None, help="samples (default 1, or one per --conditions row; rows cycle)")
-    smp.add_argument("--decoder", default=None, help="decoder checkpoint (default: the run folder's)")
-    smp.add_argument("--steps", type=int, default=25, help="ODE steps (default 25)")
-    smp.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
-    smp.add_argument("--seed", type=int, default=0)
-    smp.add_argument("--batch-size", type=int, default=4, help="samples per ODE solve (default 4)")
-    smp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (bf16 autocast on CUDA)")
+    smp.add_argument("--n", type=_positive_int, default=None,
+                     help="samples (default: 1, or one per --conditions row; rows cycle)")
+    smp.add_argument("--decoder", default=None, metavar="CKPT", help="decoder checkpoint (default: the run folder's)")
+    smp.add_argument("--steps", type=_positive_int, default=25, help="ODE steps")
+    smp.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
+    smp.add_argument("--seed", type=int, default=0, help="the noise the ODE starts from")
+    smp.add_argument("--batch-size", type=_positive_int, default=4, help="samples per ODE solve")
+    smp.add_argument("--device", default="cpu", help=_DEVICE_HELP)
     smp.set_defaults(handler=_sample)
 
-    fct = groups.add_parser("forecast", help="a subject's follow-up scan forecast from a baseline scan")
-    fct.add_argument("run_dir", metavar="RUN_DIR", help="run folder (DiT, decoder and frozen encoder), or a DiT checkpoint in one")
-    fct.add_argument("--site", default=None, help="the subject's site YAML (run where that site's data is)")
-    fct.add_argument("--subject", default=None, help="e.g. sub-001 (with --site)")
-    fct.add_argument("--scan", default=None, help="instead of --site/--subject: a baseline NIfTI in no site, with --age "
-                     "[--sex --diagnosis --field-strength] as known at that scan")
+    fct = commands.command("forecast", "a subject's follow-up scan forecast from a baseline scan")
+    fct.add_argument("run_dir", metavar="RUN_DIR", type=_existing_path,
+                     help="run folder (DiT, decoder and frozen encoder), or a DiT checkpoint (.json) inside one")
+    fct.add_argument("--site", default=None, metavar="SITE_YAML", type=_yaml_file,
+                     help="the subject's site YAML (run where that site's data is)")
+    fct.add_argument("--subject", default=None, help="e.g. sub-a001 (with --site)")
+    fct.add_argument("--scan", default=None, metavar="NIFTI", type=_existing_file,
+                     help="instead of --site/--subject: a baseline NIfTI in no site, with --age [--sex --diagnosis "
+                          "--field-strength] as known at that scan")
     fct.add_argument("--age", default=None, help="with --scan: years at the scan")
     fct.add_argument("--sex", default=None, help="with --scan: F or M")
     fct.add_argument("--diagnosis", default=None, help="with --scan: CN, MCI, AD or glioma")
     fct.add_argument("--field-strength", dest="field_strength", default=None, help="with --scan: tesla, 1.5 or 3")
     fct.add_argument("--session", default=None, help="baseline session, e.g. ses-01 (default: the earliest)")
-    fct.add_argument("--modality", required=True, choices=modalities)
+    fct.add_argument("--modality", required=True, choices=modalities, help="the baseline's (and forecast's) sequence")
     fct.add_argument("--years", type=float, required=True, help="interval after the baseline, in years")
-    fct.add_argument("--out", required=True, help="output folder: forecast.nii.gz, forecast.png, forecast.json")
-    fct.add_argument("--steps", type=int, default=25, help="ODE steps (default 25)")
-    fct.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
-    fct.add_argument("--seed", type=int, default=0)
-    fct.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (bf16 autocast on CUDA)")
+    fct.add_argument("--out", required=True, metavar="DIR", help="output folder: forecast.nii.gz, forecast.png, forecast.json")
+    fct.add_argument("--steps", type=_positive_int, default=25, help="ODE steps")
+    fct.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
+    fct.add_argument("--seed", type=int, default=0, help="the noise the ODE starts from")
+    fct.add_argument("--device", default="cpu", help=_DEVICE_HELP)
     fct.set_defaults(handler=_forecast)
 
-    evg = groups.add_parser("evaluate-generation", help="federated proof of generation and forecasting: adherence, "
-                            "FD/MMD vs real-vs-real, guidance sweep, forecasts vs no-change and a linear trend")
-    evg.add_argument("run_dir", metavar="RUN_DIR", help="the trained run folder (DiT, decoder, frozen encoder, probes)")
-    evg.add_argument("--sites", nargs="+", help="site YAMLs: the evaluation runs as a Flower simulation of these sites")
-    evg.add_argument("--out", required=True, help="the evaluation's run folder (generation_eval.json)")
-    evg.add_argument("--n", type=int, default=32, help="samples per generated set (default 32)")
-    evg.add_argument("--steps", type=int, default=25, help="ODE steps (default 25)")
-    evg.add_argument("--guidance", default="1.0,1.5,3.0", help="guidance sweep, comma-separated (default 1.0,1.5,3.0)")
+    evg = commands.command("evaluate-generation", "federated proof of generation and forecasting: adherence, "
+                           "FD/MMD vs real-vs-real, guidance sweep, forecasts vs no-change and a linear trend")
+    evg.add_argument("run_dir", metavar="RUN_DIR", type=_existing_dir,
+                     help="the trained run folder (DiT, decoder, frozen encoder, probes)")
+    evg.add_argument("--sites", nargs="+", metavar="SITE_YAML", type=_yaml_file,
+                     help="site YAMLs: the evaluation runs as a Flower simulation of these sites")
+    evg.add_argument("--out", required=True, metavar="RUN_DIR", help="the evaluation's run folder (generation_eval.json)")
+    evg.add_argument("--n", type=_positive_int, default=32, help="samples per generated set")
+    evg.add_argument("--steps", type=_positive_int, default=25, help="ODE steps")
+    evg.add_argument("--guidance", default="1.0,1.5,3.0", help="guidance sweep, comma-separated")
     evg.add_argument("--default-guidance", dest="default_guidance", type=float, default=1.5,
-                     help="guidance of the swapped-conditions control and of forecasts (default 1.5)")
+                     help="guidance of the swapped-conditions control and of forecasts")
     evg.add_argument("--forecast", action="store_true", help="also forecast every held-out subject with a follow-up")
-    evg.add_argument("--seed", type=int, default=0)
+    evg.add_argument("--seed", type=int, default=0, help="condition table and noise")
     evg.add_argument("--config-only", dest="config_only", action="store_true",
                      help="write <out>.yaml for a deployment's `flwr run` instead of simulating")
     evg.set_defaults(handler=_evaluate_generation)
 
-    demo = groups.add_parser("demo", help="the end-to-end demo (README command 1)")
-    demo.add_argument("--out", default="runs/demo", help="demo folder: cohort, federated run, report (default runs/demo)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--subjects", type=int, default=None, help="subjects per site (default: sized for 15 min on 2 cores)")
+    demo = commands.command("demo", "the end-to-end demo (README command 1)")
+    demo.add_argument("--out", default="runs/demo", metavar="DIR", help="demo folder: cohort, federated run, report")
+    demo.add_argument("--seed", type=int, default=0, help="cohort and training seed")
+    demo.add_argument("--subjects", type=_positive_int, default=None,
+                      help="subjects per site (default: sized for 15 min on 2 cores)")
     demo.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out and rewrite its report")
     demo.set_defaults(handler=_demo)
 
-    report = groups.add_parser("report", help="HTML report of a federated run folder (curves, probes, samples)")
-    report.add_argument("run_dir", help="run folder written by `braing3n simulate` or `braing3n demo`")
-    report.add_argument("--sites", nargs="+", default=None,
+    report = commands.command("report", "HTML report of a federated run folder (curves, probes, samples)")
+    report.add_argument("run_dir", metavar="RUN_DIR", type=_existing_dir,
+                        help="run folder written by `braing3n simulate` or `braing3n demo`")
+    report.add_argument("--sites", nargs="+", default=None, metavar="SITE_YAML", type=_yaml_file,
                         help="site YAMLs of the run: first compute reconstructions, samples and a forecast on their data")
-    report.add_argument("--out", default=None, help="HTML path (default RUN_DIR/report.html)")
+    report.add_argument("--out", default=None, metavar="HTML", help="HTML path (default: RUN_DIR/report.html)")
     report.add_argument("--embed", action="store_true", help="embed the figures in the HTML (one self-contained file)")
     report.set_defaults(handler=_report)
 
-    embed = groups.add_parser("embed", help="frozen-encoder features of any scans (safetensors + manifest)")
-    embed.add_argument("paths", nargs="*", metavar="SCAN", help="NIfTI files (or use --site)")
-    embed.add_argument("--site", default=None, help="a site YAML: embed every usable scan of that site instead")
-    embed.add_argument("--encoder", required=True, help="stage-1 (mae) checkpoint; its preset fixes the preprocessing")
-    embed.add_argument("--out", required=True, help="output folder: embeddings.safetensors, manifest.json")
-    embed.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (bf16 autocast on CUDA)")
+    embed = commands.command("embed", "frozen-encoder features of any scans (safetensors + manifest)")
+    embed.add_argument("paths", nargs="*", metavar="SCAN", type=_existing_file, help="NIfTI files (or use --site)")
+    embed.add_argument("--site", default=None, metavar="SITE_YAML", type=_yaml_file,
+                       help="a site YAML: embed every usable scan of that site instead")
+    embed.add_argument("--encoder", required=True, metavar="CKPT",
+                       help="stage-1 (mae) checkpoint; its preset fixes the preprocessing")
+    embed.add_argument("--out", required=True, metavar="DIR", help="output folder: embeddings.safetensors, manifest.json")
+    embed.add_argument("--device", default="cpu", help=_DEVICE_HELP)
     embed.set_defaults(handler=_embed)
 
-    rec = groups.add_parser("reconstruct", help="a scan through a run's encoder and decoder, on the model's grid and the scan's own")
-    rec.add_argument("scan", metavar="SCAN", help="NIfTI file (.nii or .nii.gz), any orientation and voxel size")
-    rec.add_argument("--run", required=True, help="run folder (frozen encoder and decoder)")
-    rec.add_argument("--out", required=True, help="output folder: reconstruction[_native].nii.gz, input.nii.gz, "
-                     "reconstruction.png, reconstruct.json")
-    rec.add_argument("--decoder", default=None, help="decoder checkpoint (default: the run folder's)")
-    rec.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (bf16 autocast on CUDA)")
+    rec = commands.command("reconstruct", "a scan through a run's encoder and decoder, on the model's grid and the scan's own")
+    rec.add_argument("scan", metavar="SCAN", type=_existing_file, help="NIfTI file (.nii or .nii.gz), any orientation and voxel size")
+    rec.add_argument("--run", required=True, metavar="RUN_DIR", type=_existing_dir, help="run folder (frozen encoder and decoder)")
+    rec.add_argument("--out", required=True, metavar="DIR", help="output folder: reconstruction[_native].nii.gz, "
+                     "input.nii.gz, reconstruction.png, reconstruct.json")
+    rec.add_argument("--decoder", default=None, metavar="CKPT", help="decoder checkpoint (default: the run folder's)")
+    rec.add_argument("--device", default="cpu", help=_DEVICE_HELP)
     rec.set_defaults(handler=_reconstruct)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from braing3n_core.config import ConfigError
+# --- errors and exit codes -------------------------------------------------------------------------------------------
 
-    args = build_parser().parse_args(argv)
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    import logging
+
+    level = logging.ERROR if args.quiet else logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _os_error(error: OSError) -> str:
+    where = f"{error.filename}: " if error.filename else ""
+    return f"{where}{error.strerror or error}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # usage errors end here: argparse prints usage and the problem, exit 2
+    if args.handler is None:  # `braing3n`, `braing3n site`: what is there to run
+        args.help_of.print_help()
+        return EXIT_OK
+    _configure_logging(args)
     try:
         return int(args.handler(args))
-    except ConfigError as error:
+    except KeyboardInterrupt:
+        print("interrupted; every process started here was stopped.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (BadInput, JobFailed) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
+    except OSError as error:  # a file the job could not read or write: named, never a traceback
+        print(f"error: {_os_error(error)}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as error:  # noqa: BLE001 (a bug: said plainly, no traceback unless -v asks)
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: unexpected {type(error).__name__}: {error} (a bug in braing3n; rerun with -v for the "
+              "traceback and report it)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "build_parser", "main"]
 
 
 if __name__ == "__main__":

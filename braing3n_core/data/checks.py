@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from braing3n_core.data.bids import discover_scans
 from braing3n_core.data.cache import JsonCache
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from braing3n_core.data.bids import ScanRecord
-    from braing3n_core.data.cache import JsonCache
     from braing3n_core.site_config import SiteConfig
 
 
@@ -52,6 +51,11 @@ class SiteReport:
         return [p for p in self.problems if not p.excluded]
 
     @property
+    def excluded_files(self) -> list[Path]:
+        """Each excluded file once, however many problems it has (a count of files, not of reasons)."""
+        return sorted({p.path for p in self.excluded})
+
+    @property
     def inventory(self) -> dict[str, dict[str | None, list[Modality]]]:
         """subject → session → modalities present (usable scans only)."""
         table: dict[str, dict[str | None, list[Modality]]] = {}
@@ -69,15 +73,23 @@ class SiteReport:
         }
 
 
-def check_site(config: SiteConfig, progress: bool | None = None) -> SiteReport:
+SITE_CACHE = "site"
+"""`check_site(cache=SITE_CACHE)`: verdicts cached in the site's own cache folder (`resolved_cache_dir`)."""
+
+
+def check_site(config: SiteConfig, progress: bool | None = None,
+               cache: Path | Literal["site"] | None = SITE_CACHE) -> SiteReport:
     """Discover, read and validate every scan of a site; never raises on bad data.
 
-    `progress=None` shows a progress bar only when stderr is a terminal.
+    `progress=None` shows a progress bar only when stderr is a terminal. Verdicts are cached by file content
+    in `<cache>/checks`: the site's cache folder by default (what training and the SuperNode use), another
+    folder, or `None` for none (`braing3n site check` on a read-only dataset writes nothing).
     """
     records, problems = discover_scans(config)
     selected = [r for r in records if r.modality in config.modalities]
+    cache_root = config.resolved_cache_dir if cache == SITE_CACHE else cache
     # No scans, no cache: opening it would create folders under a mistyped or missing data root.
-    cache = _open_check_cache(config, problems) if selected else None
+    cache = _open_check_cache(Path(cache_root), problems) if selected and cache_root is not None else None
     show = sys.stderr.isatty() if progress is None else progress
     inspections = _inspect_all([r.path for r in selected], cache, problems, show)
 
@@ -108,8 +120,8 @@ def check_site(config: SiteConfig, progress: bool | None = None) -> SiteReport:
     )
 
 
-def _open_check_cache(config: SiteConfig, problems: list[Problem]) -> JsonCache | None:
-    root = config.resolved_cache_dir / "checks"
+def _open_check_cache(cache_root: Path, problems: list[Problem]) -> JsonCache | None:
+    root = cache_root / "checks"
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -170,24 +182,27 @@ def _inspection_from_json(path: Path, record: dict[str, Any]) -> ImageInspection
     )
 
 
-def render_site_report(report: SiteReport, verbose: bool = False, console: Console | None = None) -> None:
+def render_site_report(report: SiteReport, verbose: bool = False, console: Console | None = None,
+                       cache: Path | None = None) -> None:
     """Print the report with rich: scans per modality (per subject/session when verbose), metadata
-    completeness, then every problem as `path: reason` (paths relative to the data root)."""
+    completeness, then every problem as `path: reason` (paths relative to the data root), and where the
+    check cache is (`cache`; None: uncached).
+
+    Modalities are named as the site YAML names them (`T1w`, `ce-gadolinium_T1w`…). On a terminal the
+    tables are boxed; into a pipe or a log they are plain aligned columns (no box-drawing characters)."""
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console()
-    console.print(f"[bold]Site {report.site_id}[/bold]  data root: {report.data_root}", highlight=False)
+    console.print(f"[bold]Site {report.site_id}[/bold]  data root: {report.data_root}", highlight=False, soft_wrap=True)
 
     inventory = report.inventory
-    summary = Table(title="Usable scans", title_justify="left")
-    for column in ("modality", "scans", "subjects", "sessions"):
-        summary.add_column(column, justify="left" if column == "modality" else "right")
+    console.print("[bold]Usable scans[/bold]")
+    summary = _table(console, ("modality", "scans", "subjects", "sessions"))
     for modality in Modality:
         scans = [r for r in report.usable_scans if r.modality is modality]
         if scans:
             summary.add_row(
-                modality.short,
+                modality.value,
                 str(len(scans)),
                 str(len({r.subject for r in scans})),
                 str(len({(r.subject, r.session) for r in scans})),
@@ -197,11 +212,11 @@ def render_site_report(report: SiteReport, verbose: bool = False, console: Conso
     console.print(summary)
 
     if verbose and report.usable_scans:
-        console.print(_scan_table(report))
+        console.print("[bold]Scans per subject and session[/bold]")
+        console.print(_scan_table(report, console))
 
-    completeness = Table(title="Metadata completeness (% of usable scans)", title_justify="left")
-    for name in LABEL_NAMES:
-        completeness.add_column(name, justify="right")
+    console.print("[bold]Metadata completeness[/bold] (% of usable scans)", highlight=False)
+    completeness = _table(console, LABEL_NAMES)
     completeness.add_row(*(f"{100 * v:.0f}%" for v in report.completeness.values()))
     console.print(completeness)
 
@@ -209,22 +224,59 @@ def render_site_report(report: SiteReport, verbose: bool = False, console: Conso
         console.print(f"{report.skipped_modalities} scans of modalities not selected in the site config were skipped")
     for title, problems in (("Excluded", report.excluded), ("Warnings", report.warnings)):
         if problems:
-            console.print(f"[bold]{title} ({len(problems)})[/bold]")
+            count = f"{len(report.excluded_files)} files" if title == "Excluded" else str(len(problems))
+            console.print(f"[bold]{title} ({count})[/bold]")
             for problem in problems:
                 line = f"{_display_path(problem.path, report.data_root)}: {problem.reason}"
                 console.print(line, markup=False, highlight=False, soft_wrap=True)
+    where = (f"check cache: {cache}" if cache is not None else
+             "check cache: none (nothing written; set cache_dir in the site YAML or pass --cache-dir to reuse verdicts)")
+    console.print(where, markup=False, highlight=False, soft_wrap=True)
     verdict = f"{len(report.usable_scans)} usable scans" if report.usable_scans else "no usable scans"
-    console.print(f"[bold]{verdict}[/bold], {len(report.excluded)} excluded, {len(report.warnings)} warnings")
+    console.print(f"[bold]{verdict}[/bold], {len(report.excluded_files)} files excluded, {len(report.warnings)} warnings")
 
 
-def _scan_table(report: SiteReport) -> Any:
+def site_report_json(report: SiteReport, cache: Path | None = None) -> dict[str, Any]:
+    """`braing3n site check --json`: the report as plain data for scripts (paths relative to the data root)."""
+    def problem(p: Problem) -> dict[str, str]:
+        return {"path": _display_path(p.path, report.data_root), "reason": p.reason}
+
+    modalities = {}
+    for modality in Modality:
+        scans = [r for r in report.usable_scans if r.modality is modality]
+        if scans:
+            modalities[modality.value] = {"scans": len(scans), "subjects": len({r.subject for r in scans}),
+                                          "sessions": len({(r.subject, r.session) for r in scans})}
+    return {
+        "site_id": report.site_id, "data_root": str(report.data_root), "check_cache": str(cache) if cache else None,
+        "usable_scans": len(report.usable_scans), "excluded_files": len(report.excluded_files),
+        "warnings": [problem(p) for p in report.warnings], "excluded": [problem(p) for p in report.excluded],
+        "modalities": modalities, "completeness": report.completeness,
+        "skipped_modalities": report.skipped_modalities,
+        "scans": [{"path": _display_path(r.path, report.data_root), "subject": r.subject, "session": r.session,
+                   "modality": r.modality.value} for r in report.usable_scans],
+    }
+
+
+def _table(console: Console, columns: tuple[str, ...]) -> Any:
+    """A table whose headers are never cut: each column is at least as wide as its header, and cells wrap
+    instead (rich would otherwise shorten `modality` to `modali…` at 80 columns)."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="Scans per subject and session", title_justify="left")
-    for column in ("subject", "session"):
-        table.add_column(column, no_wrap=True)
-    for column in (*(m.short for m in Modality), "age", "sex", "dx", "mmse", "B0"):
-        table.add_column(column)
+    # One space between columns: the widest site table (four modalities) then fits 80 columns.
+    boxed = console.is_terminal  # the box's own column separator is that one space
+    table = Table(box=box.SIMPLE_HEAD if boxed else None, padding=(0, 0) if boxed else (0, 1, 0, 0), pad_edge=False,
+                  show_edge=False)
+    for index, column in enumerate(columns):
+        table.add_column(column, justify="left" if index == 0 else "right", min_width=len(column))
+    return table
+
+
+def _scan_table(report: SiteReport, console: Console) -> Any:
+    present_modalities = [m for m in Modality if any(r.modality is m for r in report.usable_scans)]
+    table = _table(console, ("subject", "session", *(m.value for m in present_modalities), "age", "sex", "dx", "mmse", "B0"))
+    mark = "✓" if console.is_terminal else "x"  # a log may not be UTF-8
     by_visit: dict[tuple[str, str | None], list[ScanRecord]] = {}
     for record in report.usable_scans:
         by_visit.setdefault((record.subject, record.session), []).append(record)
@@ -234,7 +286,7 @@ def _scan_table(report: SiteReport) -> Any:
         table.add_row(
             subject,
             session or "-",
-            *("✓" if m in present else "" for m in Modality),
+            *(mark if m in present else "" for m in present_modalities),
             *(_fmt(getattr(labels, name)) for name in LABEL_NAMES),
         )
     return table

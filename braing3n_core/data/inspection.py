@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.openers import ImageOpener
 
-CHECKS_VERSION = 1
+CHECKS_VERSION = 2  # 2: an all-NaN image is one problem, not also "all voxels are zero"
 
 
 MIN_AFFINE_DETERMINANT = 1e-6  # mm³ per voxel; below this the voxel-to-world map is not invertible
@@ -94,7 +94,7 @@ def _inspect(path: Path) -> ImageInspection:
     try:
         image = nib.load(path)
     except Exception as error:  # nibabel raises many types for non-images
-        return failed(f"unreadable: not a NIfTI image ({_one_line(error, path)})")
+        return failed(f"unreadable: not a NIfTI image ({_load_failure(error, path)})")
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         return failed(f"not a NIfTI image (read as {type(image).__name__})")
 
@@ -134,7 +134,9 @@ def _inspect(path: Path) -> ImageInspection:
         if n_nan or n_inf:
             problems.append(Problem(path, f"contains {n_nan} NaN and {n_inf} infinite voxels", True))
     finite = data[np.isfinite(data)] if np.issubdtype(data.dtype, np.floating) else data
-    if not finite.any():
+    if finite.size == 0:
+        pass  # every voxel NaN or infinite: already said above, and "all zero" would be false
+    elif not finite.any():
         problems.append(Problem(path, "all voxels are zero (empty image)", True))
     elif finite.min() == finite.max():
         problems.append(Problem(path, f"every voxel has the same value ({finite.min():g}); no anatomy", True))
@@ -154,9 +156,16 @@ def _stored_voxel_size(path: Path, image: nib.Nifti1Image) -> tuple[float, ...]:
     return tuple(float(s) for s in header["pixdim"][1:4])
 
 
+def _load_failure(error: BaseException, path: Path) -> str:
+    """Why nibabel could not open the file, in the words of someone who named it `.nii.gz`."""
+    if path.name.endswith(".gz") and "not a gzip file" in str(error):
+        return "named .gz but not gzip-compressed"
+    return _one_line(error, path)
+
+
 def _one_line(error: BaseException, path: Path) -> str:
     """The library's message on one line, without repeating the path the problem already names."""
     message = str(error)
-    for spelling in (f'"{path}"', f"'{path}'", str(path)):
+    for spelling in (f"File {path}", f"file {path}", f'"{path}"', f"'{path}'", str(path)):
         message = message.replace(spelling, "the file")
     return " ".join(message.split()) or type(error).__name__

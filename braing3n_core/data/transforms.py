@@ -58,6 +58,7 @@ from scipy import ndimage
 
 from braing3n_core.data.cache import ArrayCache
 from braing3n_core.data.inspection import check_image
+from braing3n_core.errors import BadInput
 from braing3n_core.fileio import file_sha256
 from braing3n_core.presets import Preset
 
@@ -75,7 +76,7 @@ FLIP_PROBABILITY = 0.5
 INTENSITY_SHIFT = 0.1  # ± in z-score units, i.e. a tenth of the brain's standard deviation
 
 
-class PreprocessingError(RuntimeError):
+class PreprocessingError(BadInput, RuntimeError):
     """A scan could not be turned into a model input; the message names the file and the reason."""
 
     def __init__(self, path: Path, reason: str) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from braing3n_core.data.tokens import encoder_sha256
+from braing3n_core.errors import BadInput
 from braing3n_core.federation.run_folder import RunFolder
 from braing3n_core.fileio import file_sha256
 from braing3n_core.models import CNNDecoder, DiT, MAEEncoder
@@ -22,7 +23,7 @@ from braing3n_core.stage_names import DECODER, DIT, MAE, STAGE_NAMES
 from braing3n_core.training.checkpoints import load_stage_model
 
 
-class GenerationError(RuntimeError):
+class GenerationError(BadInput, RuntimeError):
     """Generation cannot run (missing or mismatched checkpoints, unknown scan…); the message names the file."""
 
 
@@ -60,6 +61,8 @@ def load_run_models(source: Path, *, decoder: Path | None = None, need_dit: bool
     """Models from a run folder or from a DiT checkpoint inside one (`<run>/checkpoints/dit/<name>.json`);
     `decoder` overrides the run's decoder."""
     source = Path(source)
+    if not source.exists():
+        raise GenerationError(f"{source}: does not exist (give a run folder, or a DiT checkpoint's .json in one)")
     if source.is_dir():
         run_dir: Path | None = source
         dit = RunFolder(source).stage_checkpoint(DIT)

@@ -24,9 +24,9 @@ def export_forecast(source: Path, site_yaml: Path, subject: str, session: str | 
     """`braing3n forecast`: `forecast.nii.gz`, `forecast.png` and `forecast.json` (scores against the
     real follow-up when the site holds one) in `out`; returns the JSON's path. Runs where the site's
     data is: only the baseline and follow-up scans are preprocessed and encoded."""
+    config = SiteConfig.from_yaml(site_yaml)  # first: a wrong --site is the cheaper mistake to report
     models = load_run_models(source, need_encoder=True, device=device)
     encoder = models.require_encoder("forecasting (the baseline scan's tokens)")
-    config = SiteConfig.from_yaml(site_yaml)
     data = load_site(config, models.preset, prepare=False, progress=False)
     baseline = find_baseline(data, subject, session, modality)
     tokens = TokenCache(config.resolved_cache_dir, encoder, models.preset, data.cache, models.device)

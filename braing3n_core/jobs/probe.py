@@ -28,6 +28,7 @@ from braing3n_core.data.bids import ScanRecord
 from braing3n_core.data.datasets import load_site
 from braing3n_core.data.inspection import Problem
 from braing3n_core.data.tokens import TokenCache, encoder_sha256
+from braing3n_core.errors import BadInput
 from braing3n_core.evaluation.features import pooled_features, probe_table
 from braing3n_core.evaluation.probe_tasks import ProbeTable, SkippedTask, candidate_tasks, select_tasks
 from braing3n_core.evaluation.probes import ProbeReport, run_probes
@@ -44,9 +45,10 @@ SUMMARY_METRICS: tuple[str, ...] = (
 )
 # Site and field-strength classes come from the data, so they are not in the fixed vocabulary.
 _DATA_DEFINED_TASKS: tuple[str, ...] = ("field_strength", "site")
+DEFAULT_RANDOM_INIT_PRESET = "small"  # `--random-init` without `--preset`: the preset `braing3n train` defaults to
 
 
-class ProbeError(ValueError):
+class ProbeError(BadInput, ValueError):
     """`braing3n probe` cannot run as asked; the message names the file or option at fault."""
 
 
@@ -58,7 +60,7 @@ def known_task_names() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ProbeOptions:
-    preset: str = "small"
+    preset: str | None = None  # None: the encoder checkpoint's own; `small` for random init
     encoder: Path | None = None  # stage-1 (mae) checkpoint; None with random_init
     random_init: bool = False
     seed: int = 0  # random-init weights, and the cross-validation folds
@@ -72,7 +74,8 @@ class ProbeOptions:
         if (self.encoder is None) == (not self.random_init):
             raise ProbeError("probe: give exactly one of an encoder checkpoint (--encoder) or --random-init")
         try:
-            get_preset(self.preset)
+            if self.preset is not None:
+                get_preset(self.preset)
         except ValueError as error:
             raise ProbeError(f"probe: {error}") from None
         if self.folds < 2 or self.inner_folds < 2:
@@ -111,14 +114,18 @@ def random_init_encoder(preset: Preset | str, seed: int) -> MAEEncoder:
 
 def frozen_encoder(options: ProbeOptions) -> tuple[FrozenEncoder, Preset]:
     """The encoder to probe and its preset. A checkpoint trained at another preset than `options.preset`,
-    or whose input geometry is not that preset's, is refused: its token grid would not fit the volumes."""
-    preset = get_preset(options.preset)
+    or whose input geometry is not that preset's, is refused: its token grid would not fit the volumes.
+    Without `options.preset` a checkpoint's preset is the one it records (`meta.preset`)."""
     if options.random_init:
+        preset = get_preset(options.preset or DEFAULT_RANDOM_INIT_PRESET)
         encoder = random_init_encoder(preset, options.seed)
         return FrozenEncoder(encoder, f"random init, seed {options.seed}", encoder_sha256(encoder), None), preset
     path = Path(options.encoder)  # type: ignore[arg-type]
     model, checkpoint = load_stage_model(path, expected_stage="mae")
     trained_on = checkpoint.meta.get("preset")
+    if options.preset is None and trained_on is None:
+        raise ProbeError(f"{checkpoint.path}: the checkpoint does not record its preset (meta.preset); pass --preset")
+    preset = get_preset(options.preset or trained_on)
     if trained_on is not None and trained_on != preset.name:
         raise ProbeError(f"{checkpoint.path}: encoder trained at preset {trained_on!r}, but --preset is {preset.name!r}")
     config = model.config

@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import yaml
 
+from braing3n_core.errors import BadInput
 from braing3n_core.federation.run_folder import RunFolder
 from braing3n_core.figures import DISPLAY_WINDOW, _save
 from braing3n_core.fileio import atomic_write_bytes, atomic_write_json
@@ -56,7 +57,7 @@ VALIDATION_METRICS: dict[str, tuple[str, ...]] = {
 HIGHER_IS_BETTER = {"val/psnr", "val/ssim"}
 
 
-class ReportError(RuntimeError):
+class ReportError(BadInput, RuntimeError):
     """The folder is not a readable run folder; the message names the file and the problem."""
 
 

@@ -36,6 +36,7 @@ from braing3n_core.data.bids import ScanRecord
 from braing3n_core.data.datasets import SiteData, load_site
 from braing3n_core.data.tokens import TokenCache
 from braing3n_core.data.transforms import preprocess_scan
+from braing3n_core.errors import BadInput
 from braing3n_core.evaluation.features import pooled_features, probe_table
 from braing3n_core.evaluation.probe_splits import SubjectSplit
 from braing3n_core.evaluation.probe_tasks import ProbeTable, ProbeTask, SkippedTask, TaskKind, select_tasks
@@ -62,7 +63,7 @@ WHERE = (
 )
 
 
-class ShowcaseError(RuntimeError):
+class ShowcaseError(BadInput, RuntimeError):
     """The run folder lacks what a showcase needs; the message names the file."""
 
 

@@ -40,6 +40,7 @@ import torch
 from braing3n_core.checkpoint import load_checkpoint, save_checkpoint
 from braing3n_core.config import ConfigError
 from braing3n_core.data.cohort.bids_writer import write_json, write_text, write_tsv
+from braing3n_core.errors import BadInput
 from braing3n_core.federation.run_folder import RunFolder
 from braing3n_core.fileio import atomic_write_bytes, atomic_write_json, file_sha256, json_safe
 from braing3n_core.generation.condition_table import MISSING, ConditionRow, balanced_conditions, read_conditions
@@ -54,7 +55,7 @@ from braing3n_core.ops.simulate import simulate
 from braing3n_core.presets import Preset
 
 
-class SynthesisError(RuntimeError):
+class SynthesisError(BadInput, RuntimeError):
     """Synthesis cannot go on (missing checkpoint, audit that does not match the staged set…)."""
 
 

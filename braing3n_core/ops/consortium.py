@@ -276,12 +276,27 @@ def load_supernode_public_key(path: Path) -> ec.EllipticCurvePublicKey:
 
 
 def init_consortium(root: Path, sites: Sequence[str], host: str, ip_addresses: Sequence[str] = (),
-                    dns_names: Sequence[str] = (), ca_days: int = 3650, server_days: int = 825) -> Consortium:
-    """Create CA, SuperLink certificate, release key and one credentials bundle per site in `root`."""
+                    dns_names: Sequence[str] = (), ca_days: int = 3650, server_days: int = 825,
+                    force: bool = False) -> Consortium:
+    """Create CA, SuperLink certificate, release key and one credentials bundle per site in `root`.
+
+    `root` must be new or empty: keys written among other files are easy to hand over by mistake. `force`
+    writes into a non-empty folder anyway (never over an existing consortium)."""
     layout = Layout(Path(root).resolve())
     if layout.manifest.exists() or layout.ca_key.exists():
         raise ConfigError(f"{layout.root}: already holds a consortium; add sites with `braing3n consortium add-site`")
+    if layout.root.exists() and not layout.root.is_dir():
+        raise ConfigError(f"{layout.root}: exists and is not a folder")
     sites = _check_site_ids(sites)
+    present = sorted(p.name for p in layout.root.iterdir()) if layout.root.is_dir() else []
+    if present and not force:
+        ours = {layout.ca_key.parent.name, layout.server_key.parent.name, layout.release_key.parent.name,
+                layout.bundle(sites[0]).parent.name}
+        clash = [name for name in present if name in ours]
+        shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
+        overwrite = f"; --force would write into {', '.join(clash)}/ among their files" if clash else ""
+        raise ConfigError(f"{layout.root}: not empty ({shown}); a consortium folder holds private keys, so it "
+                          f"starts empty: choose a new folder, or pass --force to write into this one{overwrite}")
     dns, ips = subject_alt_names(host, dns_names, ip_addresses)
     _private_dir(layout.root)
     _private_dir(layout.ca_key.parent)
@@ -395,10 +410,23 @@ def load_consortium(root: Path) -> Consortium:
         raise ConfigError(f"{layout.manifest}: malformed consortium file ({error})") from None
 
 
+def _key_bytes(path: Path, what: str) -> bytes:
+    """A key file's bytes; a missing file or a folder is named as such, not as a malformed key."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give the {what} file")
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} file not found")
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the {what} ({error.strerror})") from None
+
+
 def load_release_public_key(path: Path) -> ed25519.Ed25519PublicKey:
     try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except (OSError, ValueError) as error:
+        key = serialization.load_pem_public_key(_key_bytes(path, "public key"))
+    except ValueError as error:
         raise ConfigError(f"{path}: not a PEM public key ({error})") from None
     if not isinstance(key, ed25519.Ed25519PublicKey):
         raise ConfigError(f"{path}: not an Ed25519 public key")
@@ -407,8 +435,8 @@ def load_release_public_key(path: Path) -> ed25519.Ed25519PublicKey:
 
 def load_release_private_key(path: Path) -> ed25519.Ed25519PrivateKey:
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as error:
+        key = serialization.load_pem_private_key(_key_bytes(path, "private key"), password=None)
+    except (ValueError, TypeError) as error:
         raise ConfigError(f"{path}: not an unencrypted PEM private key ({error})") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise ConfigError(f"{path}: not an Ed25519 private key")

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from braing3n_core.config import ConfigError
+from braing3n_core.errors import JobFailed
 from braing3n_core.federation.protocol import AppSettings
 from braing3n_core.federation.run_config import RunConfig
 from braing3n_core.federation.run_folder import RunFolder
@@ -55,7 +56,7 @@ ACTIVATION_REFUSED = "Failed to activate SuperNode"  # what flower-supernode pri
 Echo = Callable[[str], None]
 
 
-class DeploymentError(RuntimeError):
+class DeploymentError(JobFailed, RuntimeError):
     """A Flower process failed or refused; the message names the log to read."""
 
 
@@ -460,17 +461,23 @@ def submit(root: Path, run_config: Path, out: Path | None = None, resume: bool =
     key = consortium.layout.release_key if sign and consortium.layout.release_key.is_file() else None
     if superlink is None:
         running = running_superlink(consortium)
-        if running is None:
-            raise DeploymentError(f"no SuperLink of {consortium.layout.root} is running here; "
-                                  "pass --superlink HOST:PORT")
-        superlink = running["connect"]
+        if running is not None:
+            superlink = running["connect"]
+        elif print_only:  # the command is for later, when `serve` runs: its default address
+            superlink = f"{consortium.host}:{DEFAULT_PORT}"
+            echo(f"# no SuperLink of {consortium.layout.root} runs here yet: the command dials {superlink} "
+                 "(pass --superlink HOST:PORT for another)")
+        else:
+            raise DeploymentError(f"no SuperLink of {consortium.layout.root} is running here; start it with "
+                                  f"`braing3n consortium serve {consortium.layout.root}` or pass --superlink HOST:PORT")
     state = _state(consortium)
     write_cli_connection(state.cli_home, superlink, consortium.layout.ca_cert)
     run = RunFolder(out)
-    if print_only:
-        echo(run_command(consortium, run.config_path, out, expected, key, app_dir).shell())
-        return None
+    # Pinned even when only printing: the printed `flwr run` names this run.yaml, so it must exist.
     pinned = run.pin(config, resume=resume)
+    if print_only:
+        echo(run_command(consortium, pinned, out, expected, key, app_dir).shell())
+        return None
     run.complete_path.unlink(missing_ok=True)
     logs = run.logs_dir
     logs.mkdir(exist_ok=True)

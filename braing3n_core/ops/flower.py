@@ -15,8 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from braing3n_core.errors import JobFailed
 
-class FlowerError(RuntimeError):
+
+class FlowerError(JobFailed, RuntimeError):
     """A Flower process (SuperLink, SuperNode, the flwr CLI) could not be found, started or reached."""
 
 

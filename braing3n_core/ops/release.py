@@ -179,6 +179,11 @@ def sign_directory(path: Path, private_key: PrivateKey, metadata: Mapping[str, A
 def verify_directory(path: Path, public_key: PublicKey | None = None) -> VerifyReport:
     """Check a release folder (or its `RELEASE.json`) against its signed manifest; see `VerifyReport`."""
     path = Path(path).resolve()
+    if not path.exists():
+        raise ConfigError(f"{path}: does not exist")
+    if path.is_file() and path.name != MANIFEST:
+        raise ConfigError(f"{path}: a file, not a release; give the release folder (the one holding {MANIFEST}) "
+                          f"or its {MANIFEST}")
     root = path.parent if path.name == MANIFEST else path
     report = VerifyReport(root)
     try:

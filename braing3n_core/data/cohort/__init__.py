@@ -6,6 +6,6 @@ site profiles), `subjects` (demographics and disease course per visit), `grid` (
 encoding), `bids_writer` (BIDS files), `generate` (`make_cohort`).
 """
 
-from braing3n_core.data.cohort.generate import CohortSpec, make_cohort
+from braing3n_core.data.cohort.generate import CohortSpec, CohortSummary, existing_cohort, make_cohort, summarize_cohort
 
-__all__ = ["CohortSpec", "make_cohort"]
+__all__ = ["CohortSpec", "CohortSummary", "existing_cohort", "make_cohort", "summarize_cohort"]

@@ -128,6 +128,35 @@ def make_cohort(spec: CohortSpec, out_dir: Path, sites_dir: Path | None = None) 
     return yamls
 
 
+def existing_cohort(spec: CohortSpec, out_dir: Path, sites_dir: Path | None = None) -> list[Path]:
+    """The site datasets and YAMLs `make_cohort(spec, out_dir, sites_dir)` would replace (`cohort make`
+    asks for --force before replacing a cohort someone may be using)."""
+    out_dir = Path(out_dir)
+    sites_dir = Path(sites_dir) if sites_dir is not None else out_dir / "sites"
+    targets = [path for index in range(spec.n_sites)
+               for path in (out_dir / site_id(index), sites_dir / f"{site_id(index)}.yaml")]
+    return [path for path in targets if path.exists()]
+
+
+@dataclass(frozen=True)
+class CohortSummary:
+    sites: int
+    subjects: int
+    sessions: int
+    scans: int
+
+
+def summarize_cohort(site_yamls: list[Path]) -> CohortSummary:
+    """What a written cohort holds, counted on disk (each site's data root from its YAML)."""
+    subjects = sessions = scans = 0
+    for path in site_yamls:
+        root = SiteConfig.from_yaml(path).data_root
+        subjects += sum(1 for _ in root.glob("sub-*/"))
+        sessions += sum(1 for _ in root.glob("sub-*/ses-*/"))
+        scans += sum(1 for _ in root.glob("sub-*/ses-*/anat/*.nii.gz"))
+    return CohortSummary(len(site_yamls), subjects, sessions, scans)
+
+
 def _check_replaceable(folder: Path, site_yaml: Path) -> None:
     """Only a dataset and a site YAML this generator wrote may be replaced; checked before any work."""
     refusal = f"exists and was not written by '{bids.GENERATOR_NAME}'; refusing to overwrite it"
@@ -198,15 +227,18 @@ class _Progress:
     """A rich progress bar on a terminal; silent otherwise (CI logs, pytest)."""
 
     def __init__(self, spec: CohortSpec, total: int) -> None:
-        self.enabled = spec.progress and sys.stdout.isatty()
+        self.enabled = spec.progress and sys.stderr.isatty()
         self.total = total
 
     def __enter__(self):  # type: ignore[no-untyped-def]
         if not self.enabled:
             return lambda: None
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
-        self.bar = Progress("[bold]cohort[/]", BarColumn(), MofNCompleteColumn(), "subjects", TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+        # On stderr, so that stdout (the site YAML paths) stays a clean list for scripts.
+        self.bar = Progress("[bold]cohort[/]", BarColumn(), MofNCompleteColumn(), "subjects", TimeElapsedColumn(),
+                            TimeRemainingColumn(), transient=False, console=Console(stderr=True))
         self.bar.__enter__()
         task = self.bar.add_task("subjects", total=self.total)
         return lambda: self.bar.advance(task)

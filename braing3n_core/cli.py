@@ -83,7 +83,7 @@ def _existing_file(text: str) -> Path:
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{path}: is a folder, not a file")
     if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{path}: does not exist" if not path.exists() else f"{path}: not a regular file")
+        raise argparse.ArgumentTypeError(f"{path}: file not found" if not path.exists() else f"{path}: not a regular file")
     return path
 
 
@@ -326,18 +326,19 @@ def _release_sign(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from braing3n_core.config import ConfigError
-    from braing3n_core.ops.release import verify_directory
 
     if args.public_key is None and not args.integrity_only:
         raise ConfigError("verify: pass --public-key release.pub (the consortium's key) to check who signed the "
                           "release, or --integrity-only to check its files against the manifest only")
+    from braing3n_core.ops.release import verify_directory
+
     report = verify_directory(Path(args.path), args.public_key)
     if args.json:
         _print_json({"path": str(report.path), "ok": report.ok, "trusted": report.trusted, "files": report.files,
                      "key_fingerprint": report.key_fingerprint,
                      "problems": [{"kind": p.kind, "path": p.path, "detail": p.detail} for p in report.problems]})
     elif not args.quiet or not report.ok:
-        print(report.summary(), file=sys.stdout if report.ok else sys.stderr)
+        print(report.summary())  # the verdict is the result, found or not: stdout
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -699,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--sites", nargs="+", required=True, metavar="SITE_YAML", type=_yaml_file,
                        help="site YAML files (their scans are pooled)")
     which = probe.add_mutually_exclusive_group(required=True)
-    which.add_argument("--encoder", default=None, metavar="CKPT", type=_existing_path,
+    which.add_argument("--encoder", default=None, metavar="CKPT", type=Path,
                        help="stage-1 (mae) checkpoint, e.g. runs/x/checkpoints/mae/final.json")
     which.add_argument("--random-init", action="store_true", help="the untrained encoder `train mae --seed` starts from")
     probe.add_argument("--preset", default=None, choices=["paper", "small", "tiny"],
@@ -938,7 +939,10 @@ def _os_error(error: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # usage errors end here: argparse prints usage and the problem, exit 2
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error (argparse printed usage and the problem)
+        return done.code if isinstance(done.code, int) else EXIT_BAD_INPUT
     if args.handler is None:  # `braing3n`, `braing3n site`: what is there to run
         args.help_of.print_help()
         return EXIT_OK

@@ -217,7 +217,7 @@ def test_report_lists_every_problem_as_path_and_reason(anatomy: nib.Nifti1Image,
     for problem in report.problems:
         assert f"{problem.path.relative_to(tmp_path / 'bids')}: {problem.reason}" in text
     assert "Metadata completeness" in text and "67%" in text  # age
-    assert "6 usable scans" in text and f"{len(report.excluded)} excluded" in text
+    assert "6 usable scans" in text and f"{len(report.excluded_files)} files excluded" in text
     assert "sub-42" in text  # verbose lists every subject/session
 
 
@@ -257,8 +257,8 @@ def test_cli_exit_status_follows_usable_scans(
 
     missing_yaml = tmp_path / "missing.yaml"  # default cache folder: inside the (missing) data root
     missing_yaml.write_text(yaml.safe_dump({"site_id": "site-x", "data_root": str(tmp_path / "missing")}))
-    assert cli_main(["site", "check", str(missing_yaml)]) == 1
-    assert "data root does not exist" in capsys.readouterr().out
+    assert cli_main(["site", "check", str(missing_yaml)]) == 2  # a bad site file, not a failed check
+    assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "missing").exists()  # checking never creates a mistyped data root
 
 

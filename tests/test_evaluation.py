@@ -185,6 +185,15 @@ def test_bad_checkpoints_are_refused_by_name(site_yamls, untrained_checkpoint: P
     assert not (tmp_path / "out").exists()
 
 
+def test_the_preset_comes_from_the_checkpoint(untrained_checkpoint: Path) -> None:
+    from braing3n_core.jobs.probe import frozen_encoder
+
+    _, preset = frozen_encoder(ProbeOptions(encoder=untrained_checkpoint))  # no --preset: the checkpoint's own
+    assert preset.name == "tiny"
+    _, preset = frozen_encoder(ProbeOptions(random_init=True))
+    assert preset.name == "small"  # random init has no checkpoint: the documented default
+
+
 def test_options_are_validated() -> None:
     with pytest.raises(ProbeError, match="exactly one"):
         ProbeOptions(preset="tiny")
@@ -201,9 +210,7 @@ def test_options_are_validated() -> None:
 
 def test_command_line_refuses_both_or_neither_encoder(site_yamls, tmp_path: Path, capsys) -> None:
     for which in ([], ["--random-init", "--encoder", "x.json"]):
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main(["probe", "--sites", str(site_yamls[0]), *which, "--preset", "tiny", "--out", str(tmp_path)])
-        assert exit_info.value.code == 2
+        assert cli.main(["probe", "--sites", str(site_yamls[0]), *which, "--preset", "tiny", "--out", str(tmp_path)]) == 2
     code, _, err = _probe_cli(capsys, "--sites", str(site_yamls[0]), "--random-init", "--preset", "tiny",
                               "--tasks", "brain_age", "--out", str(tmp_path))
     assert code == 2 and "brain_age" in err

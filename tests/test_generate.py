@@ -302,7 +302,7 @@ def test_a_signed_synthetic_dataset_verifies_and_carries_its_data_card(runs, tmp
     assert not (tmp_path / "refused").exists()  # refused before anything was generated
 
     out = tmp_path / "shared"
-    code = main(["synthesize", "--checkpoint", str(runs["run"]), "--n", "2", "--out", str(out), "--no-audit",
+    code = main(["synthesize", str(runs["run"]), "--n", "2", "--out", str(out), "--no-audit",
                  "--steps", "1", "--signing-key", str(layout.release_key)])
     assert code == 0, capsys.readouterr().err
     assert "signed:" in capsys.readouterr().out

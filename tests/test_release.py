@@ -161,7 +161,8 @@ def test_cli_sign_and_verify_exit_codes(tmp_path: Path, keys, capsys) -> None:
     root = _dataset(tmp_path / "set")
     assert main(["release", "sign", str(root), "--key", str(private)]) == 0
     assert main(["verify", str(root), "--public-key", str(public)]) == 0
-    assert main(["verify", str(root)]) == 3  # intact but the signer was not checked
+    assert main(["verify", str(root)]) == 2  # bad usage: say which key to trust, or that none is checked
+    assert main(["verify", str(root), "--integrity-only"]) == 0  # intact; the signer was not checked
     (root / "participants.tsv").write_text("changed")
     assert main(["verify", str(root), "--public-key", str(public)]) == 1
     out = capsys.readouterr().out

@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata as package_metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from cryptography.exceptions import InvalidSignature
@@ -44,10 +44,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from braing3n_core.config import ConfigError
-from braing3n_core.federation.run_folder import RunFolder
 from braing3n_core.fileio import atomic_write_json
 from braing3n_core.ops.consortium import load_release_private_key, load_release_public_key, ssh_fingerprint
 from braing3n_core.stage_names import PROBES
+
+if TYPE_CHECKING:
+    from braing3n_core.federation.run_folder import RunFolder
 
 FORMAT = "braing3n-release/1"
 MANIFEST = "RELEASE.json"
@@ -240,12 +242,20 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read ({error})") from None
 
 
+def _run_folder(run_dir: Path) -> RunFolder:
+    # Imported here, not at the top: the run folder pulls in torch, and `braing3n verify` (any folder, on any
+    # machine) should answer in a second, not after loading a deep-learning stack it never uses.
+    from braing3n_core.federation.run_folder import RunFolder
+
+    return RunFolder(run_dir)
+
+
 def epsilon_per_site(run_dir: Path) -> dict[str, Any]:
     """The largest ε each site reported (site-level DP: cumulative, so the largest is the latest), and the
     run's client-level ε (logged by the server), from `metrics.jsonl`; empty when no DP ran."""
     sites: dict[str, float] = {}
     client_level = None
-    for record in RunFolder(run_dir).records():
+    for record in _run_folder(run_dir).records():
         value = record.get("privacy/epsilon")
         if not isinstance(value, (int, float)):
             continue
@@ -264,7 +274,7 @@ def epsilon_per_site(run_dir: Path) -> dict[str, Any]:
 
 def run_release_metadata(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
-    run = RunFolder(run_dir)
+    run = _run_folder(run_dir)
     state = _read_json(run.state_path)
     config = yaml.safe_load(run.config_path.read_text())
     return {
@@ -301,7 +311,7 @@ def _stage_files(run_dir: Path, state: Mapping[str, Any]) -> list[Path]:
         raise ConfigError(f"{run_dir}: {unfinished} have not finished; only a finished run is released")
     if not stages and not probes.get("done"):
         raise ConfigError(f"{run_dir}: no finished stage to release")
-    run = RunFolder(run_dir)
+    run = _run_folder(run_dir)
     paths = [run.config_path, run.state_path]
     for stage in list(stages) + ([PROBES] if probes.get("done") else []):
         paths += [run.final_path(stage), run.final_path(stage).with_suffix(".safetensors")]
@@ -319,8 +329,8 @@ def sign_run(run_dir: Path, private_key: PrivateKey, out: Path | None = None) ->
     only once the new one is complete and signed); returns its `RELEASE.json`."""
     key = _private(private_key)  # a bad key fails before anything is written
     run_dir = Path(run_dir).resolve()
-    files = _stage_files(run_dir, _read_json(RunFolder(run_dir).state_path))
-    out = Path(out).resolve() if out is not None else RunFolder(run_dir).release_dir
+    files = _stage_files(run_dir, _read_json(_run_folder(run_dir).state_path))
+    out = Path(out).resolve() if out is not None else _run_folder(run_dir).release_dir
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".release-", dir=out.parent))
     try:

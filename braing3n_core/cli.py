@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 
 Handler = Callable[[argparse.Namespace], int]
 
+# The sampler's defaults (models/diffusion.DEFAULT_STEPS, generation/sampling.DEFAULT_BATCH_SIZE), restated
+# here so that `--help` needs no torch import; tests/test_diffusion.py checks that they agree.
+SAMPLE_STEPS = 12
+SAMPLE_BATCH = 8
+
 DESCRIPTION = """\
 braing3n: federated training of a 3D brain-MRI foundation model across hospitals, on Flower.
 
@@ -810,7 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--stage-only", action="store_true",
                        help="generate and stage only, and write the audit run config for a deployment's `flwr run`")
     synth.add_argument("--no-membership", action="store_true", help="skip the DiT membership-inference test")
-    synth.add_argument("--steps", type=_positive_int, default=25, help="ODE steps")
+    synth.add_argument("--steps", type=_positive_int, default=SAMPLE_STEPS, help="ODE steps")
     synth.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
     synth.add_argument("--seed", type=int, default=0, help="noise and condition table")
     synth.add_argument("--signing-key", default=None, metavar="FILE", type=_existing_file,
@@ -836,10 +841,10 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--n", type=_positive_int, default=None,
                      help="samples (default: 1, or one per --conditions row; rows cycle)")
     smp.add_argument("--decoder", default=None, metavar="CKPT", help="decoder checkpoint (default: the run folder's)")
-    smp.add_argument("--steps", type=_positive_int, default=25, help="ODE steps")
+    smp.add_argument("--steps", type=_positive_int, default=SAMPLE_STEPS, help="ODE steps")
     smp.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
     smp.add_argument("--seed", type=int, default=0, help="the noise the ODE starts from")
-    smp.add_argument("--batch-size", type=_positive_int, default=4, help="samples per ODE solve")
+    smp.add_argument("--batch-size", type=_positive_int, default=SAMPLE_BATCH, help="samples per ODE solve")
     smp.add_argument("--device", default="cpu", help=_DEVICE_HELP)
     smp.set_defaults(handler=_sample)
 
@@ -860,7 +865,7 @@ def build_parser() -> argparse.ArgumentParser:
     fct.add_argument("--modality", required=True, choices=modalities, help="the baseline's (and forecast's) sequence")
     fct.add_argument("--years", type=float, required=True, help="interval after the baseline, in years")
     fct.add_argument("--out", required=True, metavar="DIR", help="output folder: forecast.nii.gz, forecast.png, forecast.json")
-    fct.add_argument("--steps", type=_positive_int, default=25, help="ODE steps")
+    fct.add_argument("--steps", type=_positive_int, default=SAMPLE_STEPS, help="ODE steps")
     fct.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
     fct.add_argument("--seed", type=int, default=0, help="the noise the ODE starts from")
     fct.add_argument("--device", default="cpu", help=_DEVICE_HELP)
@@ -874,7 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="site YAMLs: the evaluation runs as a Flower simulation of these sites")
     evg.add_argument("--out", required=True, metavar="RUN_DIR", help="the evaluation's run folder (generation_eval.json)")
     evg.add_argument("--n", type=_positive_int, default=32, help="samples per generated set")
-    evg.add_argument("--steps", type=_positive_int, default=25, help="ODE steps")
+    evg.add_argument("--steps", type=_positive_int, default=SAMPLE_STEPS, help="ODE steps")
     evg.add_argument("--guidance", default="1.0,1.5,3.0", help="guidance sweep, comma-separated")
     evg.add_argument("--default-guidance", dest="default_guidance", type=float, default=1.5,
                      help="guidance of the swapped-conditions control and of forecasts")

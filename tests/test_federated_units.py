@@ -60,7 +60,7 @@ def test_run_config_resolves_defaults_and_schedule(tmp_path: Path) -> None:
     ({"stages": [{"name": "decoder", "rounds": 1, "local_steps": 1}, {"name": "mae", "rounds": 1, "local_steps": 1}]}, "order"),
     ({"stages": [{"name": "mae", "rounds": 1, "local_steps": 1, "strategy": {"name": "fedsgd"}}]}, "unknown strategy 'fedsgd'"),
     ({"stages": [{"name": "mae", "rounds": 1, "local_steps": 1, "strategy": {"name": "fedtrimmedavg", "beta": 0.7}}]}, "beta"),
-    ({"stages": [{"name": "mae", "rounds": 0, "local_steps": 1}]}, "stages.0.rounds"),
+    ({"stages": [{"name": "mae", "rounds": 0, "local_steps": 1}]}, "stages[mae].rounds"),
     ({"stages": [{"name": "mae", "rounds": 1, "local_steps": 1, "lr_rate": 1}]}, "unknown setting"),
     ({"preset": "huge", "stages": [{"name": "mae", "rounds": 1, "local_steps": 1}]}, "unknown preset"),
     ({"stages": [], "start_from": {"mae": "missing.json"}, "probes": {"enabled": True}}, "not found"),

@@ -2,7 +2,7 @@
 contract's exit code (0 success, 1 job failed, 2 bad usage or input), never a traceback; every option has help.
 
 The bad-input table runs the real command (`python -m braing3n_core`) in subprocesses, this checkout's code
-first on the path; the fixtures (a one-subject synthetic cohort, a consortium, a signed release, broken
+first on the path; the fixtures (a copy of one site of the session's synthetic cohort, a consortium, a signed release, broken
 scans and YAMLs) are built once for the module, and all the commands run concurrently so that the table costs
 little more than its slowest row.
 """
@@ -117,17 +117,21 @@ def _env() -> dict[str, str]:
             "COLUMNS": "80"}
 
 
-def _fixtures(root: Path) -> dict[str, Path]:
-    from braing3n_core.data.cohort import CohortSpec, make_cohort
+def _fixtures(root: Path, shared_site_yaml: Path) -> dict[str, Path]:
     from braing3n_core.ops.consortium import init_consortium
     from braing3n_core.ops.release import sign_directory
 
     paths: dict[str, Path] = {"tmp": root}
+    # A copy of one site of the session's synthetic cohort: `cohort make` may be pointed at it, the original never.
     cohort = root / "cohort"
-    [site_yaml] = make_cohort(CohortSpec(n_sites=1, subjects_per_site=1, voxel_mm=4.0, workers=1, progress=False), cohort)
-    paths.update(cohort=cohort, site_yaml=site_yaml)
-    site = yaml.safe_load(site_yaml.read_text())
+    site = yaml.safe_load(shared_site_yaml.read_text())
+    shutil.copytree((shared_site_yaml.parent / site["data_root"]).resolve(), cohort / "site-a")
+    (cohort / "sites").mkdir()
+    site_yaml = cohort / "sites" / "site-a.yaml"
+    shutil.copy(shared_site_yaml, site_yaml)  # its data_root (../site-a) now points at the copy
     data_root = (site_yaml.parent / site["data_root"]).resolve()
+    assert data_root == (cohort / "site-a").resolve()
+    paths.update(cohort=cohort, site_yaml=site_yaml)
     paths["scan"] = next(data_root.glob("sub-*/ses-*/anat/*_T1w.nii.gz"))
 
     def site_file(name: str, text: bytes) -> Path:
@@ -177,8 +181,8 @@ def _fixtures(root: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return {k: str(v) for k, v in _fixtures(tmp_path_factory.mktemp("cli")).items()}
+def paths(tmp_path_factory: pytest.TempPathFactory, synthetic_cohort: list[Path]) -> dict[str, str]:
+    return {k: str(v) for k, v in _fixtures(tmp_path_factory.mktemp("cli"), synthetic_cohort[0]).items()}
 
 
 @pytest.fixture(scope="module")

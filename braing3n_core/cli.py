@@ -63,7 +63,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("default" in text or not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+        unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS  # 0 is a value
+        if ("default" in text or not action.option_strings or unset
                 or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
             return text
         return f"{text} (default: %(default)s)"

@@ -259,7 +259,8 @@ def test_every_command_has_help_and_every_option_says_what_it_does(capsys: pytes
             if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
                 continue
             assert action.help and action.help != argparse.SUPPRESS, f"braing3n {' '.join(words)} {action.dest}: no help"
-            shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+            unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+            shown = not unset and action.option_strings
             if shown and action.dest not in ("verbose", "quiet"):
                 formatted = sub.formatter_class(prog="braing3n")._get_help_string(action)
                 assert "default" in formatted, f"braing3n {' '.join(words)} {action.dest}: default not shown"

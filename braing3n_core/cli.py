@@ -12,6 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+# The sampler's defaults (models/diffusion.DEFAULT_STEPS, generation/sampling.DEFAULT_BATCH_SIZE), restated
+# here so that `--help` needs no torch import; tests/test_diffusion.py checks that they agree.
+SAMPLE_STEPS = 12
+SAMPLE_BATCH = 8
+
 if TYPE_CHECKING:
     from braing3n_core.generation.condition_table import ConditionRow
 
@@ -608,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--stage-only", action="store_true", help="generate and stage only, and write the audit "
                        "run config for a deployment's `flwr run`")
     synth.add_argument("--no-membership", action="store_true", help="skip the DiT membership-inference test")
-    synth.add_argument("--steps", type=int, default=25, help="ODE steps (default 25)")
+    synth.add_argument("--steps", type=int, default=SAMPLE_STEPS, help=f"ODE steps (default {SAMPLE_STEPS})")
     synth.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--signing-key", default=None,
@@ -631,10 +636,10 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--mmse", default=None, help="0-30")
     smp.add_argument("--n", type=int, default=None, help="samples (default 1, or one per --conditions row; rows cycle)")
     smp.add_argument("--decoder", default=None, help="decoder checkpoint (default: the run folder's)")
-    smp.add_argument("--steps", type=int, default=25, help="ODE steps (default 25)")
+    smp.add_argument("--steps", type=int, default=SAMPLE_STEPS, help=f"ODE steps (default {SAMPLE_STEPS})")
     smp.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
     smp.add_argument("--seed", type=int, default=0)
-    smp.add_argument("--batch-size", type=int, default=4, help="samples per ODE solve (default 4)")
+    smp.add_argument("--batch-size", type=int, default=SAMPLE_BATCH, help=f"samples per ODE solve (default {SAMPLE_BATCH})")
     smp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (bf16 autocast on CUDA)")
     smp.set_defaults(handler=_sample)
 
@@ -652,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     fct.add_argument("--modality", required=True, choices=modalities)
     fct.add_argument("--years", type=float, required=True, help="interval after the baseline, in years")
     fct.add_argument("--out", required=True, help="output folder: forecast.nii.gz, forecast.png, forecast.json")
-    fct.add_argument("--steps", type=int, default=25, help="ODE steps (default 25)")
+    fct.add_argument("--steps", type=int, default=SAMPLE_STEPS, help=f"ODE steps (default {SAMPLE_STEPS})")
     fct.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
     fct.add_argument("--seed", type=int, default=0)
     fct.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (bf16 autocast on CUDA)")
@@ -664,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     evg.add_argument("--sites", nargs="+", help="site YAMLs: the evaluation runs as a Flower simulation of these sites")
     evg.add_argument("--out", required=True, help="the evaluation's run folder (generation_eval.json)")
     evg.add_argument("--n", type=int, default=32, help="samples per generated set (default 32)")
-    evg.add_argument("--steps", type=int, default=25, help="ODE steps (default 25)")
+    evg.add_argument("--steps", type=int, default=SAMPLE_STEPS, help=f"ODE steps (default {SAMPLE_STEPS})")
     evg.add_argument("--guidance", default="1.0,1.5,3.0", help="guidance sweep, comma-separated (default 1.0,1.5,3.0)")
     evg.add_argument("--default-guidance", dest="default_guidance", type=float, default=1.5,
                      help="guidance of the swapped-conditions control and of forecasts (default 1.5)")

@@ -30,6 +30,24 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def cpu_supports_bf16() -> bool:
+    """oneDNN runs bf16 matmuls natively (AVX512-BF16 or AMX) on this CPU."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def inference_bf16(device: torch.device) -> bool:
+    """Sampling runs in bf16 autocast on CUDA, and on a CPU with native bf16 matmuls, where it measured
+    1.3× faster DiT sampling with the sample moving 0.0003 of the token spread (bench/bench_sampling.py)."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16())
+
+
+def inference_autocast(device: torch.device, bf16: bool | None = None) -> contextlib.AbstractContextManager:
+    """bf16 autocast where `inference_bf16` (bf16=None), or as asked (False: fp32, e.g. a reference solve)."""
+    if not (inference_bf16(device) if bf16 is None else bf16):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 def set_threads(num_threads: int | None) -> None:
     """Match torch's intra-op threads to the cores this process was given (a Ray actor gets 1 by default)."""
     if num_threads is None:

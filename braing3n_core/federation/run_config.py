@@ -43,6 +43,7 @@ from pydantic import Field, field_validator, model_validator
 
 from braing3n_core.config import ConfigError, StrictModel, _read_yaml_mapping, _validate
 from braing3n_core.fileio import atomic_write_bytes
+from braing3n_core.models.diffusion import DEFAULT_STEPS
 from braing3n_core.presets import PRESETS
 from braing3n_core.runtime import cosine_lr
 from braing3n_core.stage_names import STAGE_NAMES, FederatedStep, StageName
@@ -270,7 +271,7 @@ class GenerationEvalRunConfig(StrictModel):
     probes: Path | None = Field(None, description="federated probe heads (<run>/checkpoints/probes/final.json); "
                                                   "None: the evaluation trains them first (probes.enabled)")
     n: int = Field(32, ge=4, description="samples per generated set")
-    steps: int = Field(25, ge=1)
+    steps: int = Field(DEFAULT_STEPS, ge=1, description="ODE steps of the default solver")
     guidance: tuple[float, ...] = Field((1.0, 1.5, 3.0), min_length=1, description="the guidance sweep")
     default_guidance: float = Field(1.5, ge=1.0, description="guidance of the swapped positive control and forecasts")
     forecast: bool = Field(False, description="also forecast every held-out subject with a follow-up")

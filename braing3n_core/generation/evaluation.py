@@ -66,7 +66,7 @@ from braing3n_core.labels import DIAGNOSES, FIELD_STRENGTHS_T, MODALITIES, SEXES
 from braing3n_core.models import MAEEncoder
 from braing3n_core.models.conditions import null_conditions
 from braing3n_core.models.diffusion import sample
-from braing3n_core.runtime import autocast
+from braing3n_core.runtime import inference_autocast
 from braing3n_core.training.examples import SiteInputs
 
 SPACES: tuple[str, ...] = ("token", "scan")
@@ -143,7 +143,7 @@ def _unconditioned(models: GenerationModels, n: int, steps: int, seed: int, batc
     generator = torch.Generator().manual_seed(seed)
     shape = (dit.config.num_tokens, dit.config.token_dim)
     parts = []
-    with autocast(models.device):
+    with inference_autocast(models.device):
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             parts.append(sample(dit, (b, *shape), null_conditions(b), steps=steps, guidance_scale=1.0,

@@ -27,7 +27,7 @@ from braing3n_core.generation.sampling import _synchronize, decode
 from braing3n_core.labels import Modality, ScanLabels
 from braing3n_core.models.conditions import conditions_from_labels
 from braing3n_core.models.diffusion import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, sample
-from braing3n_core.runtime import autocast
+from braing3n_core.runtime import inference_autocast, inference_bf16
 
 
 @dataclass
@@ -134,7 +134,7 @@ def forecast(models: GenerationModels, site: SiteData, tokens: TokenCache, basel
     settings = {"steps": steps, "guidance_scale": guidance_scale, "seed": seed, "site": site.config.site_id,
                 "subject": baseline.subject, "session": baseline.session, "modality": Modality(baseline.modality).value,
                 "years": float(years), "conditioned_age": known.age, "encoder_sha256": models.encoder_sha256,
-                "device": str(models.device), "autocast": "bf16" if models.device.type == "cuda" else None}
+                "device": str(models.device), "autocast": "bf16" if inference_bf16(models.device) else None}
     return ForecastResult(baseline, follow_up, float(years), predicted, volume, baseline_volume, follow_volume,
                           scores, seconds, settings, residual)
 
@@ -155,7 +155,7 @@ def _sample_follow_up(models: GenerationModels, base_tokens: torch.Tensor, known
         cond = conditions_from_labels([known], [modality])
     except ValueError as error:  # e.g. an age past the schema's range once the interval is added
         raise GenerationError(f"cannot condition the forecast: {error}") from None
-    with autocast(models.device):
+    with inference_autocast(models.device):
         predicted = sample(dit, (1, dit.config.num_tokens, dit.config.token_dim), cond, steps=steps,
                            guidance_scale=guidance_scale, baseline=base_tokens, interval=torch.tensor([float(years)]),
                            generator=torch.Generator().manual_seed(seed)).float().cpu()  # [1, N, E]
@@ -192,7 +192,7 @@ def forecast_scan(models: GenerationModels, scan: Path, labels: ScanLabels, moda
     settings = {"steps": steps, "guidance_scale": guidance_scale, "seed": seed, "site": None, "scan": str(scan),
                 "modality": modality.value, "years": float(years), "conditioned_age": known.age,
                 "encoder_sha256": models.encoder_sha256, "device": str(models.device),
-                "autocast": "bf16" if models.device.type == "cuda" else None}
+                "autocast": "bf16" if inference_bf16(models.device) else None}
     return ForecastResult(baseline, None, float(years), predicted, volume, baseline_volume[0], None, {}, seconds,
                           settings, residual_forecast(baseline_volume[0], volume, reconstructed))
 

@@ -21,6 +21,7 @@ from braing3n_core.config import ConfigError
 from braing3n_core.federation.run_folder import RunFolder
 from braing3n_core.generation.evaluation import GUIDANCE_SWEEP, NOISE, SWAPPED, UNCONDITIONED, guided_set
 from braing3n_core.generation.models import GenerationError, load_run_models
+from braing3n_core.models.diffusion import DEFAULT_STEPS
 from braing3n_core.ops.simulate import simulate
 from braing3n_core.stage_names import PROBES
 
@@ -47,7 +48,7 @@ def evaluation_run_config(run_dir: Path, *, min_sites: int, n: int, steps: int, 
     }
 
 
-def evaluate_generation(run_dir: Path, sites: Sequence[Path], out: Path, *, n: int = 32, steps: int = 25,
+def evaluate_generation(run_dir: Path, sites: Sequence[Path], out: Path, *, n: int = 32, steps: int = DEFAULT_STEPS,
                         guidance: Sequence[float] = GUIDANCE_SWEEP, default_guidance: float = 1.5, forecast: bool = False,
                         seed: int = 0, config_only: bool = False, echo: bool = False) -> dict[str, Any] | Path:
     """Write the evaluation's run YAML beside `out` and run it over `sites`; returns `generation_eval.json`'s

@@ -52,6 +52,7 @@ from braing3n_core.generation.output import write_forecast, write_samples
 from braing3n_core.generation.sampling import decode, generate
 from braing3n_core.jobs.report import FIGURE_DIR
 from braing3n_core.labels import Modality
+from braing3n_core.models.diffusion import DEFAULT_STEPS
 from braing3n_core.site_config import SiteConfig
 from braing3n_core.training.examples import longitudinal_pairs
 
@@ -79,7 +80,7 @@ DEMO_REQUESTS: tuple[ConditionRow, ...] = (
 class ShowcaseOptions:
     reconstructions: int = 4  # held-out scans, one per site in turn
     requests: tuple[ConditionRow, ...] = DEMO_REQUESTS
-    sample_steps: int = 10  # Heun steps (2 network calls each, the last one 1)
+    sample_steps: int = DEFAULT_STEPS  # one network call each (the ab2 solver)
     guidance: float = 1.5
     seed: int = 0
     centralized_probes: bool = True

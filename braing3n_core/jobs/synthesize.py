@@ -46,9 +46,10 @@ from braing3n_core.fileio import atomic_write_bytes, atomic_write_json, file_sha
 from braing3n_core.generation.condition_table import MISSING, ConditionRow, balanced_conditions, read_conditions
 from braing3n_core.generation.models import GenerationError, GenerationModels, load_run_models, model_hashes
 from braing3n_core.generation.output import nifti_bytes
-from braing3n_core.generation.sampling import generate
+from braing3n_core.generation.sampling import generate, sampling_progress
 from braing3n_core.labels import DIAGNOSES, SEXES, Modality
 from braing3n_core.models.conditions import CONDITION_SCHEMA, ContinuousVariable
+from braing3n_core.models.diffusion import DEFAULT_STEPS
 from braing3n_core.ops.consortium import load_release_private_key
 from braing3n_core.ops.release import sign_directory
 from braing3n_core.ops.simulate import simulate
@@ -242,7 +243,7 @@ class SynthesisResult:
 
 
 def synthesize(checkpoint: Path, n: int, out: Path, conditions: Path | None = None, sites: Sequence[Path] = (),
-               audit: Path | None = None, skip_audit: bool = False, stage_only: bool = False, steps: int = 25,
+               audit: Path | None = None, skip_audit: bool = False, stage_only: bool = False, steps: int = DEFAULT_STEPS,
                guidance_scale: float = 1.5, seed: int = 0, membership: bool = True,
                plant: Mapping[int, torch.Tensor] | None = None, signing_key: Path | None = None) -> SynthesisResult:
     """Generate, stage, audit, export (module docstring). `plant` (drills: index → volume) overwrites
@@ -275,11 +276,14 @@ def synthesize(checkpoint: Path, n: int, out: Path, conditions: Path | None = No
         rows = table if table is not None else balanced_conditions(n, seed)
         if table is not None and n > 0:
             rows = [rows[i % len(rows)] for i in range(n)]
-        volumes = generate(models, rows, steps=steps, guidance_scale=guidance_scale, seed=seed).volumes
+        with sampling_progress("synthesizing", len(rows)) as progress:
+            generated = generate(models, rows, steps=steps, guidance_scale=guidance_scale, seed=seed, progress=progress)
+        volumes = generated.volumes
         for index, volume in (plant or {}).items():
             volumes[index] = volume.reshape(volumes.shape[1:]).to(volumes.dtype)
         staged = stage_synthetic(out / "staging", volumes, rows, {"models": hashes, "seed": seed, "steps": steps,
-                                                                  "guidance_scale": guidance_scale})
+                                                                  "guidance_scale": guidance_scale,
+                                                                  "solver": generated.settings["solver"]})
     if stage_only:
         import yaml
 

@@ -21,11 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 from braing3n_core.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, BadInput, JobFailed
 
-# The sampler's defaults (models/diffusion.DEFAULT_STEPS, generation/sampling.DEFAULT_BATCH_SIZE), restated
-# here so that `--help` needs no torch import; tests/test_diffusion.py checks that they agree.
-SAMPLE_STEPS = 12
-SAMPLE_BATCH = 8
-
 if TYPE_CHECKING:
     from braing3n_core.generation.condition_table import ConditionRow
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +40,7 @@ DEFAULT_STEPS = 12
 DEFAULT_GUIDANCE_SCALE = 1.5  # starting point; choose on validation (condition adherence vs diversity)
 SHIFT_BASE_DIM = 4096
 Solver = Literal["ab2", "heun", "euler"]
-SOLVERS: tuple[str, ...] = ("ab2", "heun", "euler")
+SOLVERS: tuple[str, ...] = get_args(Solver)
 DEFAULT_SOLVER: Solver = "ab2"
 StepCallback = Callable[[int, int], None]  # (network calls done, network calls in all)
 

@@ -159,6 +159,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be 0 or more")
+    return value
+
+
 # --- output ----------------------------------------------------------------------------------------------------
 
 
@@ -396,7 +406,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
     try:
         result = simulate(list(args.sites), Path(args.run_config), _optional_path(args.out), resume=args.resume,
-                          cpus_per_site=args.cpus_per_site, echo=not args.quiet)
+                          cpus_per_site=args.cpus_per_site, gpus_per_site=args.gpus_per_site,
+                          ray_address=args.ray_address, echo=not args.quiet)
     except KeyboardInterrupt:
         print("interrupted; the SuperLink was stopped. Continue later with --resume.", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -797,6 +808,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", default=None, metavar="RUN_DIR", help="run folder (default: runs/<name from the run config>)")
     sim.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     sim.add_argument("--cpus-per-site", type=_positive_int, default=1, help="CPU cores reserved per virtual site")
+    sim.add_argument("--gpus-per-site", type=_non_negative_float, default=0.0,
+                     help="GPUs reserved per virtual site (0.5: two sites share one); set `device: cuda` in the site YAMLs")
+    sim.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                     help="run the sites on an existing Ray cluster (`ray start --head`; `auto`: the one on this "
+                          "machine) instead of a Ray started for this run; every node needs this environment and "
+                          "the sites' data paths")
     sim.set_defaults(handler=_simulate)
 
     synth = commands.command("synthesize", "audited synthetic scans (BIDS + data card) from a trained DiT")

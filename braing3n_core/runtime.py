@@ -90,3 +90,16 @@ def round_seed(seed: int, *parts: object) -> int:
     """A stable 63-bit seed per (run seed, stage, round, site): reproducible and different per site."""
     digest = hashlib.sha256("/".join(str(p) for p in (seed, *parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def worker_placement() -> str:
+    """Where this process runs, for the run's ledger: `host/pid`, plus `/ray:<node id>` inside a Ray worker
+    (a simulation's site may run on any node of a cluster, and a different one each round)."""
+    import socket
+    import sys
+
+    where = f"{socket.gethostname()}/{os.getpid()}"
+    ray = sys.modules.get("ray")  # only a Ray worker has it loaded; never import Ray here
+    if ray is not None and ray.is_initialized():
+        where += f"/ray:{ray.get_runtime_context().get_node_id()}"
+    return where

@@ -16,6 +16,7 @@ payload is read through `braing3n_core.federation.protocol`; drills live in `cli
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -63,6 +64,7 @@ from braing3n_core.generation.forecast_eval import TrendModel, site_forecast_sco
 from braing3n_core.generation.models import GenerationModels
 from braing3n_core.models import CNNDecoder, DecoderConfig, DiT, DiTConfig
 from braing3n_core.privacy.audit import run_site_audit
+from braing3n_core.runtime import worker_placement
 from braing3n_core.stage_names import DIT, PROBES
 from braing3n_core.training.stages import get_stage
 from client import faults
@@ -82,6 +84,7 @@ def _reply(msg: Message, reply: SiteReply, arrays: Arrays | None, metrics: Mappi
     # site's ε is its own (and only DP sites have one).
     privacy = {k: v for k, v in metrics.items() if k.startswith("privacy/")}
     metrics = {k: v for k, v in metrics.items() if not k.startswith("privacy/")}
+    reply = replace(reply, worker=worker_placement())
     content = RecordDict({Record.METRICS: MetricRecord(metrics), Record.SITE: ConfigRecord(reply.to_config())})
     if privacy:
         content[Record.PRIVACY] = ConfigRecord(privacy)

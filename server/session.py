@@ -160,7 +160,10 @@ class Federation:
                 content = by_node[verdict.node_id].content
                 metrics = dict(metric_record(content))
                 privacy = content.config_records.get(Record.PRIVACY)  # a DP site's ε etc. (never aggregated)
-                self.run.log(stage, server_round, verdict.site, "train", update_norm=verdict.update_norm, **metrics,
+                site_record = content.config_records.get(Record.SITE)
+                worker = SiteReply.from_config(site_record).worker if site_record is not None else ""
+                self.run.log(stage, server_round, verdict.site, "train", update_norm=verdict.update_norm, worker=worker,
+                             **metrics,
                              **(dict(privacy) if privacy is not None else {}),
                              **({"note": verdict.reason} if verdict.reason else {}))
                 if verdict.reason:

@@ -260,9 +260,10 @@ class ForecastScoresQuery(Payload):
 
 @dataclass(frozen=True, kw_only=True)
 class SiteReply(Payload):
-    """The `site` record of every reply: who answered."""
+    """The `site` record of every reply: who answered, and where it ran (`runtime.worker_placement`)."""
 
     site_id: str
+    worker: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

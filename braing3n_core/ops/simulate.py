@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -108,19 +109,57 @@ def _emit(echo: bool | Callable[[str], None], line: str) -> None:
         sys.stdout.flush()
 
 
+def check_ray_address(address: str) -> None:
+    """Fail early, with the fix, when `address` (host:port of a Ray cluster's head) does not answer.
+    `auto` (the cluster `ray start` last started on this machine) is left to Ray to resolve."""
+    if address == "auto":
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"--ray-address {address!r}: expected HOST:PORT of the head node (e.g. 10.0.0.5:6379) or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        raise ConfigError(f"--ray-address {address}: no Ray head answers there ({error}); start the cluster with "
+                          f"`ray start --head --port {port}` on that machine, then `ray start --address {address}` "
+                          "on each worker machine") from None
+
+
+def federation_config(n_sites: int, cpus_per_site: int, gpus_per_site: float, local_cores: int | None) -> str:
+    """`flwr run --federation-config` of a simulation. `local_cores` is the Ray instance this run starts
+    itself; None joins an existing cluster (RAY_ADDRESS), where Ray refuses `num_cpus` at `ray.init`."""
+    settings = [f"num-supernodes={n_sites}", f"client-resources-num-cpus={cpus_per_site}"]
+    if gpus_per_site:
+        settings.append(f"client-resources-num-gpus={gpus_per_site:g}")
+    if local_cores is not None:
+        settings.append(f"init-args-num-cpus={local_cores}")
+    return " ".join(settings)
+
+
 def simulate(
     site_yamls: Sequence[Path], run_config: Path, out: Path | None = None, resume: bool = False,
-    cpus_per_site: int = 1, app_dir: Path = APP_DIR, echo: bool | Callable[[str], None] = True,
+    cpus_per_site: int = 1, gpus_per_site: float = 0.0, ray_address: str | None = None,
+    app_dir: Path = APP_DIR, echo: bool | Callable[[str], None] = True,
 ) -> SimulationResult:
-    """Run the federation; `echo` True streams Flower's output to stdout, a callable receives each line."""
+    """Run the federation; `echo` True streams Flower's output to stdout, a callable receives each line.
+
+    `ray_address` places the virtual sites on an existing Ray cluster (`ray start --head` / `ray start
+    --address`) instead of a Ray instance started on this machine. The SuperLink and the simulation run
+    here (the head node, or any machine that reaches it); every node needs this environment, this code at
+    the same path and the site YAMLs' data paths, since each site's ClientApp may run on any node.
+    """
     config = RunConfig.from_yaml(run_config)
     sites = load_site_configs(list(site_yamls))  # validates every site file up front, ids unique
     if len(sites) < config.min_sites:
         raise ConfigError(f"{run_config}: min_sites is {config.min_sites} but only {len(sites)} site files were given")
     if not (Path(app_dir) / "pyproject.toml").is_file():
         raise SimulationError(f"{app_dir}: no pyproject.toml; `braing3n simulate` runs from a source checkout")
+    if gpus_per_site < 0:
+        raise ConfigError(f"gpus_per_site is {gpus_per_site}; expected 0 or more (a fraction shares a GPU)")
     cores = usable_cpus()
-    if cpus_per_site > cores:
+    if ray_address is not None:
+        check_ray_address(ray_address)
+    elif cpus_per_site > cores:
         raise ConfigError(f"cpus_per_site is {cpus_per_site} but this process may use only {cores} core(s)")
     out = Path(out if out is not None else Path("runs") / config.name).resolve()
     run = RunFolder(out)
@@ -133,6 +172,14 @@ def simulate(
 
     home = Path(tempfile.mkdtemp(prefix=HOME_PREFIX))
     env = flower_env(home, cpus_per_site)
+    if ray_address is not None:
+        # Flower's backend init-args keep only num_cpus/num_gpus/logging (an `address` is dropped); Ray's
+        # `ray.init()` in the simulation process joins the cluster RAY_ADDRESS names.
+        env["RAY_ADDRESS"] = ray_address
+    else:
+        # `ray.init()` without an address joins the cluster `ray start` last started on this machine, if
+        # one runs; "local" makes a local run start its own Ray whatever runs beside it.
+        env["RAY_ADDRESS"] = "local"
     port = free_port()
     link_log = logs / "superlink.log"
     started = time.time()
@@ -148,7 +195,7 @@ def simulate(
         link = start_superlink(env, port, link_log, out)
         atomic_write_json(run.simulation_record, {"superlink_pid": link.pid, "superlink_started": started_at(link.pid),
                                                      "wrapper_pid": os.getpid(), "wrapper_started": started_at(os.getpid()),
-                                                     "port": port, "flwr_home": str(home),
+                                                     "port": port, "flwr_home": str(home), "ray_address": ray_address,
                                                      "started": started, "sites": [str(p) for p in site_yamls]})
         wait_for_port(port, link, link_log)
         (home / "config.toml").write_text(
@@ -158,8 +205,9 @@ def simulate(
                                     site_configs=",".join(str(Path(p).resolve()) for p in site_yamls)).flwr_run_config()
         command = [
             executable("flwr"), "run", str(app_dir), "sim", "--run-config", flower_config,
-            "--federation-config", (f"num-supernodes={len(sites)} client-resources-num-cpus={cpus_per_site} "
-                                    f"init-args-num-cpus={cores}"), "--stream",
+            "--federation-config",
+            federation_config(len(sites), cpus_per_site, gpus_per_site, None if ray_address is not None else cores),
+            "--stream",
         ]
         with open(logs / "flwr-run.log", "ab") as run_log:
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=out)

@@ -832,7 +832,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--no-audit", action="store_true", help="export without an audit (the data card says so)")
     synth.add_argument("--stage-only", action="store_true",
                        help="generate and stage only, and write the audit run config for a deployment's `flwr run`")
-    synth.add_argument("--no-membership", action="store_true", help="skip the DiT membership-inference test")
+    synth.add_argument("--no-membership", action="store_true", help="skip the membership-inference tests (DiT and MAE loss thresholds)")
     synth.add_argument("--steps", type=_positive_int, default=SAMPLE_STEPS, help="ODE steps")
     synth.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
     synth.add_argument("--seed", type=int, default=0, help="noise and condition table")

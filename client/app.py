@@ -62,7 +62,7 @@ from braing3n_core.federation.site_round import evaluate_site, site_token_moment
 from braing3n_core.generation.evaluation import site_generation_scores
 from braing3n_core.generation.forecast_eval import TrendModel, site_forecast_scores, trend_census
 from braing3n_core.generation.models import GenerationModels
-from braing3n_core.models import CNNDecoder, DecoderConfig, DiT, DiTConfig
+from braing3n_core.models import CNNDecoder, DecoderConfig, DiT, DiTConfig, MAEConfig, MaskedAutoencoder
 from braing3n_core.privacy.audit import run_site_audit
 from braing3n_core.runtime import worker_placement
 from braing3n_core.stage_names import DIT, PROBES
@@ -190,7 +190,10 @@ def _privacy_audit(msg: Message, query: Query, config: ConfigRecord, runtime: Si
     dit = None
     if asked.dit_config is not None:
         dit = load_arrays(DiT(DiTConfig.from_dict(asked.dit_config)), _arrays(msg.content[Record.DIT]))
-    audit = run_site_audit(site, site.tokens.encoder, volumes, dit)
+    mae = None
+    if asked.mae_config is not None:
+        mae = load_arrays(MaskedAutoencoder(MAEConfig.from_dict(asked.mae_config)), _arrays(msg.content[Record.MAE]))
+    audit = run_site_audit(site, site.tokens.encoder, volumes, dit, mae)
     reply = AuditReply(site_id=runtime.site_id, audit=audit.to_json())
     return _reply(msg, reply, None, {NUM_EXAMPLES: float(audit.n_train + audit.n_held), "flagged": float(sum(audit.flags))})
 

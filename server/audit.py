@@ -7,6 +7,7 @@ compares them with its own scans and answers aggregates and one flag per synthet
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from braing3n_core.federation.protocol import Action, AuditReply, PrivacyAuditQu
 from braing3n_core.fileio import atomic_write_json
 from braing3n_core.jobs.synthesize import load_staged, staged_sha256
 from braing3n_core.privacy.audit import SiteAudit, combine_audits
-from braing3n_core.stage_names import DIT
+from braing3n_core.stage_names import DIT, MAE
 from braing3n_core.training.checkpoints import load_stage_model
 from server.aggregation import to_array_record
 from server.session import Federation
@@ -32,7 +33,11 @@ def run_audit(federation: Federation) -> Path:
     if settings.dit is not None:
         dit, checkpoint = load_stage_model(Path(settings.dit), expected_stage=DIT)
         records[Record.DIT] = to_array_record(module_arrays(dit))
-        query = PrivacyAuditQuery(n_synthetic=query.n_synthetic, dit_config=checkpoint.meta["model_config"])
+        query = replace(query, dit_config=checkpoint.meta["model_config"])
+    if settings.mae is not None:
+        mae, checkpoint = load_stage_model(Path(settings.mae), expected_stage=MAE)
+        records[Record.MAE] = to_array_record(module_arrays(mae))
+        query = replace(query, mae_config=checkpoint.meta["model_config"])
     audits = []
     for reply in federation.query(Action.PRIVACY_AUDIT, STAGE, query, arrays=records):
         answer = AuditReply.from_config(reply.content.config_records[Record.SITE])
@@ -43,13 +48,14 @@ def run_audit(federation: Federation) -> Path:
         audits.append(audit)
         federation.run.log(STAGE, 0, answer.site_id, "privacy_audit", flagged=sum(audit.flags), n_train=audit.n_train,
                            n_held=audit.n_held, **_space_values(audit),
-                           **({"privacy/membership_auc": audit.membership["auc"]} if audit.membership else {}))
+                           **{f"privacy/membership_auc_{attack}": result["auc"] for attack, result in audit.membership.items()})
     if not audits:
         raise RuntimeError("privacy audit: no site returned an audit")
     result = {**combine_audits(audits), "staged": str(settings.synthetic), "staged_sha256": staged_sha256(settings.synthetic)}
     atomic_write_json(federation.run.audit_path, result)
     federation.run.log(STAGE, 0, "aggregate", "privacy_audit", excluded=len(result["excluded"]),
-                       sites=len(audits), **{"privacy/membership_auc": result["membership_auc"]})
+                       sites=len(audits), **{f"privacy/membership_auc_{attack}": pooled["auc"]
+                                             for attack, pooled in result["membership"].items()})
     return federation.run.audit_path
 
 

@@ -30,7 +30,16 @@ from braing3n_core.federation.run_config import RunConfig
 from braing3n_core.federation.site_round import site_ledger, train_site_round
 from braing3n_core.models import MAEConfig, MaskedAutoencoder
 from braing3n_core.presets import get_preset
-from braing3n_core.privacy.audit import audit_site, membership_auc, pooled_membership_auc, run_site_audit
+from braing3n_core.privacy.audit import (
+    BOOTSTRAP,
+    audit_site,
+    mae_losses,
+    membership_auc,
+    membership_result,
+    pooled_membership,
+    pooled_membership_auc,
+    run_site_audit,
+)
 from braing3n_core.privacy.dp import (
     DPRound,
     SubjectPoissonSampler,
@@ -367,6 +376,39 @@ def test_membership_auc_and_its_pooling() -> None:
     assert math.isnan(pooled_membership_auc([]))
 
 
+def test_pooled_membership_interval_covers_the_pooled_auc_and_narrows_with_more_pairs() -> None:
+    rng = np.random.default_rng(0)
+
+    def site(n: int, shift: float) -> dict:  # members' losses lower by `shift`: a real membership signal
+        return membership_result(rng.normal(0.0, 1.0, n) - shift, rng.normal(0.0, 1.0, n))
+
+    small = pooled_membership([site(10, 1.0), site(12, 1.0)])
+    large = pooled_membership([site(200, 1.0), site(240, 1.0)])
+    for pooled in (small, large):
+        low, high = pooled["ci95"]
+        assert low <= pooled["auc"] <= high and pooled["sites"] == 2
+    assert large["ci95"][1] - large["ci95"][0] < (small["ci95"][1] - small["ci95"][0]) / 2
+    assert large["ci95"][0] > 0.65  # N(−1, 1) vs N(0, 1): true AUC Φ(1/√2) ≈ 0.76
+    nothing = pooled_membership([site(200, 0.0), site(200, 0.0)])
+    assert nothing["ci95"][0] < 0.5 < nothing["ci95"][1]
+
+
+def test_mae_loss_attack_separates_scans_the_mae_was_fitted_to() -> None:
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(MAEConfig.from_preset(TINY))
+    members = torch.randn(4, 1, *TINY.shape)
+    nonmembers = torch.randn(4, 1, *TINY.shape)
+    optimizer = torch.optim.Adam(mae.parameters(), lr=3e-3)
+    for step in range(60):  # memorise the members
+        optimizer.zero_grad()
+        mae(members, generator=torch.Generator().manual_seed(step)).loss.backward()
+        optimizer.step()
+    member, nonmember = mae_losses(mae, members, draws=2), mae_losses(mae, nonmembers, draws=2)
+    assert membership_auc(member, nonmember) == 1.0
+    again = mae_losses(mae, members, draws=2)
+    np.testing.assert_array_equal(member, again)  # fixed masks: the same score every time
+
+
 def test_audit_without_held_out_scans_says_it_cannot_calibrate() -> None:
     volumes, tokens = torch.randn(2, 1, 4, 4, 4), torch.randn(2, 3, 6)
     result = audit_site("s", volumes, tokens, volumes, tokens, volumes[:0], tokens[:0])
@@ -385,7 +427,8 @@ def test_client_privacy_audit_query_returns_aggregates_and_flags_only(synthetic_
     from client.app import app as client_app
 
     torch.manual_seed(0)
-    encoder = MaskedAutoencoder(MAEConfig.from_preset(TINY)).encoder
+    mae = MaskedAutoencoder(MAEConfig.from_preset(TINY))
+    encoder = mae.encoder
     state = {k: v.float() for k, v in encoder.state_dict().items()}
     sha = tensors_sha256(state)
     path = site_yaml(synthetic_cohort[1], tmp_path)
@@ -401,13 +444,17 @@ def test_client_privacy_audit_query_returns_aggregates_and_flags_only(synthetic_
     volumes = torch.stack([torch.zeros_like(planted), planted]).numpy().astype(np.float16)
     dit = DiT(DiTConfig.from_preset(TINY))
     query = ConfigRecord({"action": "privacy_audit", "preset": "tiny", "encoder-sha256": sha, "n-synthetic": 2,
-                          "dit-config": json.dumps(dit.config.to_dict())})
+                          "dit-config": json.dumps(dit.config.to_dict()), "mae-config": json.dumps(mae.config.to_dict())})
     reply = client_app(_query(RecordDict({
         "config": query, "synthetic": ArrayRecord({"volumes": Array(volumes)}),
         "dit": ArrayRecord({k: Array(v) for k, v in module_arrays(dit).items()}),
+        "mae": ArrayRecord({k: Array(v) for k, v in module_arrays(mae).items()}),
     })), context)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     assert list(reply.content.array_records) == []  # nothing per scan or per patient goes back
     audit = json.loads(reply.content["site"]["audit"])
     assert audit["site_id"] == "site-b" and audit["flags"] == [False, True]
-    assert 0.0 <= audit["membership"]["auc"] <= 1.0 and audit["membership"]["members"] > 0
+    for attack in ("dit", "mae"):
+        result = audit["membership"][attack]
+        assert 0.0 <= result["auc"] <= 1.0 and result["members"] > 0 and result["nonmembers"] > 0
+        assert len(result["bootstrap"]) == BOOTSTRAP and all(0.0 <= b <= 1.0 for b in result["bootstrap"])

@@ -172,7 +172,11 @@ def test_synthesize_exports_audited_bids_and_excludes_a_planted_training_copy(dp
     assert set(card["models"]) == {"dit", "decoder", "mae"} and all(len(m["sha256"]) == 64 for m in card["models"].values())
     audit = card["audit"]
     assert audit["positive_controls_caught"] == audit["calibrated_sites"] == 2
-    assert 0.0 <= audit["membership_auc"] <= 1.0
+    assert 0.0 <= audit["membership_auc"] <= 1.0 and audit["membership_auc"] == audit["membership"]["dit"]["auc"]
+    for attack in ("dit", "mae"):  # both loss-threshold attacks, pooled over the two sites with an interval
+        pooled = audit["membership"][attack]
+        assert pooled["sites"] == 2 and pooled["ci95"][0] <= pooled["auc"] <= pooled["ci95"][1]
+    assert "MAE loss threshold" in (tmp_path / "synthetic" / "datacard.md").read_text()
     assert card["conditions"]["generated"]["diagnosis"] == {"AD": 1, "CN": 1, "MCI": 1, "glioma": 1}
     assert (tmp_path / "synthetic" / "datacard.md").read_text().count("| site-") == 2
     # The audit crossed the wire as a query: volumes out, aggregates and flags back, no arrays.

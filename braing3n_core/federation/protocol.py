@@ -66,6 +66,7 @@ class Record(StrEnum):
     ENCODER = "encoder"  # ArrayRecord: the frozen encoder (install_encoder)
     SYNTHETIC = "synthetic"  # ArrayRecord: the synthetic volumes to audit
     DIT = "dit"  # ArrayRecord: the DiT whose membership inference the audit measures, or which forecasts
+    MAE = "mae"  # ArrayRecord: the whole MAE (encoder + pre-training decoder) the audit's membership test attacks
     DECODER = "decoder"  # ArrayRecord: the decoder (forecast evaluation)
     FEATURES = "features"  # ArrayRecord: pooled features of generated sets (generation evaluation)
 
@@ -235,6 +236,7 @@ class TokenMomentsQuery(Payload):
 class PrivacyAuditQuery(Payload):
     n_synthetic: int
     dit_config: dict[str, Any] | None = None  # set when the DiT travels for membership inference
+    mae_config: dict[str, Any] | None = None  # set when the whole MAE travels for membership inference
 
 
 @dataclass(frozen=True, kw_only=True)

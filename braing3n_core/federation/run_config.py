@@ -260,6 +260,7 @@ class AuditRunConfig(StrictModel):
 
     synthetic: Path = Field(description="the staged set's manifest, <synthesize out>/staging/synthetic.json")
     dit: Path | None = Field(None, description="the DiT checkpoint, for the membership-inference test")
+    mae: Path | None = Field(None, description="the MAE checkpoint, for its loss-threshold membership-inference test")
 
 
 class GenerationEvalRunConfig(StrictModel):

@@ -125,7 +125,8 @@ def audit_run_config(models: GenerationModels, staged: Path, membership: bool = 
     return {"name": "privacy-audit", "preset": models.preset.name, "min_sites": 1, "round_timeout_s": 3600.0,
             "start_from": {"mae": str(models.checkpoints["mae"].resolve())},
             "audit": {"synthetic": str(Path(staged).resolve()),
-                      "dit": str(models.checkpoints["dit"].resolve()) if membership else None}}
+                      "dit": str(models.checkpoints["dit"].resolve()) if membership else None,
+                      "mae": str(models.checkpoints["mae"].resolve()) if membership else None}}
 
 
 def federated_audit(models: GenerationModels, staged: Path, sites: Sequence[Path], out: Path,
@@ -224,7 +225,9 @@ def data_card_markdown(card: Mapping[str, Any]) -> str:
     if audit:
         lines += [f"- criterion: {audit.get('criterion')}", f"- excluded synthetic scans: {audit.get('excluded')}",
                   f"- positive controls caught: {audit.get('positive_controls_caught')} of {audit.get('calibrated_sites')} sites",
-                  f"- membership-inference AUC (DiT loss threshold, pooled within sites): {_fmt(audit.get('membership_auc'))}"]
+                  *[f"- membership-inference AUC ({attack.upper()} loss threshold, pooled within sites): "
+                    f"{_fmt(pooled['auc'])} (95 % bootstrap interval {_fmt(pooled['ci95'][0])}–{_fmt(pooled['ci95'][1])})"
+                    for attack, pooled in audit.get("membership", {}).items()]]
     else:
         lines += ["**Not audited.**"]
     lines += ["", "## Conditions", "", "```", json.dumps(card["conditions"], indent=1), "```", ""]

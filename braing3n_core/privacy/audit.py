@@ -16,11 +16,15 @@ Flagged scans are excluded from the export. A site with no held-out scans cannot
 scan among the synthetic ones and reports only whether its own audit flagged it (it must), so every
 audit proves it can catch the thing it looks for, at every site, without the copy leaving the site.
 
-**Membership inference (loss threshold).** The DiT's flow-matching loss is lower on scans it trained on
-if it memorised them. Each site scores its training scans (members) and held-out scans (non-members)
-by the loss averaged over fixed noise draws and reports the AUC of "lower loss ⇒ member" with its
-counts. The federation's AUC is the pair-weighted mean of the sites' AUCs, which is exactly the
-fraction of within-site (member, non-member) pairs ranked correctly; 0.5 means no membership signal.
+**Membership inference (loss threshold, Yeom et al. 2018).** A model's loss is lower on scans it trained
+on if it memorised them. Two models are attacked: the DiT (its flow-matching loss) and the MAE (its
+masked-reconstruction loss: the classic attack on the encoder). Each site scores its training scans
+(members) and held-out scans (non-members) by the loss averaged over fixed noise or mask draws and
+reports the AUC of "lower loss ⇒ member" with its counts, plus the AUCs of `BOOTSTRAP` resamplings of
+its members and non-members (replicate b drawn with seed BOOTSTRAP_SEED + b at every site). The
+federation's AUC is the pair-weighted mean of the sites' AUCs, which is exactly the fraction of
+within-site (member, non-member) pairs ranked correctly; 0.5 means no membership signal. Its 95 %
+interval is the percentile interval of the pooled replicates (replicate b pooled over sites like the AUC).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from torch import Tensor
 
 from braing3n_core.data.bids import ScanRecord
 from braing3n_core.data.transforms import preprocess_scan
-from braing3n_core.models import DiT, MAEEncoder
+from braing3n_core.models import DiT, MAEEncoder, MaskedAutoencoder
 from braing3n_core.models.conditions import conditions_from_labels
 from braing3n_core.models.diffusion import training_loss
 
@@ -45,6 +49,9 @@ SPACES = ("feature", "voxel")
 REFERENCE_PERCENTILE = 1.0
 MIA_DRAWS = 8  # noise draws per scan for the membership score
 MIA_SEED = 2024
+BOOTSTRAP = 200  # resamplings of each site's members and non-members, for the pooled interval
+BOOTSTRAP_SEED = 7
+ATTACKS = ("dit", "mae")  # the models whose loss-threshold membership inference the audit measures
 
 
 @dataclass(frozen=True)
@@ -67,7 +74,8 @@ class SiteAudit:
     n_held: int
     flags: list[bool]  # per synthetic scan: flagged in any space
     spaces: dict[str, DistanceStats]
-    membership: dict[str, float] = field(default_factory=dict)  # auc, members, nonmembers (when a DiT came)
+    # per attacked model ("dit", "mae"; only those that came): auc, members, nonmembers, bootstrap [BOOTSTRAP]
+    membership: dict[str, dict[str, Any]] = field(default_factory=dict)
     note: str = ""
 
     def to_json(self) -> dict[str, Any]:
@@ -137,6 +145,28 @@ def dit_losses(dit: DiT, tokens: Tensor, records: Sequence[ScanRecord], draws: i
     return losses / draws
 
 
+@torch.no_grad()
+def mae_losses(mae: MaskedAutoencoder, volumes: Tensor, draws: int = MIA_DRAWS) -> np.ndarray:
+    """Each scan's masked-reconstruction L1, averaged over `draws` masks: [n]. Draw k uses seed MIA_SEED + k
+    for every scan, so members and non-members are masked alike."""
+    mae = mae.eval()
+    losses = np.zeros(len(volumes))
+    for i in range(len(volumes)):  # one scan per call: the loss averages over its batch
+        for draw in range(draws):
+            generator = torch.Generator().manual_seed(MIA_SEED + draw)
+            losses[i] += float(mae(volumes[i:i + 1].float(), generator=generator).loss)
+    return losses / draws
+
+
+def membership_result(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> dict[str, Any]:
+    """What a site reports for one attack: its AUC, counts and bootstrap AUCs (no per-scan value)."""
+    rng = [np.random.default_rng(BOOTSTRAP_SEED + b) for b in range(BOOTSTRAP)]
+    m, n = np.asarray(member_losses), np.asarray(nonmember_losses)
+    boots = [membership_auc(m[r.integers(0, len(m), len(m))], n[r.integers(0, len(n), len(n))]) for r in rng] \
+        if len(m) and len(n) else []
+    return {"auc": membership_auc(m, n), "members": float(len(m)), "nonmembers": float(len(n)), "bootstrap": boots}
+
+
 def membership_auc(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> float:
     """AUC of the score −loss for members vs non-members (Mann–Whitney, ties count ½)."""
     if len(member_losses) == 0 or len(nonmember_losses) == 0:
@@ -146,12 +176,23 @@ def membership_auc(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> f
     return float(((m < n).sum() + 0.5 * (m == n).sum()) / (m.size * n.size))
 
 
-def pooled_membership_auc(per_site: Sequence[Mapping[str, float]]) -> float:
+def pooled_membership_auc(per_site: Sequence[Mapping[str, Any]]) -> float:
     """Pair-weighted mean of site AUCs: exactly the share of within-site pairs ranked correctly."""
     pairs = [(s["auc"], s["members"] * s["nonmembers"]) for s in per_site
              if s and math.isfinite(s.get("auc", math.nan)) and s["members"] * s["nonmembers"] > 0]
     total = sum(w for _, w in pairs)
     return sum(a * w for a, w in pairs) / total if total else math.nan
+
+
+def pooled_membership(per_site: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The federation's AUC of one attack and its 95 % bootstrap interval (replicate b pooled like the AUC)."""
+    usable = [s for s in per_site if s and s.get("bootstrap")]
+    replicates = [pooled_membership_auc([{**s, "auc": s["bootstrap"][b]} for s in usable]) for b in range(BOOTSTRAP)] \
+        if usable else []
+    finite = [r for r in replicates if math.isfinite(r)]
+    interval = [float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))] if finite else [math.nan, math.nan]
+    return {"auc": pooled_membership_auc(per_site), "ci95": interval, "sites": len(usable),
+            "pairs": float(sum(s["members"] * s["nonmembers"] for s in usable))}
 
 
 # --- a site's side (called by the client's `privacy_audit` query) ------------------------------------------
@@ -161,9 +202,10 @@ def site_scans(site, split_names: Sequence[str]) -> list[ScanRecord]:
     return [r for name in split_names for r in site.data.splits[name]]
 
 
-def run_site_audit(site, encoder: MAEEncoder, synthetic_volumes: Tensor, dit: DiT | None = None) -> SiteAudit:
+def run_site_audit(site, encoder: MAEEncoder, synthetic_volumes: Tensor, dit: DiT | None = None,
+                   mae: MaskedAutoencoder | None = None) -> SiteAudit:
     """Everything a site computes for the audit, from its own data (`site`: a `stages.SiteInputs` whose
-    token cache belongs to `encoder`)."""
+    token cache belongs to `encoder`); `dit` and `mae`, when given, are attacked by membership inference."""
     assert site.tokens is not None, "the audit needs the site's token cache of the frozen encoder"
     preset, cache = site.data.preset, site.data.cache
     train = site.tokens.ensure(site_scans(site, ["train"]))
@@ -184,11 +226,12 @@ def run_site_audit(site, encoder: MAEEncoder, synthetic_volumes: Tensor, dit: Di
             torch.zeros(0, preset.num_tokens, encoder.config.width)
     result = audit_site(site.data.config.site_id, synthetic_volumes.float(), synthetic_tokens,
                         volumes(train), tokens(train), volumes(held), tokens(held))
+    membership = {}
     if dit is not None and train and held:
-        member, nonmember = dit_losses(dit, tokens(train), train), dit_losses(dit, tokens(held), held)
-        result = SiteAudit(**{**result.__dict__, "membership": {
-            "auc": membership_auc(member, nonmember), "members": float(len(train)), "nonmembers": float(len(held))}})
-    return result
+        membership["dit"] = membership_result(dit_losses(dit, tokens(train), train), dit_losses(dit, tokens(held), held))
+    if mae is not None and train and held:
+        membership["mae"] = membership_result(mae_losses(mae, volumes(train)), mae_losses(mae, volumes(held)))
+    return SiteAudit(**{**result.__dict__, "membership": membership}) if membership else result
 
 
 # --- the federation's view ------------------------------------------------------------------------------------
@@ -209,7 +252,9 @@ def combine_audits(audits: Sequence[SiteAudit]) -> dict[str, Any]:
         "sites": {a.site_id: {k: v for k, v in a.to_json().items() if k != "flags"} for a in audits},
         "calibrated_sites": len(calibrated),
         "positive_controls_caught": sum(all(s.control_flagged for s in a.spaces.values()) for a in calibrated),
-        "membership_auc": pooled_membership_auc([a.membership for a in audits if a.membership]),
+        "membership": {attack: pooled_membership([a.membership[attack] for a in audits if attack in a.membership])
+                       for attack in ATTACKS if any(attack in a.membership for a in audits)},
+        "membership_auc": pooled_membership_auc([a.membership["dit"] for a in audits if "dit" in a.membership]),
         "criterion": f"d_train < percentile {REFERENCE_PERCENTILE:g} of held-out→training distances, "
                      "in encoder-token or voxel space (RMS distances)",
     }

@@ -11,10 +11,15 @@ SecAgg+ protocol steps (whose fit step runs this same train handler).
 A site that cannot take part (no usable scans, data unavailable, encoder missing) replies with an
 `Error(code=DECLINED)` whose reason names the site and the cause, instead of failing the round. Every
 payload is read through `braing3n_core.federation.protocol`; drills live in `client.faults`.
+
+Every answer, or refusal, is also written to the site's own journal (`federation.site_journal`,
+`<cache_dir>/activity.jsonl`), which `braing3n site status` shows at the hospital.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
@@ -58,6 +63,8 @@ from braing3n_core.federation.protocol import (
     TrainRequest,
     moments_to_arrays,
 )
+from braing3n_core.federation.replies import update_norm
+from braing3n_core.federation.site_journal import JournalEntry, SiteJournal, journal_path
 from braing3n_core.federation.site_round import evaluate_site, site_token_moments, train_site_round
 from braing3n_core.generation.evaluation import site_generation_scores
 from braing3n_core.generation.forecast_eval import TrendModel, site_forecast_scores, trend_census
@@ -69,7 +76,7 @@ from braing3n_core.stage_names import DIT, PROBES
 from braing3n_core.training.stages import get_stage
 from client import faults
 from client.mods import privacy_mod
-from client.site import SiteRuntime, configure_threads
+from client.site import SiteRuntime, configure_threads, resolve_site_config
 
 app = ClientApp()
 Handler = Callable[[Message, ConfigRecord, SiteRuntime], Message]
@@ -105,7 +112,38 @@ def _guarded(handler: Handler) -> Callable[[Message, Context], Message]:
             return Message(Error(code=DECLINED, reason=str(error)), reply_to=msg)
         except ProtocolError as error:  # a server of another version, or a bug: say so instead of crashing
             return Message(Error(code=DECLINED, reason=f"site {runtime.site_id}: {error}"), reply_to=msg)
+    return _journaled(run)
+
+
+def _journaled(answer: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Write each answer (or refusal) to the site's journal; a journal that cannot be written costs the entry only."""
+    def run(msg: Message, context: Context) -> Message:
+        started = time.perf_counter()
+        reply = answer(msg, context)
+        try:
+            site = resolve_site_config(context.node_config, context.run_config)
+            SiteJournal(journal_path(site)).append(_journal_entry(msg, reply, time.perf_counter() - started))
+        except (ConfigError, OSError, ValueError) as error:
+            logging.getLogger(__name__).warning("site journal not written: %s", error)
+        return reply
     return run
+
+
+def _journal_entry(msg: Message, reply: Message, seconds: float) -> JournalEntry:
+    config = msg.content.config_records.get(Record.CONFIG, ConfigRecord())
+    kind = msg.metadata.message_type.split(".")[0]
+    message = f"query:{config.get('action', '')}" if kind == "query" else kind
+    if reply.has_error():
+        return JournalEntry.of_reply(message, config, seconds, reason=reply.error.reason or "declined")
+    content = reply.content
+    metrics = {**content.metric_records.get(Record.METRICS, {}), **content.config_records.get(Record.PRIVACY, {})}
+    site = content.config_records.get(Record.SITE, {})
+    norm = None
+    if kind == "train" and Record.ARRAYS in content.array_records and Record.ARRAYS in msg.content.array_records:
+        sent, back = _arrays(msg.content[Record.ARRAYS]), _arrays(content[Record.ARRAYS])
+        norm = update_norm(back, sent) if set(sent) == set(back) else None
+    return JournalEntry.of_reply(message, config, seconds, metrics=metrics, update_norm=norm,
+                                 worker=str(site.get("worker", "")))
 
 
 @app.train(mods=[privacy_mod])  # client-side DP clipping and SecAgg+ (client/mods.py); train only

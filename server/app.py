@@ -10,6 +10,8 @@ recipe itself is the run YAML:
   `site-configs`; at least `min_sites` either way);
 - `signing-key` (deployment): the consortium's Ed25519 release key; when set, the finished run's final
   checkpoints are released signed in `<run-dir>/release/` (`braing3n_core.ops.release.sign_run`).
+- `tensorboard`, `mlflow-tracking-uri`, `mlflow-experiment`: where the metrics also go as rounds finish
+  (`braing3n_core.federation.metric_sinks`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,6 @@ def main(grid: Grid, context: Context) -> None:
     key = load_release_private_key(Path(settings.signing_key)) if settings.signing_key else None  # fails before training
     set_threads(None)  # BRAING3N_NUM_THREADS when set; the server mostly waits and averages arrays
     complete = run_federation(grid, Path(settings.run_config), Path(settings.run_dir) if settings.run_dir else None,
-                              expected)
+                              expected, settings)
     if key is not None:
         say(f"release signed: {sign_run(complete.parent, key)}")

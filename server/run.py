@@ -11,8 +11,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import yaml
 from flwr.serverapp import Grid
 
+from braing3n_core.federation.metric_sinks import open_sinks
+from braing3n_core.federation.protocol import AppSettings
 from braing3n_core.federation.run_config import RunConfig
 from braing3n_core.federation.run_folder import RunFolder
 from braing3n_core.stage_names import MAE, PROBES, STAGE_NAMES
@@ -31,8 +34,25 @@ def load_run_config(path: Path, run_dir: Path | None) -> tuple[RunConfig, RunFol
     return config, run
 
 
-def run_federation(grid: Grid, config_path: Path, run_dir: Path | None, expected_sites: int | None) -> Path:
-    """Everything the ServerApp does; returns the path of `run_complete.json`."""
+def run_federation(grid: Grid, config_path: Path, run_dir: Path | None, expected_sites: int | None,
+                   settings: AppSettings | None = None) -> Path:
+    """Everything the ServerApp does; returns the path of `run_complete.json`. The metric sinks `settings`
+    names (TensorBoard, MLflow: `federation.metric_sinks`) get every metrics record as it is logged, and
+    their runs end FINISHED, or FAILED when the federation stops."""
+    opened: list[RunFolder] = []
+    try:
+        complete = _federate(grid, config_path, run_dir, expected_sites, settings or AppSettings(), opened)
+    except BaseException:
+        for run in opened:
+            run.close_sinks("FAILED")
+        raise
+    for run in opened:
+        run.close_sinks("FINISHED")
+    return complete
+
+
+def _federate(grid: Grid, config_path: Path, run_dir: Path | None, expected_sites: int | None, settings: AppSettings,
+              opened: list[RunFolder]) -> Path:
     started = time.time()
     say(f"ServerApp started; run config {config_path}")
     config, run = load_run_config(config_path, run_dir)
@@ -43,6 +63,9 @@ def run_federation(grid: Grid, config_path: Path, run_dir: Path | None, expected
     nodes = federation.wait_for_nodes()
     federation.hello("setup")
     say(f"run {config.name!r}: {len(nodes)} nodes, sites {sorted(federation.node_sites.values())}, preset {config.preset}")
+    run.sinks = open_sinks(run.root, config.name, yaml.safe_load(run.config_path.read_text()), run.records(),
+                           settings.tensorboard, settings.mlflow_tracking_uri, settings.mlflow_experiment)
+    opened.append(run)
     probes_done = False
     if config.probes.enabled and MAE in config.start_from:
         run_probes(federation)

@@ -319,6 +319,9 @@ class AppSettings(Payload):
     site_configs: str = ""  # simulation: comma-separated site YAMLs, indexed by the virtual node's partition-id
     expected_sites: int = 0  # deployment: sites to wait for (0: as many as site-configs lists)
     signing_key: str = ""  # deployment: Ed25519 key that signs the finished run's release
+    tensorboard: str = ""  # TensorBoard log folder the ServerApp writes the metrics to (federation.metric_sinks)
+    mlflow_tracking_uri: str = ""  # MLflow tracking URI (the submitter's MLFLOW_TRACKING_URI)
+    mlflow_experiment: str = ""  # its MLFLOW_EXPERIMENT_NAME
 
     def site_config_paths(self) -> list[str]:
         return [p.strip() for p in self.site_configs.split(",") if p.strip()]

@@ -28,6 +28,7 @@ that never reached their checkpoint are dropped, so a resumed round is logged on
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -60,12 +61,14 @@ class RoundCheckpoint:
 class RunFolder:
     """A run folder, for writing (the ServerApp, `simulate`, the jobs) or reading (report, generation, release).
 
-    Constructing one touches nothing on disk; the first write creates the folder."""
+    Constructing one touches nothing on disk; the first write creates the folder. `sinks` receive every
+    metrics record as it is logged (`federation.metric_sinks`: TensorBoard, MLflow)."""
 
     FIGURES = "report"  # the report's figures and the showcase's files; HTML refers to them relatively
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self.sinks: list[Any] = []
 
     config_path = property(lambda self: self.root / "run.yaml")
     metrics_path = property(lambda self: self.root / "metrics.jsonl")
@@ -141,7 +144,22 @@ class RunFolder:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        for sink in list(self.sinks):
+            try:
+                sink.write(record)
+            except Exception as error:  # noqa: BLE001 (a metrics tool that fails must never stop the federation)
+                self.sinks.remove(sink)
+                logging.getLogger(__name__).warning("%s dropped after an error: %s", type(sink).__name__, error)
         return record
+
+    def close_sinks(self, status: str) -> None:
+        """End the sinks' runs (`FINISHED`, `FAILED`); a sink that fails to close is only reported."""
+        for sink in self.sinks:
+            try:
+                sink.close(status)
+            except Exception as error:  # noqa: BLE001
+                logging.getLogger(__name__).warning("%s did not close: %s", type(sink).__name__, error)
+        self.sinks = []
 
     def log_message(self, entry: Mapping[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from braing3n_core.config import ConfigError
 from braing3n_core.errors import JobFailed
+from braing3n_core.federation.metric_sinks import sink_settings
 from braing3n_core.federation.protocol import AppSettings
 from braing3n_core.federation.run_config import RunConfig
 from braing3n_core.federation.run_folder import RunFolder
@@ -131,6 +132,8 @@ class StateFiles:
     registrations = property(lambda self: self.root / "registrations.json")
     link_home = property(lambda self: self.root / "flower-home" / "superlink")
     cli_home = property(lambda self: self.root / "flower-home" / "cli")
+    runs = property(lambda self: self.root / "runs.json")  # the run folders submitted here, newest last
+    status_token = property(lambda self: self.root / "status-token")  # the status page's bearer token (0600)
 
 
 def _state(consortium: Consortium) -> StateFiles:
@@ -157,6 +160,25 @@ def write_cli_connection(home: Path, superlink: str, ca_cert: Path) -> Path:
     atomic_write_bytes(path, (f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
                               f'address = "{superlink}"\nroot-certificates = "{Path(ca_cert).resolve()}"\n').encode())
     return path
+
+
+def record_submitted_run(state: StateFiles, run_dir: Path) -> None:
+    """Remember a submitted run folder (newest last), for `consortium status` and the status page."""
+    runs = [r for r in submitted_runs(state) if r != str(run_dir)] + [str(run_dir)]
+    atomic_write_json(state.runs, {"runs": runs})
+
+
+def submitted_runs(state: StateFiles) -> list[str]:
+    try:
+        return [str(r) for r in json.loads(state.runs.read_text()).get("runs", [])]
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def latest_run(root: Path) -> Path | None:
+    """The run folder last submitted with `consortium run` from the consortium folder `root`."""
+    runs = submitted_runs(_state(load_consortium(root)))
+    return Path(runs[-1]) if runs else None
 
 
 def cli_command(consortium: Consortium, *args: str) -> FlowerCommand:
@@ -345,11 +367,24 @@ def load_credentials(folder: Path, site_id: str) -> Credentials:
     return credentials
 
 
+def supernode_home(site: SiteConfig) -> Path:
+    return site.resolved_cache_dir / "flower-home"
+
+
+def supernode_record(site: SiteConfig) -> dict | None:
+    """What `join` recorded of this site's SuperNode (pid, SuperLink, start time) and whether it still runs."""
+    try:
+        info = json.loads((supernode_home(site) / "supernode.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return {**info, "running": is_alive(int(info.get("pid", 0))) if info.get("pid") else False}
+
+
 def supernode_command(site: SiteConfig, credentials: Credentials, superlink: str,
                       port: int = SUPERNODE_RUNTIME_PORT) -> FlowerCommand:
     if site.source_file is None:
         raise ConfigError("the site config must come from a YAML file (the SuperNode names it in its node config)")
-    home = site.resolved_cache_dir / "flower-home"
+    home = supernode_home(site)
     return FlowerCommand((
         _tool("flower-supernode"),
         "--root-certificates", str(credentials.ca_cert), "--superlink", superlink,
@@ -439,15 +474,15 @@ class DeployedRun:
 
 
 def run_command(consortium: Consortium, pinned: Path, run_dir: Path, expected_sites: int,
-                signing_key: Path | None, app_dir: Path = APP_DIR) -> FlowerCommand:
+                signing_key: Path | None, app_dir: Path = APP_DIR, tensorboard: Path | None = None) -> FlowerCommand:
     settings = AppSettings(run_config=str(pinned), run_dir=str(run_dir), expected_sites=expected_sites,
-                           signing_key=str(signing_key) if signing_key is not None else "")
+                           signing_key=str(signing_key) if signing_key is not None else "", **sink_settings(tensorboard))
     return cli_command(consortium, "run", str(app_dir), CONNECTION, "--run-config", settings.flwr_run_config(), "--stream")
 
 
 def submit(root: Path, run_config: Path, out: Path | None = None, resume: bool = False, superlink: str | None = None,
            expected_sites: int | None = None, sign: bool = True, app_dir: Path = APP_DIR, echo: Echo = _print,
-           print_only: bool = False) -> DeployedRun | None:
+           print_only: bool = False, tensorboard: Path | None = None) -> DeployedRun | None:
     """`flwr run` this app on the consortium's SuperLink, stream progress, check the outcome.
 
     Success means the ServerApp wrote `<out>/run_complete.json` during this call (and, with the
@@ -476,12 +511,13 @@ def submit(root: Path, run_config: Path, out: Path | None = None, resume: bool =
     # Pinned even when only printing: the printed `flwr run` names this run.yaml, so it must exist.
     pinned = run.pin(config, resume=resume)
     if print_only:
-        echo(run_command(consortium, pinned, out, expected, key, app_dir).shell())
+        echo(run_command(consortium, pinned, out, expected, key, app_dir, tensorboard).shell())
         return None
     run.complete_path.unlink(missing_ok=True)
     logs = run.logs_dir
     logs.mkdir(exist_ok=True)
-    command = run_command(consortium, pinned, out, expected, key, app_dir)
+    command = run_command(consortium, pinned, out, expected, key, app_dir, tensorboard)
+    record_submitted_run(state, out)
     echo(f"$ {command.shell()}")
     started = time.time()
     with Stopper(), open(logs / "flwr-run.log", "ab") as log:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from braing3n_core.config import ConfigError
+from braing3n_core.federation.metric_sinks import sink_settings
 from braing3n_core.federation.protocol import AppSettings
 from braing3n_core.federation.run_config import RunConfig
 from braing3n_core.federation.run_folder import RunFolder
@@ -139,7 +140,7 @@ def federation_config(n_sites: int, cpus_per_site: int, gpus_per_site: float, lo
 def simulate(
     site_yamls: Sequence[Path], run_config: Path, out: Path | None = None, resume: bool = False,
     cpus_per_site: int = 1, gpus_per_site: float = 0.0, ray_address: str | None = None,
-    app_dir: Path = APP_DIR, echo: bool | Callable[[str], None] = True,
+    app_dir: Path = APP_DIR, echo: bool | Callable[[str], None] = True, tensorboard: Path | None = None,
 ) -> SimulationResult:
     """Run the federation; `echo` True streams Flower's output to stdout, a callable receives each line.
 
@@ -147,6 +148,9 @@ def simulate(
     --address`) instead of a Ray instance started on this machine. The SuperLink and the simulation run
     here (the head node, or any machine that reaches it); every node needs this environment, this code at
     the same path and the site YAMLs' data paths, since each site's ClientApp may run on any node.
+
+    `tensorboard` (a folder) and `MLFLOW_TRACKING_URI` in the environment send the metrics there too, as
+    rounds finish (`federation.metric_sinks`).
     """
     config = RunConfig.from_yaml(run_config)
     sites = load_site_configs(list(site_yamls))  # validates every site file up front, ids unique
@@ -202,7 +206,8 @@ def simulate(
             f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
         )
         flower_config = AppSettings(run_config=str(pinned), run_dir=str(out),
-                                    site_configs=",".join(str(Path(p).resolve()) for p in site_yamls)).flwr_run_config()
+                                    site_configs=",".join(str(Path(p).resolve()) for p in site_yamls),
+                                    **sink_settings(tensorboard)).flwr_run_config()
         command = [
             executable("flwr"), "run", str(app_dir), "sim", "--run-config", flower_config,
             "--federation-config",

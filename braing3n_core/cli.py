@@ -159,6 +159,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be more than 0")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -305,8 +315,70 @@ def _consortium_revoke(args: argparse.Namespace) -> int:
 def _consortium_serve(args: argparse.Namespace) -> int:
     from braing3n_core.ops.deploy import serve
 
-    return serve(Path(args.dir), args.address, args.port, print_only=args.print_command,
-                 echo=lambda text: _say(args, text) if not args.print_command else print(text))
+    page = None
+    if args.status_port and not args.print_command:
+        from braing3n_core.jobs.status_page import consortium_page
+
+        page = consortium_page(Path(args.dir), args.status_address, args.status_port).start()
+        print(f"status page (the latest `consortium run`): {page.url_with_token} (token also in "
+              f"{Path(args.dir) / 'state' / 'status-token'})", flush=True)
+    try:
+        return serve(Path(args.dir), args.address, args.port, print_only=args.print_command,
+                     echo=lambda text: _say(args, text) if not args.print_command else print(text))
+    finally:
+        if page is not None:
+            page.close()
+
+
+def _status_run_dir(path: Path) -> Path:
+    """A run folder, or a consortium folder's latest submitted run."""
+    if (path / "consortium.json").is_file():
+        from braing3n_core.jobs.status import StatusError
+        from braing3n_core.ops.deploy import latest_run
+
+        latest = latest_run(path)
+        if latest is None:
+            raise StatusError(f"{path}: no run submitted from this consortium folder yet (`braing3n consortium run`)")
+        return latest
+    return path
+
+
+def _consortium_status(args: argparse.Namespace) -> int:
+    from braing3n_core.jobs.status import open_run, watch_run
+
+    run_dir = _status_run_dir(Path(args.path))
+    try:
+        if args.serve is not None:
+            from braing3n_core.jobs.status_page import run_page
+
+            with run_page(run_dir, args.address, args.serve, refresh_s=args.interval) as server:
+                print(f"status page of {run_dir.resolve()}: {server.url_with_token} (Ctrl-C stops it)", flush=True)
+                while True:
+                    time.sleep(3600)
+        if args.json:
+            _print_json(open_run(run_dir).snapshot().to_json())
+        else:
+            watch_run(run_dir, _console(), args.interval, once=args.once)
+    except KeyboardInterrupt:  # how a live view is left: not an error
+        return EXIT_OK
+    return EXIT_OK
+
+
+def _site_status(args: argparse.Namespace) -> int:
+    from braing3n_core.federation.site_status import site_snapshot
+    from braing3n_core.jobs.status import watch_site
+    from braing3n_core.ops.deploy import supernode_record
+    from braing3n_core.site_config import SiteConfig
+
+    if args.json:
+        site = SiteConfig.from_yaml(args.site_yaml)
+        _print_json({**site_snapshot(site).to_json(), "supernode": supernode_record(site)})
+        return EXIT_OK
+    try:
+        watch_site(Path(args.site_yaml), _console(), args.interval, once=args.once, supernode=supernode_record)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK
 
 
 def _consortium_run(args: argparse.Namespace) -> int:
@@ -314,7 +386,8 @@ def _consortium_run(args: argparse.Namespace) -> int:
 
     result = submit(Path(args.dir), Path(args.run_config), _optional_path(args.out), resume=args.resume,
                     superlink=args.superlink, expected_sites=args.expect_sites, sign=not args.no_sign,
-                    print_only=args.print_command, echo=print if args.print_command else lambda text: _say(args, text))
+                    print_only=args.print_command, echo=print if args.print_command else lambda text: _say(args, text),
+                    tensorboard=_optional_path(args.tensorboard))
     if result is not None:
         _say(args, f"federated run complete in {result.seconds:.0f} s: {result.run_dir}"
                    + (f"; signed release {result.release}" if result.release else ""))
@@ -407,7 +480,7 @@ def _simulate(args: argparse.Namespace) -> int:
     try:
         result = simulate(list(args.sites), Path(args.run_config), _optional_path(args.out), resume=args.resume,
                           cpus_per_site=args.cpus_per_site, gpus_per_site=args.gpus_per_site,
-                          ray_address=args.ray_address, echo=not args.quiet)
+                          ray_address=args.ray_address, echo=not args.quiet, tensorboard=_optional_path(args.tensorboard))
     except KeyboardInterrupt:
         print("interrupted; the SuperLink was stopped. Continue later with --resume.", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -692,6 +765,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep retrying while the SuperLink refuses the key (a crashed session expires in <= 60 s)")
     join.add_argument("--print-command", action="store_true", help="print the flower-supernode command and exit")
     join.set_defaults(handler=_site_join)
+    sstatus = site.command("status", "what this site sees: ε spent of its budget, its last rounds, its cache, its SuperNode",
+                           "This site's own view of the federation, from its disk: its privacy ledger (ε spent of the "
+                           "budget), its journal of the messages it answered or declined (loss, update norm, ε per "
+                           "round), its cache and whether its SuperNode runs. Live on a terminal until Ctrl-C.")
+    sstatus.add_argument("site_yaml", metavar="SITE_YAML", type=_yaml_file, help="site config, e.g. sites/site-a.yaml")
+    sstatus.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    sstatus.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit (for scripts)")
+    sstatus.add_argument("--interval", type=_positive_float, default=5.0, metavar="SECONDS", help="refresh interval")
+    sstatus.set_defaults(handler=_site_status)
 
     train = commands.command("train", "centralized training of one stage on the pooled sites")
     train.add_argument("stage", metavar="STAGE", choices=["mae", "decoder", "dit"], help="mae, decoder or dit")
@@ -764,7 +846,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", default="0.0.0.0", help="interface to listen on")
     serve.add_argument("--port", type=int, default=9092, help="the one port sites connect to")
     serve.add_argument("--print-command", action="store_true", help="print the Flower commands and exit")
+    serve.add_argument("--status-port", type=int, default=None, metavar="PORT",
+                       help="also serve the live status page of the latest `consortium run` on this port (read-only, "
+                            "bearer token; TLS with the consortium's certificate off loopback)")
+    serve.add_argument("--status-address", default="127.0.0.1", help="interface of the status page")
     serve.set_defaults(handler=_consortium_serve)
+    cstatus = consortium.command("status", "live view of a federated run: stages, rounds, every site, bytes, ETA",
+                                 "A live view of a federated run from its run folder: stage and round, each site's "
+                                 "state (connected, training, declined and why), its last loss, update norm and ε "
+                                 "spent of its budget, bytes sent, time per round and ETA. Redrawn in place on a "
+                                 "terminal until the run completes; into a pipe, printed again as rounds finish.")
+    cstatus.add_argument("path", metavar="RUN_DIR", type=_existing_dir,
+                         help="run folder (`simulate --out`, `consortium run --out`) or a consortium folder (its "
+                              "latest submitted run)")
+    cstatus.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    cstatus.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit (for scripts)")
+    cstatus.add_argument("--interval", type=_positive_float, default=2.0, metavar="SECONDS",
+                         help="refresh interval (also the web page's)")
+    cstatus.add_argument("--serve", type=int, default=None, metavar="PORT",
+                         help="serve the live web page of this run instead (read-only, bearer token printed) until Ctrl-C")
+    cstatus.add_argument("--address", default="127.0.0.1", help="with --serve: interface to listen on")
+    cstatus.set_defaults(handler=_consortium_status)
     crun = consortium.command("run", "submit a federated job to the SuperLink and stream its progress")
     crun.add_argument("dir", metavar="CONSORTIUM_DIR", type=_existing_dir, help="the folder `consortium init` wrote")
     crun.add_argument("--run-config", required=True, metavar="RUN_YAML", type=_yaml_file,
@@ -776,6 +878,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "the consortium host on port 9092)")
     crun.add_argument("--expect-sites", type=int, default=None, help="sites to wait for (default: every active site)")
     crun.add_argument("--no-sign", action="store_true", help="do not sign the finished run's release")
+    crun.add_argument("--tensorboard", default=None, metavar="DIR",
+                      help="also write the metrics as TensorBoard event files (per site and aggregate) under DIR/<run>; "
+                           "MLFLOW_TRACKING_URI in the environment sends them to MLflow")
     crun.add_argument("--print-command", action="store_true",
                       help="pin the run YAML in --out, print the flwr run command and exit")
     crun.set_defaults(handler=_consortium_run)
@@ -814,6 +919,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the sites on an existing Ray cluster (`ray start --head`; `auto`: the one on this "
                           "machine) instead of a Ray started for this run; every node needs this environment and "
                           "the sites' data paths")
+    sim.add_argument("--tensorboard", default=None, metavar="DIR",
+                     help="also write the metrics as TensorBoard event files (per site and aggregate) under DIR/<run>; "
+                          "MLFLOW_TRACKING_URI in the environment sends them to MLflow")
     sim.set_defaults(handler=_simulate)
 
     synth = commands.command("synthesize", "audited synthetic scans (BIDS + data card) from a trained DiT")

@@ -69,32 +69,22 @@ class SiteSnapshot:
         return data
 
 
-def _count_files(root: Path, suffix: str) -> tuple[int, int]:
-    """(files ending in `suffix`, bytes of all files) under `root`."""
-    count = size = 0
-    for folder, _, files in os.walk(root):
-        for name in files:
-            try:
-                size += os.stat(os.path.join(folder, name)).st_size
-            except OSError:
-                continue
-            count += name.endswith(suffix)
-    return count, size
-
-
 def cache_status(site: SiteConfig) -> CacheStatus:
+    """Counts by the cache's own folders (`checks/`, `volumes/`, `tokens-*/`, `encoders/`) and its whole size."""
     root = site.resolved_cache_dir
     if not root.is_dir():
         return CacheStatus(str(root), False)
-    total = 0
-    counts = {}
-    for name, suffix in (("checks", ".json"), ("volumes", ".npy")):
-        counts[name], size = _count_files(root / name, suffix)
-        total += size
-    tokens = 0
-    for folder in root.glob("tokens-*"):
-        found, size = _count_files(folder, ".npy")
-        tokens, total = tokens + found, total + size
+    total, counts = 0, {"checks": 0, "volumes": 0, "tokens": 0}
+    for folder, _, files in os.walk(root):
+        top = Path(folder).relative_to(root).parts[:1]
+        kind = "tokens" if top and top[0].startswith("tokens-") else (top[0] if top else "")
+        for name in files:
+            try:
+                total += os.stat(os.path.join(folder, name)).st_size
+            except OSError:  # replaced while walking
+                continue
+            if kind in counts and name.endswith(".json" if kind == "checks" else ".npy"):
+                counts[kind] += 1
     encoders = []
     for manifest in sorted((root / "encoders").glob("*.json")):
         try:
@@ -102,9 +92,7 @@ def cache_status(site: SiteConfig) -> CacheStatus:
         except (OSError, ValueError, KeyError, TypeError):
             continue
         encoders.append({"sha256": sha, "installed": manifest.stat().st_mtime})
-    _, size = _count_files(root / "encoders", "")
-    total += size
-    return CacheStatus(str(root), True, total, counts["checks"], counts["volumes"], tokens, encoders)
+    return CacheStatus(str(root), True, total, counts["checks"], counts["volumes"], counts["tokens"], encoders)
 
 
 def privacy_status(site: SiteConfig) -> PrivacyStatus:

@@ -152,6 +152,15 @@ def _round_key(status: RunStatus) -> Hashable:
             tuple((s.site, s.state) for s in status.sites))
 
 
+PLAIN_WIDTH = 240  # into a pipe or a log: lines as long as they are, never cut at 80 columns
+
+
+def _print(console: Console, renderable: Any) -> None:
+    if not console.is_terminal and console.width < PLAIN_WIDTH:
+        console.width = PLAIN_WIDTH
+    console.print(renderable)
+
+
 def _follow(snapshot: Callable[[], Any], render: Callable[[Any], Any], key: Callable[[Any], Hashable],
             finished: Callable[[Any], bool], console: Console, interval: float) -> Any:
     """Redraw in place on a terminal; print again on each change of `key` elsewhere; stop when `finished`."""
@@ -165,14 +174,14 @@ def _follow(snapshot: Callable[[], Any], render: Callable[[Any], Any], key: Call
                 current = snapshot()
                 live.update(render(current))
         return current
-    console.print(render(current))
+    _print(console, render(current))
     last = key(current)
     while not finished(current):
         time.sleep(interval)
         current = snapshot()
         if key(current) != last:
             last = key(current)
-            console.print(render(current))
+            _print(console, render(current))
     return current
 
 
@@ -181,7 +190,7 @@ def watch_run(run_dir: Path, console: Console, interval: float = 2.0, once: bool
     watcher = open_run(run_dir)
     if once:
         status = watcher.snapshot()
-        console.print(render_run(status, console))
+        _print(console, render_run(status, console))
         return status
     return _follow(watcher.snapshot, lambda s: render_run(s, console), _round_key,
                    lambda s: s.state == "complete", console, interval)
@@ -241,7 +250,7 @@ def watch_site(site_yaml: Path, console: Console, interval: float = 5.0, once: b
 
     if once:
         pair = snapshot()
-        console.print(render(pair))
+        _print(console, render(pair))
         return pair[0]
     pair = _follow(snapshot, render, lambda p: (p[0].answered, p[0].privacy.releases, bool(p[1] and p[1]["running"])),
                    lambda _: False, console, interval)

@@ -21,11 +21,14 @@ already in `metrics.jsonl`, so turning it on for a resumed run still shows the w
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
+
+from braing3n_core.config import ConfigError
 
 DEFAULT_EXPERIMENT = "braing3n-fl"
 RUN_DIR_TAG = "braing3n.run_dir"
@@ -213,6 +216,9 @@ def sink_settings(tensorboard: Path | None = None, environ: Mapping[str, str] | 
     `MLFLOW_TRACKING_URI` / `MLFLOW_EXPERIMENT_NAME` (the ServerApp may run in another environment)."""
     environ = os.environ if environ is None else environ
     uri = environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if uri and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(f"MLFLOW_TRACKING_URI is set ({uri}) but MLflow is not installed here: "
+                          "pip install 'braing3n-fl[mlflow]' (mlflow-skinny), or unset it")
     return {"tensorboard": str(Path(tensorboard).resolve()) if tensorboard else "",
             "mlflow_tracking_uri": absolute_tracking_uri(uri) if uri else "",
             "mlflow_experiment": environ.get("MLFLOW_EXPERIMENT_NAME", "").strip()}

@@ -17,7 +17,8 @@ DIR/sites/<site>/                the credentials bundle handed to hospital <site
     release.pub                  to verify signed releases
     site.json                    site id, SuperLink host, fingerprints
     README.txt                   one line per file
-DIR/state/                       written by `consortium serve`: registrations, Flower homes, logs
+DIR/state/                       written by `consortium serve`/`run`: registrations, Flower homes, logs, runs.json
+                                 (runs submitted), status-token (the status page's token, 0600)
 ```
 
 Formats are the ones Flower 1.42 parses: `flower-supernode --auth-supernode-private-key` loads an

@@ -206,3 +206,47 @@ def test_the_page_shows_every_site_updates_as_a_round_finishes_and_refuses_witho
         browser.delete_all_cookies()  # the same browser without its cookie is refused again
         browser.get(server.url + "status.json")
         assert "401" in browser.find_element(By.TAG_NAME, "body").text
+
+
+def test_consortium_serve_runs_the_page_of_its_latest_run_beside_the_superlink(live_run, tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    from braing3n_core.ops.consortium import init_consortium
+    from braing3n_core.ops.deploy import StateFiles, record_submitted_run, stop
+    from braing3n_core.ops.flower import free_port, is_alive
+
+    consortium = init_consortium(tmp_path / "fl", ["site-a", "site-b"], "localhost")
+    state = StateFiles(consortium.layout.state)
+    link_port, page_port = free_port(), free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as handle:
+        serve = subprocess.Popen([sys.executable, "-m", "braing3n_core", "consortium", "serve", str(consortium.layout.root),
+                                  "--address", "127.0.0.1", "--port", str(link_port), "--status-port", str(page_port)],
+                                 stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+                                 env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.monotonic() + 120
+        while "listening on" not in log.read_text() and serve.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert "listening on" in log.read_text() and f"http://127.0.0.1:{page_port}/?token=" in log.read_text(), log.read_text()
+        token = state.status_token.read_text().strip()
+
+        def status() -> dict:
+            request = urllib.request.Request(f"http://127.0.0.1:{page_port}/status.json",
+                                             headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return json.loads(answer.read())
+
+        assert status()["run"] is None  # nothing submitted yet
+        record_submitted_run(state, live_run["run"])  # what `consortium run` does before it submits
+        shown = status()
+        assert shown["run"] == "live" and shown["state"] == "complete" and len(shown["sites"]) == 2
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(f"http://127.0.0.1:{page_port}/status.json", timeout=30)
+        link = json.loads(state.superlink.read_text())["pid"]
+    finally:
+        stop(serve)
+    assert not is_alive(link)
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{page_port}/status.json", timeout=5)

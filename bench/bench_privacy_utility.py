@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import cohort_sites, load_average, machine_info
 from braing3n_core.fileio import atomic_write_json, read_jsonl
+from braing3n_core.jobs.report_figures import ATTACK_GOAL_AUC, privacy_utility_figure
 from braing3n_core.stage_names import STAGE_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ RESULTS = ROOT / "bench" / "results" / "privacy_utility.json"
 FIGURE = ROOT / "bench" / "results" / "privacy_utility.png"
 DOCS_FIGURE = ROOT / "docs" / "privacy_utility.png"
 DELTA = 1e-5
-GOAL_AUC = 0.55
+GOAL_AUC = ATTACK_GOAL_AUC
 GOAL_MARGIN = 0.90
 INF = math.inf
 
@@ -251,56 +252,6 @@ def goals(settings: dict[str, Any]) -> dict[str, Any]:
             "no_dp_mia_auc": {a: none["metrics"][f"mia_auc_{a}"]["mean"] for a in ("dit", "mae")}}
 
 
-def figure(settings: dict[str, Any], path: Path) -> None:
-    """Utility (diagnosis AUROC) against ε, the attacks' AUC on the second axis; chance and no-DP drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, left = plt.subplots(figsize=(7.5, 5.6))
-    right = left.twinx()
-    none = settings.get("no-dp")
-    finite = [e for e in settings.values() if e["epsilon_target"] is not None]
-    for mode, marker in (("sample", "o"), ("client", "s")):
-        entries = sorted((e for e in finite if e["mode"] == mode), key=lambda e: e["epsilon_target"])
-        if not entries:
-            continue
-        xs = [e["metrics"]["epsilon_spent"]["mean"] for e in entries]
-        for metric, axis, color, label in (("diagnosis_auroc", left, "tab:blue", "diagnosis AUROC"),
-                                           ("mia_auc_mae", right, "tab:red", "MIA AUC, MAE"),
-                                           ("mia_auc_dit", right, "tab:orange", "MIA AUC, DiT")):
-            ys = [e["metrics"][metric]["mean"] for e in entries]
-            errs = [e["metrics"][metric]["std"] for e in entries]
-            axis.errorbar(xs, ys, yerr=errs, marker=marker, color=color, capsize=3,
-                          linestyle="-" if mode == "sample" else "--", label=f"{label} ({mode}-level DP)")
-    if none:
-        left.axhline(none["metrics"]["diagnosis_auroc"]["mean"], color="tab:blue", linestyle=":", label="diagnosis AUROC, no DP")
-        right.axhline(none["metrics"]["mia_auc_mae"]["mean"], color="tab:red", linestyle=":", linewidth=1,
-                      label="MIA AUC MAE, no DP")
-        right.axhline(none["metrics"]["mia_auc_dit"]["mean"], color="tab:orange", linestyle=":", linewidth=1,
-                      label="MIA AUC DiT, no DP")
-    left.axhline(0.5, color="grey", linewidth=0.8)
-    right.axhline(GOAL_AUC, color="tab:red", linewidth=0.6, alpha=0.5)
-    left.text(0.01, 0.51, "chance (both AUCs)", transform=left.get_yaxis_transform(), fontsize=7, color="grey")
-    right.text(0.99, GOAL_AUC + 0.01, f"attack goal ≤ {GOAL_AUC}", transform=right.get_yaxis_transform(), fontsize=7,
-               color="tab:red", ha="right")
-    left.set_xscale("log")
-    left.set_xlabel("ε spent (δ = 1e-5), log scale")
-    left.set_ylabel("federated diagnosis AUROC (test subjects)")
-    right.set_ylabel("membership-inference AUC (pooled over sites)")
-    for axis in (left, right):
-        axis.set_ylim(0.0, 1.0)
-    handles = [h for axis in (left, right) for h in axis.get_legend_handles_labels()[0]]
-    labels = [lab for axis in (left, right) for lab in axis.get_legend_handles_labels()[1]]
-    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3, frameon=False)
-    left.set_title("What ε costs (utility) and buys (attack AUC); mean ± sd over seeds", fontsize=9)
-    fig.tight_layout(rect=(0, 0.17, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
 def summary_line(settings: dict[str, Any], verdict: dict[str, Any], seconds: float) -> str:
     parts = []
     for key, entry in sorted(settings.items(), key=lambda kv: (kv[1]["epsilon_target"] or INF, kv[1]["mode"])):
@@ -354,7 +305,7 @@ def main() -> None:
     runs = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
     settings = summarize(runs)
     verdict = goals(settings)
-    figure(settings, FIGURE)
+    privacy_utility_figure(settings, FIGURE)
     shutil.copyfile(FIGURE, DOCS_FIGURE)
     seconds = time.perf_counter() - started
     line = summary_line(settings, verdict, seconds)

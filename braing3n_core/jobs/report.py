@@ -35,7 +35,13 @@ from braing3n_core.errors import BadInput
 from braing3n_core.federation.run_folder import RunFolder
 from braing3n_core.figures import DISPLAY_WINDOW, _save
 from braing3n_core.fileio import atomic_write_bytes, atomic_write_json
-from braing3n_core.jobs.report_figures import forecast_figure, guidance_figure, privacy_figure, privacy_series
+from braing3n_core.jobs.report_figures import (
+    forecast_figure,
+    guidance_figure,
+    privacy_figure,
+    privacy_series,
+    privacy_utility_figure,
+)
 
 matplotlib.use("Agg")  # files only: the report is written on servers without a display
 
@@ -425,7 +431,24 @@ def _section_privacy(c: RunContents, images: _Images, figures: Path) -> str:
     if spent["client"]:
         rows.append(("client-level (server accountant)", fmt(spent["client"][-1][1]), "—"))
     return ("<h2>Differential privacy</h2>" + images.tag(f"{FIGURE_DIR}/privacy.png", "privacy spent")
-            + _table(["who", "ε spent at the end", "budget"], rows))
+            + _table(["who", "ε spent at the end", "budget"], rows) + _privacy_utility_html(spent, images, figures))
+
+
+PRIVACY_UTILITY = Path(__file__).resolve().parents[2] / "bench" / "results" / "privacy_utility.json"
+
+
+def _privacy_utility_html(spent: Mapping[str, Any], images: _Images, figures: Path) -> str:
+    """What this run's ε costs and buys, read off the measured curve (`bench/bench_privacy_utility.py`),
+    when the checkout holds its result."""
+    benchmark = _read_json(PRIVACY_UTILITY)
+    if not benchmark or not benchmark.get("results"):
+        return ""
+    finals = [points[-1][1] for points in spent["sites"].values() if points] + [p[1] for p in spent["client"][-1:]]
+    privacy_utility_figure(benchmark["results"], figures / "privacy_utility.png", max(finals) if finals else None)
+    return ("<h3>What this ε costs and buys</h3><p>Measured by <code>bench/bench_privacy_utility.py</code> on the "
+            "synthetic multi-site cohort (settings and seeds in its JSON). The vertical line marks this run's largest "
+            "ε. The curve is the benchmark's, not this run's.</p>"
+            + images.tag(f"{FIGURE_DIR}/privacy_utility.png", "privacy-utility curve"))
 
 
 def _section_showcase(c: RunContents, images: _Images) -> str:

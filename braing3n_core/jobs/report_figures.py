@@ -8,6 +8,7 @@ lines, and a round a site declined for its budget is marked with a cross.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -86,12 +87,12 @@ def privacy_figure(run_dir: Path, path: Path | None = None) -> Path | None:
     return path
 
 
-def _save(figure: Any, path: Path) -> Path:
+def _save(figure: Any, path: Path, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> Path:
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.tmp.png")
-    figure.tight_layout()
+    figure.tight_layout(rect=rect)
     figure.savefig(temp)
     plt.close(figure)
     temp.replace(path)
@@ -157,3 +158,57 @@ def forecast_figure(pooled: Mapping[str, Any], path: Path) -> Path | None:
 
 def math_nan(value: Any) -> float:
     return float("nan") if value is None else float(value)
+
+
+ATTACK_GOAL_AUC = 0.55  # the consortium's bar for a membership attack: barely better than a coin
+
+
+def privacy_utility_figure(settings: Mapping[str, Any], path: Path, run_epsilon: float | None = None) -> Path:
+    """`bench/bench_privacy_utility.py`'s curve: the federated diagnosis AUROC against the ε spent, the
+    membership attacks' AUC on a second axis, chance and the no-DP values drawn; `run_epsilon` marks where a
+    run's own ε falls on it (the report of a DP run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, left = plt.subplots(figsize=(7.5, 5.6), dpi=120)
+    right = left.twinx()
+    none = settings.get("no-dp")
+    finite = [e for e in settings.values() if e["epsilon_target"] is not None]
+    for mode, marker in (("sample", "o"), ("client", "s")):
+        entries = sorted((e for e in finite if e["mode"] == mode), key=lambda e: e["epsilon_target"])
+        if not entries:
+            continue
+        xs = [e["metrics"]["epsilon_spent"]["mean"] for e in entries]
+        for metric, axis, color, label in (("diagnosis_auroc", left, "tab:blue", "diagnosis AUROC"),
+                                           ("mia_auc_mae", right, "tab:red", "MIA AUC, MAE"),
+                                           ("mia_auc_dit", right, "tab:orange", "MIA AUC, DiT")):
+            ys = [e["metrics"][metric]["mean"] for e in entries]
+            errs = [e["metrics"][metric]["std"] for e in entries]
+            axis.errorbar(xs, ys, yerr=errs, marker=marker, color=color, capsize=3,
+                          linestyle="-" if mode == "sample" else "--", label=f"{label} ({mode}-level DP)")
+    if none:
+        left.axhline(none["metrics"]["diagnosis_auroc"]["mean"], color="tab:blue", linestyle=":", label="diagnosis AUROC, no DP")
+        right.axhline(none["metrics"]["mia_auc_mae"]["mean"], color="tab:red", linestyle=":", linewidth=1,
+                      label="MIA AUC MAE, no DP")
+        right.axhline(none["metrics"]["mia_auc_dit"]["mean"], color="tab:orange", linestyle=":", linewidth=1,
+                      label="MIA AUC DiT, no DP")
+    left.axhline(0.5, color="grey", linewidth=0.8)
+    right.axhline(ATTACK_GOAL_AUC, color="tab:red", linewidth=0.6, alpha=0.5)
+    left.text(0.01, 0.51, "chance (both AUCs)", transform=left.get_yaxis_transform(), fontsize=7, color="grey")
+    right.text(0.99, ATTACK_GOAL_AUC + 0.01, f"attack goal ≤ {ATTACK_GOAL_AUC}", transform=right.get_yaxis_transform(), fontsize=7,
+               color="tab:red", ha="right")
+    if run_epsilon is not None and math.isfinite(run_epsilon) and run_epsilon > 0:
+        left.axvline(run_epsilon, color="black", linewidth=1.2, label=f"this run: ε = {run_epsilon:.3g}")
+    left.set_xscale("log")
+    left.set_xlabel("ε spent (δ = 1e-5), log scale")
+    left.set_ylabel("federated diagnosis AUROC (test subjects)")
+    right.set_ylabel("membership-inference AUC (pooled over sites)")
+    for axis in (left, right):
+        axis.set_ylim(0.0, 1.0)
+    handles = [h for axis in (left, right) for h in axis.get_legend_handles_labels()[0]]
+    labels = [lab for axis in (left, right) for lab in axis.get_legend_handles_labels()[1]]
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3, frameon=False)
+    left.set_title("What ε costs (utility) and buys (attack AUC); mean ± sd over seeds", fontsize=9)
+    return _save(fig, path, rect=(0, 0.17, 1, 1))

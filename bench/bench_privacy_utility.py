@@ -136,11 +136,19 @@ def _last(run_dir: Path, stage: str, key: str) -> float:
     return float(values[-1]) if values else math.nan
 
 
+def _utility(run: Path, probes: dict[str, Any]) -> dict[str, Any]:
+    return {key: probes.get(key) for key in (
+        "probe/age_mae", "probe/age_mae_chance", "probe/age_r2", "probe/diagnosis_auroc", "probe/diagnosis_auroc_chance",
+        "probe/diagnosis_bacc", "probe/sex_auroc", "probe/modality_bacc")} | {
+        "val/psnr": _last(run, "decoder", "val/psnr"), "val/ssim": _last(run, "decoder", "val/ssim"),
+        "dit/val_flow_loss": _last(run, "dit", "val/flow_loss")}
+
+
 def one_run(args: argparse.Namespace, cohort: list[Path], mode: str, epsilon: float, seed: int) -> dict[str, Any]:
     from braing3n_core.generation.evaluation import guided_set
     from braing3n_core.jobs.evaluate_generation import evaluate_generation
     from braing3n_core.jobs.synthesize import synthesize
-    from braing3n_core.ops.simulate import simulate
+    from braing3n_core.ops.simulate import SimulationError, simulate
 
     name = f"{setting_name(mode, epsilon)}-seed{seed}"
     work = args.out / "runs" / name
@@ -151,7 +159,15 @@ def one_run(args: argparse.Namespace, cohort: list[Path], mode: str, epsilon: fl
     config_path.write_text(yaml.safe_dump(run_config(args, name, mode, epsilon, seed)))
     timings = {}
     started = time.perf_counter()
-    run = simulate(sites, config_path, work / "run", echo=False).run_dir
+    try:
+        run = simulate(sites, config_path, work / "run", echo=False).run_dir
+    except SimulationError as error:  # e.g. noise so large that training diverged: a result, not a crash
+        spent, probes_json = _spent(work / "run", mode), work / "run" / "probes.json"
+        partial = json.loads(probes_json.read_text())["pooled"] if probes_json.is_file() else {}
+        return {"mode": mode, "epsilon_target": None if math.isinf(epsilon) else epsilon, "seed": seed,
+                "epsilon_spent": None if math.isinf(spent) else spent, "failed": str(error)[-1500:],
+                "utility": _utility(work / "run", partial),  # what the stages before the failure reached
+                "seconds": {"train_s": time.perf_counter() - started}, "run_dir": str(work / "run")}
     timings["train_s"] = time.perf_counter() - started
     probes = json.loads((run / "probes.json").read_text())["pooled"]
 
@@ -170,11 +186,7 @@ def one_run(args: argparse.Namespace, cohort: list[Path], mode: str, epsilon: fl
     return {
         "mode": mode, "epsilon_target": None if math.isinf(epsilon) else epsilon, "seed": seed,
         "epsilon_spent": None if math.isinf(_spent(run, mode)) else _spent(run, mode),
-        "utility": {key: probes.get(key) for key in (
-            "probe/age_mae", "probe/age_mae_chance", "probe/age_r2", "probe/diagnosis_auroc", "probe/diagnosis_auroc_chance",
-            "probe/diagnosis_bacc", "probe/sex_auroc", "probe/modality_bacc")}
-        | {"val/psnr": _last(run, "decoder", "val/psnr"), "val/ssim": _last(run, "decoder", "val/ssim"),
-           "dit/val_flow_loss": _last(run, "dit", "val/flow_loss")},
+        "utility": _utility(run, probes),
         "generation": {
             "adherence_age_mae": adherence.get("gen/adherence_age_mae"),
             "adherence_diagnosis_bacc": adherence.get("gen/adherence_diagnosis_bacc"),
@@ -221,6 +233,9 @@ METRICS = {
 }
 
 
+UTILITY_METRICS = ("diagnosis_auroc", "age_mae", "age_mae_chance", "age_r2", "sex_auroc", "psnr", "ssim")
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     settings: dict[str, dict[str, Any]] = {}
     for run in runs:
@@ -229,8 +244,14 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                                   "epsilon_target": run["epsilon_target"], "runs": []})["runs"].append(run)
     for entry in settings.values():
         entry["seeds"] = sorted(r["seed"] for r in entry["runs"])
-        entry["metrics"] = {name: _stat([get(r) for r in entry["runs"]]) for name, get in METRICS.items()}
-        entry["mia_ci95"] = {attack: [r["attack"]["membership"][attack]["ci95"] for r in entry["runs"]
+        done = [r for r in entry["runs"] if "failed" not in r]
+        entry["failed"] = {r["seed"]: r["failed"] for r in entry["runs"] if "failed" in r}
+        entry["metrics"] = {name: _stat([get(r) for r in done]) for name, get in METRICS.items()}
+        for name, get in METRICS.items():  # probes and decoder ran before a later stage failed
+            if name in UTILITY_METRICS:
+                entry["metrics"][name] = _stat([get(r) for r in entry["runs"]])
+        entry["metrics"]["epsilon_spent"] = _stat([r["epsilon_spent"] for r in entry["runs"]])
+        entry["mia_ci95"] = {attack: [r["attack"]["membership"][attack]["ci95"] for r in done
                                       if attack in r["attack"]["membership"]] for attack in ("dit", "mae")}
         del entry["runs"]
     return settings
@@ -256,6 +277,10 @@ def summary_line(settings: dict[str, Any], verdict: dict[str, Any], seconds: flo
     parts = []
     for key, entry in sorted(settings.items(), key=lambda kv: (kv[1]["epsilon_target"] or INF, kv[1]["mode"])):
         m = entry["metrics"]
+        if entry["failed"] and not m["mia_auc_mae"]["n"]:
+            parts.append(f"{key} (ε {m['epsilon_spent']['mean']:.3g}): training failed for seeds {sorted(entry['failed'])} "
+                         f"after probes (dx AUROC {m['diagnosis_auroc']['mean']:.3f}, PSNR {m['psnr']['mean']:.2f})")
+            continue
         parts.append(f"{key} (ε {m['epsilon_spent']['mean']:.3g}, n={m['diagnosis_auroc']['n']}): dx AUROC "
                      f"{m['diagnosis_auroc']['mean']:.3f}±{m['diagnosis_auroc']['std']:.3f}, age MAE {m['age_mae']['mean']:.2f} "
                      f"(mean {m['age_mae_chance']['mean']:.2f}), PSNR {m['psnr']['mean']:.2f}, MIA MAE/DiT "
@@ -313,6 +338,8 @@ def main() -> None:
         "benchmark": "privacy_utility", "summary": line, "settings": {k: str(v) for k, v in vars(args).items()},
         "schedule": schedule(args), "delta": DELTA, "results": settings, "goals": verdict,
         "per_run_seconds": {p.stem: json.loads(p.read_text())["seconds"] for p in sorted(results_dir.glob("*.json"))},
+        "failed_runs": {p.stem: json.loads(p.read_text())["failed"] for p in sorted(results_dir.glob("*.json"))
+                        if "failed" in json.loads(p.read_text())},
         "seconds": seconds, "machine": machine_info(load_before),
     })
     print(line)

@@ -204,6 +204,35 @@ def one_run(args: argparse.Namespace, cohort: list[Path], mode: str, epsilon: fl
     }
 
 
+def untrained_attack(args: argparse.Namespace, cohort: list[Path], seed: int) -> dict[str, Any] | None:
+    """The membership attack on the untrained networks of `seed` (exactly how every setting's training starts):
+    what the attack reads from differences between a site's training and held-out scans alone, before any
+    training could memorise anything. An attack AUC is only evidence of memorisation above this floor."""
+    from braing3n_core.ops.simulate import simulate
+    from braing3n_core.stage_names import DIT, MAE
+    from braing3n_core.training.checkpoints import initial_model, save_stage_checkpoint
+    from braing3n_core.training.stages import get_stage
+
+    trained = args.out / "runs" / f"no-dp-seed{seed}"
+    staged = trained / "synthetic" / "staging" / "synthetic.json"
+    if not staged.is_file():
+        return None  # needs the seed's no-DP run: its encoder tokenises, its synthetic set is what is audited
+    work = args.out / "runs" / f"untrained-seed{seed}"
+    shutil.rmtree(work, ignore_errors=True)
+    checkpoints = {stage: save_stage_checkpoint(work / "init" / stage, get_stage(stage),
+                                                initial_model(stage, "tiny", seed), {"preset": "tiny", "round": 0})
+                   for stage in (MAE, DIT)}
+    config = {"name": f"untrained-seed{seed}", "preset": "tiny", "min_sites": args.sites, "round_timeout_s": 3600.0,
+              "start_from": {"mae": str(trained / "run" / "checkpoints" / "mae" / "final.json")},
+              "audit": {"synthetic": str(staged), "dit": str(checkpoints[DIT]), "mae": str(checkpoints[MAE])}}
+    (work / "run.yaml").write_text(yaml.safe_dump(config))
+    sites = site_yamls(cohort, work / "sites", "sample", INF)
+    started = time.perf_counter()
+    run = simulate(sites, work / "run.yaml", work / "run", echo=False).run_dir
+    audit = json.loads((run / "privacy_audit.json").read_text())
+    return {"seed": seed, "membership": audit["membership"], "seconds": time.perf_counter() - started}
+
+
 # --- summary ---------------------------------------------------------------------------------------------------
 
 
@@ -270,13 +299,23 @@ def goals(settings: dict[str, Any]) -> dict[str, Any]:
     return {"evaluated": True, "diagnosis_auroc_margin_kept": kept, "margin_goal": GOAL_MARGIN,
             "margin_met": bool(kept >= GOAL_MARGIN), "mia_auc_at_eps8": attacks, "mia_goal": GOAL_AUC,
             "mia_met": {a: bool(v <= GOAL_AUC) for a, v in attacks.items()},
-            "no_dp_mia_auc": {a: none["metrics"][f"mia_auc_{a}"]["mean"] for a in ("dit", "mae")}}
+            "no_dp_mia_auc": {a: none["metrics"][f"mia_auc_{a}"]["mean"] for a in ("dit", "mae")},
+            # what training added to the attack: the AUC above the one the untrained networks already give
+            "mia_excess_over_untrained_at_eps8": {a: attacks[a] - settings["untrained"]["metrics"][f"mia_auc_{a}"]["mean"]
+                                                  for a in ("dit", "mae")} if "untrained" in settings else None,
+            "no_dp_mia_excess_over_untrained": {a: none["metrics"][f"mia_auc_{a}"]["mean"]
+                                                - settings["untrained"]["metrics"][f"mia_auc_{a}"]["mean"]
+                                                for a in ("dit", "mae")} if "untrained" in settings else None}
 
 
 def summary_line(settings: dict[str, Any], verdict: dict[str, Any], seconds: float) -> str:
     parts = []
     for key, entry in sorted(settings.items(), key=lambda kv: (kv[1]["epsilon_target"] or INF, kv[1]["mode"])):
         m = entry["metrics"]
+        if key == "untrained":
+            parts.append(f"attack on the untrained networks (the split's floor) MAE/DiT {m['mia_auc_mae']['mean']:.3f}/"
+                         f"{m['mia_auc_dit']['mean']:.3f}")
+            continue
         if entry["failed"] and not m["mia_auc_mae"]["n"]:
             parts.append(f"{key} (ε {m['epsilon_spent']['mean']:.3g}): training failed for seeds {sorted(entry['failed'])} "
                          f"after probes (dx AUROC {m['diagnosis_auroc']['mean']:.3f}, PSNR {m['psnr']['mean']:.2f})")
@@ -327,8 +366,20 @@ def main() -> None:
         result["load_average_after"] = load_average()
         atomic_write_json(target, result)
         print(f"[bench] {target.stem}: {time.perf_counter() - run_started:.0f} s", flush=True)
+    baselines_dir = results_dir / "untrained"
+    baselines_dir.mkdir(exist_ok=True)
+    for seed in map(int, args.seeds.split(",")) if not args.only_missing_report else []:
+        target = baselines_dir / f"seed{seed}.json"
+        if not target.is_file() and (result := untrained_attack(args, cohort, seed)) is not None:
+            atomic_write_json(target, result)
+            print(f"[bench] untrained-seed{seed}: {result['seconds']:.0f} s", flush=True)
     runs = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
     settings = summarize(runs)
+    untrained = [json.loads(p.read_text()) for p in sorted(baselines_dir.glob("*.json"))]
+    if untrained:
+        settings["untrained"] = {"mode": "untrained", "epsilon_target": None, "seeds": [u["seed"] for u in untrained],
+                                 "failed": {}, "metrics": {f"mia_auc_{attack}": _stat(
+                                     [u["membership"][attack]["auc"] for u in untrained]) for attack in ("dit", "mae")}}
     verdict = goals(settings)
     privacy_utility_figure(settings, FIGURE)
     shutil.copyfile(FIGURE, DOCS_FIGURE)
@@ -337,6 +388,7 @@ def main() -> None:
     atomic_write_json(RESULTS, {
         "benchmark": "privacy_utility", "summary": line, "settings": {k: str(v) for k, v in vars(args).items()},
         "schedule": schedule(args), "delta": DELTA, "results": settings, "goals": verdict,
+        "untrained_attack": untrained,
         "per_run_seconds": {p.stem: json.loads(p.read_text())["seconds"] for p in sorted(results_dir.glob("*.json"))},
         "failed_runs": {p.stem: json.loads(p.read_text())["failed"] for p in sorted(results_dir.glob("*.json"))
                         if "failed" in json.loads(p.read_text())},

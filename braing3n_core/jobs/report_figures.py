@@ -175,7 +175,7 @@ def privacy_utility_figure(settings: Mapping[str, Any], path: Path, run_epsilon:
     fig, left = plt.subplots(figsize=(7.5, 5.6), dpi=120)
     right = left.twinx()
     none = settings.get("no-dp")
-    finite = [e for e in settings.values() if e["epsilon_target"] is not None]
+    finite = [e for e in settings.values() if e["epsilon_target"] is not None and e["mode"] != "untrained"]
     for mode, marker in (("sample", "o"), ("client", "s")):
         entries = sorted((e for e in finite if e["mode"] == mode), key=lambda e: e["epsilon_target"])
         if not entries:
@@ -194,6 +194,11 @@ def privacy_utility_figure(settings: Mapping[str, Any], path: Path, run_epsilon:
                       label="MIA AUC MAE, no DP")
         right.axhline(none["metrics"]["mia_auc_dit"]["mean"], color="tab:orange", linestyle=":", linewidth=1,
                       label="MIA AUC DiT, no DP")
+    untrained = settings.get("untrained")
+    if untrained:
+        for attack, color in (("mae", "tab:red"), ("dit", "tab:orange")):
+            right.axhline(untrained["metrics"][f"mia_auc_{attack}"]["mean"], color=color, linestyle=(0, (1, 3)),
+                          linewidth=1.5, label=f"MIA AUC {attack.upper()}, untrained (the splits' floor)")
     left.axhline(0.5, color="grey", linewidth=0.8)
     right.axhline(ATTACK_GOAL_AUC, color="tab:red", linewidth=0.6, alpha=0.5)
     left.text(0.01, 0.51, "chance (both AUCs)", transform=left.get_yaxis_transform(), fontsize=7, color="grey")

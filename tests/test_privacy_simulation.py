@@ -148,6 +148,18 @@ def test_privacy_figure_draws_every_site(dp_run) -> None:
     assert path is not None and path.stat().st_size > 10_000
 
 
+def test_report_of_a_dp_run_places_its_epsilon_on_the_measured_privacy_utility_curve(dp_run) -> None:
+    from braing3n_core.jobs.report import PRIVACY_UTILITY, write_report
+
+    assert PRIVACY_UTILITY.is_file(), "bench/results/privacy_utility.json (bench/bench_privacy_utility.py) is committed"
+    from braing3n_core.federation.run_folder import RunFolder
+
+    page = write_report(dp_run["dir"]).read_text()
+    assert "What this ε costs and buys" in page and "privacy_utility.png" in page
+    figure = RunFolder(dp_run["dir"]).figures_dir / "privacy_utility.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 20_000
+
+
 def test_synthesize_exports_audited_bids_and_excludes_a_planted_training_copy(dp_run, tmp_path: Path) -> None:
     from bids_validator import BIDSValidator
 

@@ -181,11 +181,11 @@ def one_run(args: argparse.Namespace, cohort: list[Path], mode: str, epsilon: fl
     audit = json.loads((work / "synthetic" / "audit-run" / "privacy_audit.json").read_text())
     timings["audit_s"] = time.perf_counter() - started
 
-    best, pooled = guided_set(1.5), generation["pooled"]
+    best, pooled, spent = guided_set(1.5), generation["pooled"], _spent(run, mode)
     adherence, ceiling = generation["adherence"].get(best, {}).get("token", {}), generation["ceiling"]["pooled"]
     return {
         "mode": mode, "epsilon_target": None if math.isinf(epsilon) else epsilon, "seed": seed,
-        "epsilon_spent": None if math.isinf(_spent(run, mode)) else _spent(run, mode),
+        "epsilon_spent": None if math.isinf(spent) else spent,
         "utility": _utility(run, probes),
         "generation": {
             "adherence_age_mae": adherence.get("gen/adherence_age_mae"),
@@ -262,7 +262,8 @@ METRICS = {
 }
 
 
-UTILITY_METRICS = ("diagnosis_auroc", "age_mae", "age_mae_chance", "age_r2", "sex_auroc", "psnr", "ssim")
+# Known for a run whose later stage failed too: ε, and the probes and decoder trained before the failure.
+EVERY_RUN_METRICS = ("epsilon_spent", "diagnosis_auroc", "age_mae", "age_mae_chance", "age_r2", "sex_auroc", "psnr", "ssim")
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -275,11 +276,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         entry["seeds"] = sorted(r["seed"] for r in entry["runs"])
         done = [r for r in entry["runs"] if "failed" not in r]
         entry["failed"] = {r["seed"]: r["failed"] for r in entry["runs"] if "failed" in r}
-        entry["metrics"] = {name: _stat([get(r) for r in done]) for name, get in METRICS.items()}
-        for name, get in METRICS.items():  # probes and decoder ran before a later stage failed
-            if name in UTILITY_METRICS:
-                entry["metrics"][name] = _stat([get(r) for r in entry["runs"]])
-        entry["metrics"]["epsilon_spent"] = _stat([r["epsilon_spent"] for r in entry["runs"]])
+        entry["metrics"] = {name: _stat([get(r) for r in (entry["runs"] if name in EVERY_RUN_METRICS else done)])
+                            for name, get in METRICS.items()}
         entry["mia_ci95"] = {attack: [r["attack"]["membership"][attack]["ci95"] for r in done
                                       if attack in r["attack"]["membership"]] for attack in ("dit", "mae")}
         del entry["runs"]
@@ -373,8 +371,8 @@ def main() -> None:
         if not target.is_file() and (result := untrained_attack(args, cohort, seed)) is not None:
             atomic_write_json(target, result)
             print(f"[bench] untrained-seed{seed}: {result['seconds']:.0f} s", flush=True)
-    runs = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
-    settings = summarize(runs)
+    by_name = {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))}
+    settings = summarize(list(by_name.values()))
     untrained = [json.loads(p.read_text()) for p in sorted(baselines_dir.glob("*.json"))]
     if untrained:
         settings["untrained"] = {"mode": "untrained", "epsilon_target": None, "seeds": [u["seed"] for u in untrained],
@@ -389,9 +387,8 @@ def main() -> None:
         "benchmark": "privacy_utility", "summary": line, "settings": {k: str(v) for k, v in vars(args).items()},
         "schedule": schedule(args), "delta": DELTA, "results": settings, "goals": verdict,
         "untrained_attack": untrained,
-        "per_run_seconds": {p.stem: json.loads(p.read_text())["seconds"] for p in sorted(results_dir.glob("*.json"))},
-        "failed_runs": {p.stem: json.loads(p.read_text())["failed"] for p in sorted(results_dir.glob("*.json"))
-                        if "failed" in json.loads(p.read_text())},
+        "per_run_seconds": {name: run["seconds"] for name, run in by_name.items()},
+        "failed_runs": {name: run["failed"] for name, run in by_name.items() if "failed" in run},
         "seconds": seconds, "machine": machine_info(load_before),
     })
     print(line)

@@ -149,34 +149,22 @@ def _voxel_mm(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
-    return value
+def _number(kind: type[int | float], minimum: float, inclusive: bool, bound: str) -> Callable[[str], float]:
+    """An argparse `type=` for a number of `kind` at least (or, not `inclusive`, more than) `minimum`."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give {'a whole number' if kind is int else 'a number'}") from None
+        if not (value >= minimum if inclusive else value > minimum):
+            raise argparse.ArgumentTypeError(f"{text}: must be {bound}")
+        return value
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be more than 0")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be 0 or more")
-    return value
+_positive_int = _number(int, 1, True, "at least 1")
+_positive_float = _number(float, 0.0, False, "more than 0")
+_non_negative_float = _number(float, 0.0, True, "0 or more")
 
 
 # --- output ----------------------------------------------------------------------------------------------------

@@ -237,7 +237,8 @@ def test_no_site_sends_a_per_scan_feature_or_distance(evaluation) -> None:
                     assert len(shape) <= 2 and (len(shape) < 2 or shape[0] == shape[1]), name
                     assert shape[0] not in (n_held[reply["site"]],) or shape == [1], name
             elif record["type"] == "config":
-                assert set(record["keys"]) <= {"site-id", "scores", "has-encoder", "scans"}
+                # `worker` is where the reply was computed (host/pid), never a scan's property
+                assert set(record["keys"]) <= {"site-id", "worker", "scores", "has-encoder", "scans"}
     for site, scores in {**generation["sites"], **evaluation["result"]["forecast"]["sites"]}.items():
         for path, length in _lists(scores):
             assert length <= 3, f"{site}: {path} is a list of {length} values"

@@ -102,8 +102,10 @@ def test_each_site_journals_its_rounds_and_sees_its_epsilon_of_budget(live_run) 
         assert {e.message for e in snapshot.recent} >= {"query:hello", "evaluate"}
         server = dict(site_values(live_run["records"], site.site_id, "train", "update_norm"))
         assert {e.round: e.update_norm for e in trained} == pytest.approx(server, rel=1e-6)  # the server measured the same update
-        assert {e.round: e.loss for e in trained} == pytest.approx(dict(site_values(live_run["records"], site.site_id,
-                                                                                   "train", "train/loss")))
+        # a DP-SGD round whose Poisson draws took no example has no loss (NaN on the wire, none in either record)
+        losses = {e.round: e.loss for e in trained if e.loss is not None}
+        assert len(losses) == 3 or site.site_id == "site-b"
+        assert losses == pytest.approx(dict(site_values(live_run["records"], site.site_id, "train", "train/loss")))
     dp = site_snapshot(SiteConfig.from_yaml(live_run["sites"][1]))
     last = dict(site_values(live_run["records"], "site-b", "train", "privacy/epsilon"))[3]
     assert dp.privacy.epsilon == pytest.approx(last) and dp.privacy.budget == 50.0 and dp.privacy.releases == 3

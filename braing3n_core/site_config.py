@@ -80,6 +80,26 @@ class SitePrivacyConfig(StrictModel):
         return self.stages.get(name, self.default_stage)  # type: ignore[call-overload]
 
 
+class ComputeConfig(StrictModel):
+    """How a site's training uses its hardware. None of it changes what is trained, only its speed and memory.
+
+    ```yaml
+    compute:
+      loader_workers: 4              # data-loading processes per training worker (0: in the worker itself)
+      pin_memory: true               # page-locked batches, copied to the GPU asynchronously (CUDA only)
+      activation_checkpointing: true # recompute transformer blocks / decoder stages in backward: less memory
+      compile: false                 # torch.compile each block (CUDA; the first steps pay the compilation)
+      channels_last: true            # the decoder's 3D convolutions in NDHWC (CUDA's fast layout)
+    ```
+    """
+
+    loader_workers: int = Field(0, ge=0, le=64, description="data-loading processes per training worker")
+    pin_memory: bool = Field(True, description="page-locked host batches (used on CUDA only)")
+    activation_checkpointing: bool = Field(False, description="recompute blocks in the backward pass")
+    compile: bool = Field(False, description="torch.compile each transformer block and decoder stage")
+    channels_last: bool = Field(True, description="NDHWC memory layout for the decoder (used on CUDA only)")
+
+
 _DEVICE_PATTERN = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 
 
@@ -94,6 +114,8 @@ class SiteConfig(StrictModel):
     modalities: tuple[Modality, ...] = tuple(Modality)
     split: SplitConfig = SplitConfig()
     device: str = "cpu"
+    workers: int = Field(1, ge=1, le=64, description="data-parallel training processes (DDP); cuda: one GPU each")
+    compute: ComputeConfig = ComputeConfig()
     cache_dir: Path | None = None
     privacy: SitePrivacyConfig = SitePrivacyConfig()
     source_file: Path | None = Field(default=None, exclude=True)
@@ -123,6 +145,16 @@ class SiteConfig(StrictModel):
         if not _DEVICE_PATTERN.match(value):
             raise ValueError(f"{value!r} is not a device; use cpu, cuda, cuda:N or auto")
         return value
+
+    @model_validator(mode="after")
+    def _workers_fit_the_device(self) -> "SiteConfig":
+        if self.workers > 1 and self.device.startswith("cuda:"):
+            raise ValueError(f"device {self.device!r} pins one GPU, but workers: {self.workers} takes one GPU per worker; "
+                             "use device: cuda (workers use cuda:0 … cuda:N-1 of the visible GPUs)")
+        if self.privacy.enabled and (self.compute.activation_checkpointing or self.compute.compile):
+            raise ValueError("compute.activation_checkpointing and compute.compile cannot be used with privacy.enabled: "
+                             "Opacus' per-sample gradient hooks need each layer's forward pass to run once, uncompiled")
+        return self
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -157,6 +189,13 @@ class SiteConfig(StrictModel):
         # the choices a person made.
         data["privacy"] = {"enabled": self.privacy.enabled,
                            **self.privacy.model_dump(mode="json", exclude_none=True, exclude_defaults=True)}
+        if self.workers == 1:
+            data.pop("workers")
+        compute = self.compute.model_dump(mode="json", exclude_defaults=True)
+        if compute:
+            data["compute"] = compute
+        else:
+            data.pop("compute")
         if relative_to is not None:
             for key in ("data_root", "cache_dir"):
                 if key in data:

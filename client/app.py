@@ -163,7 +163,8 @@ def train(msg: Message, config: ConfigRecord, runtime: SiteRuntime) -> Message:
         stage = get_stage(request.stage)
         site = runtime.inputs(stage, request.preset, request.encoder_sha256)
         model = load_arrays(stage.from_config(request.model_config), reference)
-        arrays, metrics = train_site_round(stage, model, site, request, runtime.device)
+        arrays, metrics = train_site_round(stage, model, site, request, runtime.device,
+                                           kill_worker=faults.worker_to_kill(config, runtime.site_id))
     arrays = faults.corrupt_reply(arrays, reference, config, runtime.site_id)
     return _reply(msg, SiteReply(site_id=runtime.site_id), arrays, metrics)
 

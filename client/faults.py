@@ -28,6 +28,12 @@ def before_handler(config: Mapping[str, object], site_id: str) -> None:
         time.sleep(drill.fault_factor)
 
 
+def worker_to_kill(config: Mapping[str, object], site_id: str) -> int | None:
+    """worker_crash: the rank of the data-parallel worker that dies this round (the training core kills it)."""
+    drill = FaultDrill.from_config(config)
+    return 1 if drill.applies_to(site_id) and drill.fault == "worker_crash" else None
+
+
 def corrupt_reply(arrays: dict[str, np.ndarray], reference: Mapping[str, np.ndarray], config: Mapping[str, object],
                   site_id: str) -> dict[str, np.ndarray]:
     """nan / scale: the reply a broken or malicious site would send."""

@@ -178,7 +178,7 @@ class StageRounds:
                             batch_size=spec.resolved_batch_size, lr=spec.lr_at_round(server_round),
                             weight_decay=spec.resolved_weight_decay, seed=config.seed, rounds=spec.rounds,
                             run=config.name, preset=config.preset, model_config=self.model_config,
-                            encoder_sha256=self.encoder_sha)
+                            encoder_sha256=self.encoder_sha, timeout_s=config.round_timeout_s)
 
     def train_round(self, server_round: int, arrays: Arrays) -> Arrays:
         federation, spec, started = self.federation, self.spec, time.perf_counter()

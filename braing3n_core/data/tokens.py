@@ -61,6 +61,11 @@ class TokenCache:
         self.store = ArrayCache(Path(root) / f"tokens-{self.encoder_sha256[:16]}")
         self.failures: list[Problem] = []
 
+    def __getstate__(self) -> dict:
+        """A copy sent to a data-parallel worker only reads: the encoder stays with the process that filled
+        the cache (`ensure`) before the workers started, the only one that writes it."""
+        return {**self.__dict__, "encoder": None}
+
     def key(self, record: ScanRecord) -> str:
         return preprocessed_volume_key(record.path, self.preset)
 
@@ -83,6 +88,9 @@ class TokenCache:
         A scan that cannot be preprocessed is left out and recorded in `failures` (never fatal).
         """
         missing = [r for r in records if self.key(r) not in self.store]
+        if missing and self.encoder is None:
+            raise PreprocessingError(missing[0].path, "no cached tokens, and this read-only copy of the token cache "
+                                     "(a data-parallel worker's) cannot encode; the cache changed during the round")
         show = sys.stderr.isatty() if progress is None else progress
         with Progress(transient=True, disable=not show or not missing) as bar:
             task = bar.add_task(f"encoding {len(missing)} scans", total=len(missing))

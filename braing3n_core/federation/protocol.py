@@ -167,6 +167,7 @@ class RoundParams(Payload):
     seed: int = 0
     rounds: int = 0  # the stage's total rounds (a site calibrating DP noise to a target ε needs it)
     run: str = ""  # the run's name (recorded in a site's privacy ledger)
+    timeout_s: float = 0.0  # the server's round_timeout_s: a site's data-parallel workers give up by then (0: none)
 
 
 @dataclass(frozen=True, kw_only=True)

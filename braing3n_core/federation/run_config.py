@@ -175,7 +175,7 @@ class ProbeRunConfig(StrictModel):
     weight_decay: float = Field(1e-3, ge=0.0)
 
 
-FaultKind = Literal["nan", "scale", "decline", "crash", "delay"]
+FaultKind = Literal["nan", "scale", "decline", "crash", "delay", "worker_crash"]
 
 
 class FaultInjection(StrictModel):
@@ -183,7 +183,9 @@ class FaultInjection(StrictModel):
 
     nan: replies with NaN weights; scale: multiplies its update by `factor` (trips the norm bound);
     decline: refuses the round with an error reply; crash: its handler raises (Flower reports an error);
-    delay: trains normally but answers `factor` seconds late (a slow site; `round_timeout_s` bounds the wait).
+    delay: trains normally but answers `factor` seconds late (a slow site; `round_timeout_s` bounds the wait);
+    worker_crash: data-parallel worker 1 of the site (`workers` ≥ 2) is killed with SIGKILL as it starts the
+    round, and the site declines it.
     """
 
     site: str

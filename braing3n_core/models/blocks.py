@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 Grid = tuple[int, int, int]
 
@@ -36,6 +37,16 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, N, D/heads]
         x = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, D/heads]
         return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))  # [B, N, D]
+
+
+def run_block(block: nn.Module, *inputs: Tensor, checkpointed: bool = False) -> Tensor:
+    """`block(*inputs)`; `checkpointed` (when training) keeps only the block's inputs and recomputes its
+    activations in the backward pass: the same gradients for a second forward pass' worth of compute, and
+    the memory of one block's activations instead of all of them (`compute.activation_checkpointing`).
+    No block draws random numbers, so the RNG state is not replayed."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(block, *inputs, use_reentrant=False, preserve_rng_state=False)
+    return block(*inputs)
 
 
 class MLP(nn.Module):

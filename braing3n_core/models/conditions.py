@@ -40,6 +40,7 @@ from braing3n_core.labels import (
     Modality,
     ScanLabels,
 )
+from braing3n_core.worker_rows import per_example
 
 MISSING_CATEGORY = -1
 
@@ -216,8 +217,8 @@ def random_drop_mask(
     if not (0.0 <= p_each <= 1.0 and 0.0 <= p_all <= 1.0):
         raise ValueError(f"drop probabilities must lie in [0, 1], got p_each={p_each}, p_all={p_all}")
     source = generator.device if generator is not None else device
-    each = torch.rand(batch_size, variables, generator=generator, device=source) < p_each
-    whole = torch.rand(batch_size, 1, generator=generator, device=source) < p_all
+    each = per_example(lambda n: torch.rand(n, variables, generator=generator, device=source), batch_size) < p_each
+    whole = per_example(lambda n: torch.rand(n, 1, generator=generator, device=source), batch_size) < p_all
     return (each | whole).to(device)
 
 

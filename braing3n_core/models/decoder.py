@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from braing3n_core.models.blocks import Grid, check_tokens, grid_of, tokens_to_grid
+from braing3n_core.models.blocks import Grid, check_tokens, grid_of, run_block, tokens_to_grid
 from braing3n_core.presets import Preset, get_preset
+from braing3n_core.worker_rows import per_example
 
 SSIM_DATA_RANGE = 6.0
 """Z-scored brain voxels mostly lie within ±3 σ, so 6 is their effective dynamic range. SSIM only uses it
@@ -165,6 +166,10 @@ class CNNDecoder(nn.Module):
         self.stem_block = ResidualBlock(first)
         self.stages = nn.ModuleList(UpStage(a, b) for a, b in zip(config.channels[:-1], config.channels[1:]))
         self.head = nn.Sequential(_norm(last), nn.SiLU(), nn.Conv3d(last, 8, 3, padding=1))  # + voxel_shuffle
+        # A site's compute settings, not part of the architecture: checkpointed up-sampling stages, and the
+        # memory layout of the feature maps (channels_last_3d: NDHWC, what cuDNN's fast 3D kernels read).
+        self.activation_checkpointing = False
+        self.memory_format = torch.contiguous_format
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -185,10 +190,11 @@ class CNNDecoder(nn.Module):
 
     def decode_latent(self, latent: Tensor) -> Tensor:
         """latent [B, N, C] -> volume [B, 1, D, H, W] (z-score units)."""
-        x = self.stem_block(self.stem(tokens_to_grid(latent, self.config.grid)))  # [B, c0, d, h, w]
+        grid = tokens_to_grid(latent, self.config.grid).contiguous(memory_format=self.memory_format)
+        x = self.stem_block(self.stem(grid))  # [B, c0, d, h, w]
         for stage in self.stages:
-            x = stage(x)  # ×2 each
-        return voxel_shuffle(self.head(x))  # [B, 1, D, H, W]
+            x = run_block(stage, x, checkpointed=self.activation_checkpointing)  # ×2 each
+        return voxel_shuffle(self.head(x)).contiguous()  # [B, 1, D, H, W]
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Frozen encoder tokens [B, N, E] -> volume [B, 1, D, H, W]."""
@@ -199,8 +205,10 @@ class CNNDecoder(nn.Module):
         if self.config.token_noise_std == 0:
             return tokens
         device = generator.device if generator is not None else tokens.device
-        sigma = torch.rand(tokens.shape[0], 1, 1, generator=generator, device=device) * self.config.token_noise_std
-        noise = torch.randn(tokens.shape, generator=generator, device=device)
+        batch, rest = tokens.shape[0], tuple(tokens.shape[1:])
+        sigma = per_example(lambda n: torch.rand(n, 1, 1, generator=generator, device=device), batch)
+        sigma = sigma * self.config.token_noise_std
+        noise = per_example(lambda n: torch.randn((n, *rest), generator=generator, device=device), batch)
         return tokens + (sigma * noise).to(tokens.device, tokens.dtype)
 
     def loss(self, tokens: Tensor, volume: Tensor, generator: torch.Generator | None = None) -> DecoderLoss:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from braing3n_core.models.conditions import CONDITION_SCHEMA, ConditionBatch, null_conditions, random_drop_mask
 from braing3n_core.models.dit import DiT
+from braing3n_core.worker_rows import per_example
 
 DEFAULT_STEPS = 12
 DEFAULT_GUIDANCE_SCALE = 1.5  # starting point; choose on validation (condition adherence vs diversity)
@@ -108,8 +109,10 @@ def training_loss(
     interval = torch.where(drop[:, -1], torch.full_like(interval, math.nan), interval)
 
     source = generator.device if generator is not None else device
-    t = shift_time(torch.rand(batch, generator=generator, device=source), _model_shift(dit, time_shift)).to(device)
-    noise = torch.randn(target.shape, generator=generator, device=source).to(device)
+    t = per_example(lambda n: torch.rand(n, generator=generator, device=source), batch)
+    t = shift_time(t, _model_shift(dit, time_shift)).to(device)
+    rest = tuple(target.shape[1:])
+    noise = per_example(lambda n: torch.randn((n, *rest), generator=generator, device=source), batch).to(device)
     x_t = (1.0 - t[:, None, None]) * target + t[:, None, None] * noise
     velocity = model(x_t, t, cond, base, interval)
     return ((velocity.float() - (noise - target)) ** 2).flatten(1).mean(dim=1).mean()

@@ -43,7 +43,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from braing3n_core.models.blocks import MLP, Attention, LearnedTokens, check_tokens, sincos_position_embedding
+from braing3n_core.models.blocks import (
+    MLP,
+    Attention,
+    LearnedTokens,
+    check_tokens,
+    run_block,
+    sincos_position_embedding,
+)
 from braing3n_core.models.conditions import (
     CONDITION_SCHEMA,
     INTERVAL,
@@ -238,6 +245,7 @@ class DiT(nn.Module):
         # Persistent: the statistics are part of the trained model (set once from the training tokens).
         self.register_buffer("token_mean", torch.zeros(dim))
         self.register_buffer("token_std", torch.ones(dim))
+        self.activation_checkpointing = False  # a site's compute setting, not part of the architecture
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -312,5 +320,5 @@ class DiT(nn.Module):
         h = self.input_proj(torch.cat([x, baseline.to(x.dtype)], dim=-1)) + self.pos_embed  # [B, N, W]
         c = self.t_embedder(t) + self.c_embedder(cond, interval, has_baseline)  # [B, W]
         for block in self.blocks:
-            h = block(h, c)
+            h = run_block(block, h, c, checkpointed=self.activation_checkpointing)
         return self.final(h, c)  # [B, N, E]

@@ -24,9 +24,11 @@ from braing3n_core.models.blocks import (
     check_volume,
     grid_of,
     patchify,
+    run_block,
     sincos_position_embedding,
 )
 from braing3n_core.presets import Preset, get_preset
+from braing3n_core.worker_rows import per_example
 
 
 @dataclass(frozen=True)
@@ -93,14 +95,16 @@ def masked_count(num_tokens: int, mask_ratio: float) -> int:
 def random_masking(
     batch: int, num_tokens: int, mask_ratio: float, device: torch.device, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Independent random mask per sample.
+    """Independent random mask per sample (drawn per example: the same whichever data-parallel worker
+    holds the sample, see `worker_rows`).
 
     Returns keep [B, K] (indices of visible patches, in shuffled order), restore [B, N] (puts the
     shuffled sequence back in grid order) and mask [B, N] (1 = masked).
     """
     keep_count = num_tokens - masked_count(num_tokens, mask_ratio)
     noise_device = generator.device if generator is not None else device
-    noise = torch.rand(batch, num_tokens, generator=generator, device=noise_device).to(device)  # [B, N]
+    noise = per_example(lambda n: torch.rand(n, num_tokens, generator=generator, device=noise_device), batch)
+    noise = noise.to(device)  # [B, N]
     shuffle = noise.argsort(dim=1)
     restore = shuffle.argsort(dim=1)
     mask = torch.ones(batch, num_tokens, device=device)
@@ -141,6 +145,7 @@ class MAEEncoder(nn.Module):
             TransformerBlock(width, config.heads, config.mlp_dim, qkv_bias=False) for _ in range(config.depth)
         )
         self.norm = nn.LayerNorm(width)
+        self.activation_checkpointing = False  # a site's compute setting, not part of the architecture
         self.apply(_init_vit_weights)
 
     def embed_patches(self, volume: Tensor) -> Tensor:
@@ -154,7 +159,7 @@ class MAEEncoder(nn.Module):
         cls = self.cls_token.repeat(patch_tokens.shape[0], 1, patch_tokens.device).to(patch_tokens.dtype)
         x = torch.cat([cls, patch_tokens], dim=1)
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, x, checkpointed=self.activation_checkpointing)
         return self.norm(x)
 
     def forward(self, volume: Tensor) -> Tensor:
@@ -183,6 +188,7 @@ class MAEPretrainDecoder(nn.Module):
         )
         self.norm = nn.LayerNorm(width)
         self.pred = nn.Linear(width, config.patch_voxels)
+        self.activation_checkpointing = False
         self.apply(_init_vit_weights)
 
     def forward(self, encoded: Tensor, restore: Tensor) -> Tensor:
@@ -194,7 +200,7 @@ class MAEPretrainDecoder(nn.Module):
         patches = patches.gather(1, restore.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))  # grid order
         x = torch.cat([x[:, :1], patches + self.pos_embed], dim=1)  # CLS passes through, no position
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, x, checkpointed=self.activation_checkpointing)
         return self.pred(self.norm(x))[:, 1:]  # drop CLS: [B, N, P]
 
 

@@ -116,7 +116,7 @@ class SubjectPoissonSampler(Sampler[list[int]]):
             yield [self.groups[s][int(picks[s])] for s in torch.nonzero(chosen).flatten().tolist()]
 
 
-class _OwnExamples(Dataset):
+class OwnExamples(Dataset):
     """A stage dataset whose examples are returned only if they are the ones asked for: `VolumeDataset`
     replaces an unreadable scan by the next one, which may be another subject's; under DP that example
     is dropped instead, so no subject enters a step twice."""
@@ -142,7 +142,7 @@ def _collate_possibly_empty(items: list[Any]) -> dict[str, Tensor]:
 def subject_loader(dataset: Dataset, sample_rate: float, steps: int, generator: torch.Generator | None = None) -> DataLoader:
     """Exactly `steps` Poisson-by-subject batches of `dataset` (an empty batch is `{}`)."""
     sampler = SubjectPoissonSampler(subject_groups(dataset), sample_rate, steps, generator)
-    return DataLoader(_OwnExamples(dataset), batch_sampler=sampler, collate_fn=_collate_possibly_empty)
+    return DataLoader(OwnExamples(dataset), batch_sampler=sampler, collate_fn=_collate_possibly_empty)
 
 
 # --- one round's settings --------------------------------------------------------------------------------
@@ -190,12 +190,17 @@ def resolve_round(config: SitePrivacyConfig, stage: str, server_round: int, subj
 # --- Opacus -----------------------------------------------------------------------------------------------
 
 
-def _dp_optimizer_class() -> type:
-    from opacus.optimizers import DPOptimizer
+def _dp_optimizer_class(distributed: bool = False) -> type:
+    from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 
-    class SubjectDPOptimizer(DPOptimizer):
-        """Opacus' DPOptimizer, plus: a step whose Poisson draw was empty adds noise only (the accountant
-        counts every step), and a data-independent gradient (FedProx) can be added after the noise."""
+    class SubjectDPOptimizer(DistributedDPOptimizer if distributed else DPOptimizer):  # type: ignore[misc, valid-type]
+        """Opacus' DPOptimizer (or, data-parallel, its `DistributedDPOptimizer`), plus: a step whose Poisson
+        draw was empty adds noise only (the accountant counts every step), and a data-independent gradient
+        (FedProx) can be added after the noise.
+
+        Distributed, every worker clips its own examples' gradients, rank 0 alone adds N(0, σ²C²), and the
+        sums are all-reduced: one noise draw per step for the global batch, as in one process. FedProx's
+        term is added by every worker and averaged over them, so it counts once."""
 
         def __init__(self, *args: Any, after_noise: Callable[[], None] | None = None, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -258,9 +263,13 @@ def _grad_sample_module_class() -> type:
 
 
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, settings: DPRound,
-                 after_noise: Callable[[], None] | None = None, noise_generator: torch.Generator | None = None
-                 ) -> PrivateTraining:
-    """Hook `model` for per-sample gradients and wrap `optimizer` to clip each to C and add N(0, σ²C²)."""
+                 after_noise: Callable[[], None] | None = None, noise_generator: torch.Generator | None = None,
+                 distributed: bool = False) -> PrivateTraining:
+    """Hook `model` for per-sample gradients and wrap `optimizer` to clip each to C and add N(0, σ²C²).
+
+    `distributed`: this process is one worker of the initialised default process group, holding its share
+    of each step's global Poisson sample; the noise is added once (rank 0) and the expected batch size
+    q·n is the global one, split evenly over the workers as Opacus' distributed optimizer expects."""
     from opacus.validators import ModuleValidator
 
     problems = ModuleValidator.validate(model, strict=False)
@@ -269,9 +278,12 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, settings: D
     device = next(model.parameters()).device
     hooked = _grad_sample_module_class()(model, loss_reduction="mean")
     release = settings.release
-    dp_optimizer = _dp_optimizer_class()(
+    # Opacus divides each worker's noised sum by its expected batch size, then averages over the W workers:
+    # (Σ_r sum_r + noise) / (q·n), the single-process gradient.
+    world = torch.distributed.get_world_size() if distributed else 1
+    dp_optimizer = _dp_optimizer_class(distributed)(
         optimizer, noise_multiplier=release.noise_multiplier, max_grad_norm=release.max_grad_norm,
-        expected_batch_size=settings.expected_batch_size, loss_reduction="mean",
+        expected_batch_size=settings.expected_batch_size / world, loss_reduction="mean",
         generator=noise_generator if noise_generator is not None else os_generator(device), after_noise=after_noise,
     )
     return PrivateTraining(model, hooked, dp_optimizer)

@@ -17,8 +17,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from braing3n_core.runtime import autocast
+from braing3n_core.training.data_parallel import ParallelGroup, ShardedBatch, reduce_step, step_seed
 from braing3n_core.training.examples import Batch
 from braing3n_core.training.stages import Stage
+from braing3n_core.worker_rows import WorkerRows, holding
 
 
 @dataclass
@@ -61,7 +63,7 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 def train_steps(
     stage: Stage,
     model: nn.Module,
-    batches: Iterator[Batch],
+    batches: Iterator[Batch | ShardedBatch],
     optimizer: torch.optim.Optimizer,
     steps: int,
     lr_at: Callable[[int], float],
@@ -70,6 +72,8 @@ def train_steps(
     proximal: ProximalTerm | None = None,
     on_step: Callable[[int, float, int], None] | None = None,
     max_grad_norm: float | None = 1.0,
+    group: ParallelGroup | None = None,
+    optimizer_reduces: bool = False,
 ) -> TrainResult:
     """Run `steps` optimizer steps of `stage` on `model`.
 
@@ -79,42 +83,55 @@ def train_steps(
     engine clips per sample instead, see `privacy.dp`). An empty batch (`{}`, which DP-SGD's Poisson
     sampling can draw) takes an optimizer step without a loss; a round of only empty batches reports NaN
     for the loss and for each of the stage's `train_metrics`.
+
+    Data-parallel (`group` of several workers, `batches` yielding this worker's `ShardedBatch`es): every
+    worker runs this same loop; gradients are averaged over the global batch after each backward pass
+    (`data_parallel.reduce_step`; with `optimizer_reduces` the optimizer does it, as Opacus'
+    `DistributedDPOptimizer`), and the result's loss, metrics and example count are the global batch's.
+    The loss's randomness is re-seeded each step from `generator` (`data_parallel.step_seed`), so the
+    run is the same whatever the number of workers.
     """
+    group = group if group is not None else ParallelGroup.single()
     model.train()
+    step_generator = torch.Generator(device=generator.device) if generator is not None else None
     started = time.perf_counter()
     losses: list[float] = []
     extras: dict[str, list[float]] = {name: [] for name in stage.train_metrics}
     examples = 0
     for step in range(steps):
-        batch = to_device(next(batches), device)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
-        if not batch:  # DP-SGD's Poisson sampling drew nobody: the step still happens (noise only)
-            optimizer.zero_grad(set_to_none=True)
-            optimizer.step()
-            if on_step is not None:
-                on_step(step, math.nan, 0)
-            continue
-        with autocast(device):
-            loss, extra = stage.loss(model, batch, generator)
-            if proximal is not None:
-                loss = loss + proximal(model)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"stage {stage.name}: non-finite training loss {float(loss)} at step {step}")
+        batch, rows = _share(next(batches))
+        batch = to_device(batch, device)
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr_at(step)
+        if step_generator is not None:
+            step_generator.manual_seed(step_seed(generator))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if max_grad_norm is not None:
+        size = next(iter(batch.values())).shape[0] if batch else 0  # {}: DP-SGD's Poisson sampling drew nobody here
+        loss_value, extra, finite = 0.0, {}, True
+        if size:
+            with autocast(device), holding(rows):
+                loss, extra = stage.loss(model, batch, step_generator)
+                if proximal is not None:
+                    loss = loss + proximal(model)
+            loss_value, finite = float(loss.detach()), bool(torch.isfinite(loss.detach()))
+            if undeclared := set(extra) - set(extras):
+                raise KeyError(f"stage {stage.name}: loss returned {sorted(undeclared)}, not in its train_metrics")
+            if finite:
+                loss.backward()
+        totals = reduce_step(group, model, size, loss_value, extra, stage.train_metrics, finite,
+                             gradients=not optimizer_reduces)
+        if not totals.finite:
+            raise FloatingPointError(f"stage {stage.name}: non-finite training loss {loss_value} at step {step}")
+        if max_grad_norm is not None and totals.examples:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
-        batch_size = next(iter(batch.values())).shape[0]
-        examples += batch_size
-        losses.append(float(loss.detach()))
-        if undeclared := set(extra) - set(extras):
-            raise KeyError(f"stage {stage.name}: loss returned {sorted(undeclared)}, not in its train_metrics")
-        for key, value in extra.items():
-            extras[key].append(value)
+        optimizer.step()  # also when nobody was drawn: DP-SGD's step then adds noise only
+        examples += totals.examples
+        if totals.examples:
+            losses.append(totals.loss)
+            for key, value in totals.extra().items():
+                extras[key].append(value)
         if on_step is not None:
-            on_step(step, losses[-1], batch_size)
+            on_step(step, totals.loss, totals.examples)
     return TrainResult(
         steps=steps,
         examples=examples,
@@ -122,6 +139,11 @@ def train_steps(
         seconds=time.perf_counter() - started,
         extra={k: float(np.mean(v)) if v else math.nan for k, v in extras.items()},
     )
+
+
+def _share(item: Batch | ShardedBatch) -> tuple[Batch, WorkerRows | None]:
+    """A data-parallel loader yields this worker's share and its rows; any other loader, whole batches."""
+    return (item.batch, item.rows) if isinstance(item, ShardedBatch) else (item, None)
 
 
 @torch.no_grad()
@@ -153,7 +175,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
 
 def trainable_state(model: nn.Module) -> dict[str, Tensor]:
     """What a stage sends and checkpoints: the model's persistent state (fp32, CPU)."""
-    return {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
+    # contiguous: a decoder trained channels-last (`training.compute`) still sends and stores plain arrays
+    return {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).contiguous()
             for k, v in model.state_dict().items()}
 
 

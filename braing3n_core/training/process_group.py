@@ -1,0 +1,239 @@
+"""Starting a site's data-parallel workers the way torchrun does, and ending them whatever happens.
+
+The process that talks to Flower (the ClientApp; `braing3n train` when centralized) is the *agent*, as
+torchrun's elastic agent is: it never joins the process group, so no collective can hang it. For each
+round (`run_data_parallel`) it
+
+1. hosts the rendezvous store: a `TCPStore` on a port the OS picks, so two sites on one host never
+   collide;
+2. starts W workers with `torch.distributed.elastic.multiprocessing.start_processes`, the launcher
+   torchrun's agent uses, each with RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR,
+   MASTER_PORT and TORCHELASTIC_USE_AGENT_STORE set as torchrun sets them (one host: RANK = LOCAL_RANK);
+   a worker joins with `init_process_group(env://)`: gloo on CPU, NCCL with one GPU per worker
+   (cuda:LOCAL_RANK);
+3. waits until they all return, one fails, or the deadline passes. A failure or the deadline stops the
+   others (SIGTERM, then SIGKILL) and raises `DataParallelError` naming the worker and the cause, which the
+   site turns into a declined round. Collectives time out at the same deadline, and a worker exits by
+   itself if the agent dies, so nothing outlives a round.
+
+Only rank 0's return value comes back; every worker ran the same entry and knows the round's number of
+steps, so all of them stop together without being told.
+
+**Where the process group lives: per round.** A round's group is formed, used and destroyed inside the
+round. In deployment every Flower message runs in a fresh `flwr-clientapp` process, so a group that
+outlived a round would need a daemon beside the SuperNode; per round, a worker that dies can only ever cost
+the one round it died in. What costs time is starting Python with torch and MONAI (seconds), not forming
+the group (milliseconds): workers are therefore forked from a *forkserver* that imported those once per
+agent process. In simulation, where a Ray actor serves many rounds, only the first round pays the
+imports; a deployed site pays them every round (bench/bench_scale.py measures both). The forkserver is a
+fresh interpreter (never a fork of the Ray actor, whose threads make forking unsafe), and workers are
+forked from it before any of them touches a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Generic, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from braing3n_core.training.data_parallel import ParallelGroup
+
+T = TypeVar("T")
+Entry = Callable[[ParallelGroup, torch.device], T]
+
+HOST = "127.0.0.1"
+DEFAULT_TIMEOUT_S = 1800.0  # a round without a deadline from the server
+_POLL_S = 0.05
+_STOP_GRACE_S = 5  # SIGTERM → SIGKILL (elastic's default of 30 s would hold the round that long for a stopped worker)
+_AGENT_WATCH_S = 1.0
+_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # what elastic's start() takes over in the main thread
+
+
+class DataParallelError(RuntimeError):
+    """A data-parallel round failed: a worker died or raised, or the group missed its deadline."""
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How a site runs data-parallel: `workers` processes on `device_type` (cpu: gloo; cuda: NCCL, one GPU
+    each), `threads` intra-op threads per worker, every collective bounded by `timeout_s`."""
+
+    workers: int
+    device_type: str = "cpu"
+    threads: int = 1
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if self.device_type not in ("cpu", "cuda"):
+            raise ValueError(f"data-parallel workers run on cpu or cuda, not {self.device_type!r}")
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device_type == "cuda" else "gloo"
+
+
+@dataclass(frozen=True)
+class ParallelRun(Generic[T]):
+    """Rank 0's result, and what the group cost beyond it: `startup_s` from the call until every worker had
+    joined the group, `seconds` for the whole call."""
+
+    value: T
+    startup_s: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _RankReturn:
+    value: Any
+    joined_at: float  # time.time() when the group was formed (all workers on one host: one clock)
+
+
+def check_gpus(plan: WorkerPlan) -> None:
+    """One GPU per worker must be visible (CUDA_VISIBLE_DEVICES, or Ray's `--gpus-per-site` in simulation)."""
+    if plan.device_type != "cuda":
+        return
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible < plan.workers:
+        raise DataParallelError(f"{plan.workers} workers on cuda need {plan.workers} GPUs, this process sees {visible}")
+
+
+def run_data_parallel(entry: Entry[T], plan: WorkerPlan) -> ParallelRun[T]:
+    """Run `entry(group, device)` on `plan.workers` workers; returns rank 0's value (see the module doc).
+
+    `entry` must be picklable (a module-level function, or a `functools.partial` of one over picklable
+    arguments): it travels to every worker.
+    """
+    from torch.distributed import TCPStore
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_processes
+
+    check_gpus(plan)
+    started = time.time()
+    store = TCPStore(HOST, 0, is_master=True, wait_for_workers=False,
+                     timeout=timedelta(seconds=plan.timeout_s))
+    envs = {rank: _torchrun_env(rank, plan.workers, store.port) for rank in range(plan.workers)}
+    agent = os.getpid()
+    with tempfile.TemporaryDirectory(prefix="braing3n-ddp-") as logs, _own_signal_handlers():
+        context = start_processes(
+            name="braing3n-worker", entrypoint=_rank_main,
+            args={rank: (entry, plan, agent) for rank in range(plan.workers)}, envs=envs,
+            logs_specs=DefaultLogsSpecs(log_dir=logs), start_method=_start_method(_module_of(entry)),
+        )
+        try:
+            result = context.wait(timeout=plan.timeout_s, period=_POLL_S)
+        finally:
+            context.close(timeout=_STOP_GRACE_S)  # stops whatever still runs (SIGTERM, then SIGKILL); all done: a no-op
+    del store
+    if result is None:
+        raise DataParallelError(f"the {plan.workers} data-parallel workers did not finish within {plan.timeout_s:g} s")
+    if result.failures:
+        raise DataParallelError("; ".join(_failure_reason(f) for _, f in sorted(result.failures.items())))
+    leader: _RankReturn = result.return_values[0]
+    return ParallelRun(leader.value, startup_s=max(0.0, leader.joined_at - started), seconds=time.time() - started)
+
+
+def _torchrun_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """What torchrun's agent exports to a worker on a single host, the agent holding the store."""
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
+            "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "ROLE_WORLD_SIZE": str(world),
+            "MASTER_ADDR": HOST, "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True",
+            "TORCHELASTIC_RUN_ID": f"braing3n-{os.getpid()}-{port}"}
+
+
+def _failure_reason(failure: Any) -> str:
+    message = failure.message
+    if isinstance(message, dict):  # the error file of `record`: {"message": "...", "extraInfo": {...}}
+        message = message.get("message", "")
+    message = str(message)
+    if failure.exitcode < 0:
+        cause = f"killed by {failure.signal_name()}"
+    elif "errors.html" in message or not message:  # no error file: it exited without raising
+        cause = f"exited with code {failure.exitcode}"
+    else:
+        cause = message.strip().splitlines()[-1][:400]
+    return f"data-parallel worker {failure.local_rank} (pid {failure.pid}) {cause}"
+
+
+@contextmanager
+def _own_signal_handlers() -> Iterator[None]:
+    """Elastic's `start()` installs handlers that turn SIGTERM/SIGINT into exceptions (so the workers are
+    stopped); they must not outlive the round in a ClientApp process, a Ray actor or the CLI."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {name: signal.getsignal(getattr(signal, name)) for name in _SIGNALS if hasattr(signal, name)}
+    try:
+        yield
+    finally:
+        for name, handler in saved.items():
+            signal.signal(getattr(signal, name), handler if handler is not None else signal.SIG_DFL)
+
+
+def _module_of(entry: Callable[..., Any]) -> str:
+    return getattr(getattr(entry, "func", entry), "__module__", "")
+
+
+def _start_method(entry_module: str) -> str:
+    """Workers come from a forkserver that imported torch, the entry's module (with MONAI) and, inside a Ray
+    actor, Ray, once per agent process (each worker re-runs the agent's main script, Ray's default_worker
+    in an actor, whose imports are then already loaded)."""
+    context = multiprocessing.get_context("forkserver")
+    # torch._dynamo: the first optimizer a process builds imports it (~800 modules, seconds), so pay it once here.
+    preload = ["torch", "torch._dynamo", "torch.distributed", "torch.distributed.elastic.multiprocessing.api", __name__]
+    preload += [m for m in (entry_module, "ray") if m and m in sys.modules]
+    context.set_forkserver_preload(preload)  # no effect once this process's forkserver runs
+    return "forkserver"
+
+
+# --- inside a worker ------------------------------------------------------------------------------------------
+
+
+def _rank_main(entry: Entry[Any], plan: WorkerPlan, agent_pid: int) -> _RankReturn | None:
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    _exit_with_agent(agent_pid)
+    torch.set_num_threads(max(1, plan.threads))
+    device = torch.device("cpu")
+    if plan.device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    # A collective past `timeout_s` raises (gloo) or has NCCL's watchdog end this worker: the agent reports either.
+    dist.init_process_group(plan.backend, timeout=timedelta(seconds=plan.timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+    try:
+        joined_at = time.time()
+        value = entry(ParallelGroup(rank, world), device)
+    finally:
+        dist.destroy_process_group()
+    return _RankReturn(value, joined_at) if rank == 0 else None
+
+
+def _exit_with_agent(agent_pid: int) -> None:
+    """A worker's parent is the forkserver, not the agent: watch the agent, and leave if it is gone (its
+    result would have nowhere to go, and the queue it waits on would never be read)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(_AGENT_WATCH_S)
+            try:
+                os.kill(agent_pid, 0)
+            except ProcessLookupError:
+                logging.getLogger(__name__).error("agent %s is gone; worker %s exits", agent_pid, os.getpid())
+                os._exit(1)
+            except PermissionError:  # a reused PID of another user: the agent is gone too
+                os._exit(1)
+
+    threading.Thread(target=watch, name="braing3n-agent-watch", daemon=True).start()

@@ -6,15 +6,20 @@ round (`run_data_parallel`) it
 
 1. hosts the rendezvous store: a `TCPStore` on a port the OS picks, so two sites on one host never
    collide;
-2. starts W workers with `torch.distributed.elastic.multiprocessing.start_processes`, the launcher
-   torchrun's agent uses, each with RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR,
-   MASTER_PORT and TORCHELASTIC_USE_AGENT_STORE set as torchrun sets them (one host: RANK = LOCAL_RANK);
-   a worker joins with `init_process_group(env://)`: gloo on CPU, NCCL with one GPU per worker
-   (cuda:LOCAL_RANK);
+2. starts W workers with `torch.multiprocessing.start_processes`, each with RANK, LOCAL_RANK, WORLD_SIZE,
+   LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT and TORCHELASTIC_USE_AGENT_STORE set as torchrun's agent
+   sets them (one host: RANK = LOCAL_RANK); a worker joins with `init_process_group(env://)`: gloo on CPU,
+   NCCL with one GPU per worker (cuda:LOCAL_RANK);
 3. waits until they all return, one fails, or the deadline passes. A failure or the deadline stops the
-   others (SIGTERM, then SIGKILL) and raises `DataParallelError` naming the worker and the cause, which the
-   site turns into a declined round. Collectives time out at the same deadline, and a worker exits by
-   itself if the agent dies, so nothing outlives a round.
+   others (SIGTERM, then SIGKILL after a short grace) and raises `DataParallelError` naming the worker and
+   the cause (its exception, or the signal that killed it), which the site turns into a declined round.
+   Collectives time out at the same deadline, and a worker exits by itself if the agent dies, so nothing
+   outlives a round.
+
+torch's elastic launcher (`torch.distributed.elastic.multiprocessing`) does the same, but takes over the
+agent's SIGTERM/SIGINT handlers and, on a failure, waits 30 s for a stuck worker before killing it; the
+agent here is a ClientApp process or a Ray actor, so it uses the `torch.multiprocessing` layer elastic is
+built on, with its own grace.
 
 Only rank 0's return value comes back; every worker ran the same entry and knows the round's number of
 steps, so all of them stop together without being told.
@@ -27,7 +32,8 @@ the group (milliseconds): workers are therefore forked from a *forkserver* that 
 agent process. In simulation, where a Ray actor serves many rounds, only the first round pays the
 imports; a deployed site pays them every round (bench/bench_scale.py measures both). The forkserver is a
 fresh interpreter (never a fork of the Ray actor, whose threads make forking unsafe), and workers are
-forked from it before any of them touches a GPU.
+forked from it before any of them touches a GPU. Like any spawned process, a worker re-imports the agent's
+main script: a script that trains data-parallel must guard its entry point with `if __name__ == "__main__"`.
 """
 
 from __future__ import annotations
@@ -37,17 +43,16 @@ import multiprocessing
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Generic, TypeVar
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as torch_mp
 
 from braing3n_core.training.data_parallel import ParallelGroup
 
@@ -57,9 +62,8 @@ Entry = Callable[[ParallelGroup, torch.device], T]
 HOST = "127.0.0.1"
 DEFAULT_TIMEOUT_S = 1800.0  # a round without a deadline from the server
 _POLL_S = 0.05
-_STOP_GRACE_S = 5  # SIGTERM → SIGKILL (elastic's default of 30 s would hold the round that long for a stopped worker)
+_STOP_GRACE_S = 1.0  # after a failure: time for the others to exit by themselves, then for SIGTERM, then SIGKILL
 _AGENT_WATCH_S = 1.0
-_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # what elastic's start() takes over in the main thread
 
 
 class DataParallelError(RuntimeError):
@@ -119,68 +123,76 @@ def run_data_parallel(entry: Entry[T], plan: WorkerPlan) -> ParallelRun[T]:
     arguments): it travels to every worker.
     """
     from torch.distributed import TCPStore
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_processes
 
     check_gpus(plan)
     started = time.time()
-    store = TCPStore(HOST, 0, is_master=True, wait_for_workers=False,
-                     timeout=timedelta(seconds=plan.timeout_s))
-    envs = {rank: _torchrun_env(rank, plan.workers, store.port) for rank in range(plan.workers)}
-    agent = os.getpid()
-    with tempfile.TemporaryDirectory(prefix="braing3n-ddp-") as logs, _own_signal_handlers():
-        context = start_processes(
-            name="braing3n-worker", entrypoint=_rank_main,
-            args={rank: (entry, plan, agent) for rank in range(plan.workers)}, envs=envs,
-            logs_specs=DefaultLogsSpecs(log_dir=logs), start_method=_start_method(_module_of(entry)),
-        )
-        try:
-            result = context.wait(timeout=plan.timeout_s, period=_POLL_S)
-        finally:
-            context.close(timeout=_STOP_GRACE_S)  # stops whatever still runs (SIGTERM, then SIGKILL); all done: a no-op
-    del store
-    if result is None:
+    store = TCPStore(HOST, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=plan.timeout_s))
+    method = _start_method(_module_of(entry))
+    results, received = multiprocessing.get_context(method).SimpleQueue(), multiprocessing.get_context(method).Event()
+    context = torch_mp.start_processes(_rank_main, args=(entry, plan, os.getpid(), store.port, results, received),
+                                       nprocs=plan.workers, join=False, daemon=False, start_method=method)
+    try:
+        leader = _wait(context, results, received, started + plan.timeout_s)
+    finally:
+        _stop(context)
+        results.close()
+        del store
+    if leader is None:
         raise DataParallelError(f"the {plan.workers} data-parallel workers did not finish within {plan.timeout_s:g} s")
-    if result.failures:
-        raise DataParallelError("; ".join(_failure_reason(f) for _, f in sorted(result.failures.items())))
-    leader: _RankReturn = result.return_values[0]
     return ParallelRun(leader.value, startup_s=max(0.0, leader.joined_at - started), seconds=time.time() - started)
+
+
+def _wait(context: torch_mp.ProcessContext, results: Any, received: Any, deadline: float) -> _RankReturn | None:
+    """Rank 0's return once every worker has exited cleanly; None at the deadline; a failure raises."""
+    leader = None
+    while time.time() < deadline:
+        if leader is None and not results.empty():
+            # Read while polling (a large result would block its writer on the pipe). Tensors arrive as shared
+            # memory whose file descriptors rank 0 hands over on request: it waits for `received` to exit.
+            leader = results.get()
+            received.set()
+        try:
+            if context.join(timeout=_POLL_S, grace_period=_STOP_GRACE_S):
+                return leader
+        except (torch_mp.ProcessRaisedException, torch_mp.ProcessExitedException) as error:
+            raise DataParallelError(_failure_reason(context, error)) from None
+    return None
+
+
+def _stop(context: torch_mp.ProcessContext) -> None:
+    """SIGTERM what still runs, SIGKILL it after the grace (a stopped or wedged worker ignores SIGTERM)."""
+    alive = [p for p in context.processes if p.is_alive()]
+    for process in alive:
+        process.terminate()
+    end = time.monotonic() + _STOP_GRACE_S
+    for process in alive:
+        process.join(max(0.0, end - time.monotonic()))
+    for process in alive:
+        if process.is_alive():
+            process.kill()
+            process.join(_STOP_GRACE_S)
+
+
+def _failure_reason(context: torch_mp.ProcessContext, error: Exception) -> str:
+    """The root cause first: a worker that died by a signal we did not send (its peers then fail in their
+    collectives), else the exception a worker raised, else its exit code."""
+    for rank, process in enumerate(context.processes):
+        code = process.exitcode
+        if code is not None and code < 0 and -code != signal.SIGTERM:
+            return f"data-parallel worker {rank} (pid {process.pid}) was killed by {signal.Signals(-code).name}"
+    rank = getattr(error, "error_index", -1)
+    pid = getattr(error, "error_pid", "?")
+    if isinstance(error, torch_mp.ProcessRaisedException):
+        lines = [line for line in str(error).strip().splitlines() if line.strip()]
+        return f"data-parallel worker {rank} (pid {pid}) failed: {lines[-1].strip()[:400] if lines else 'no message'}"
+    return f"data-parallel worker {rank} (pid {pid}) {str(error).removeprefix(f'process {rank} ')}"
 
 
 def _torchrun_env(rank: int, world: int, port: int) -> dict[str, str]:
     """What torchrun's agent exports to a worker on a single host, the agent holding the store."""
     return {"RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
             "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "ROLE_WORLD_SIZE": str(world),
-            "MASTER_ADDR": HOST, "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True",
-            "TORCHELASTIC_RUN_ID": f"braing3n-{os.getpid()}-{port}"}
-
-
-def _failure_reason(failure: Any) -> str:
-    message = failure.message
-    if isinstance(message, dict):  # the error file of `record`: {"message": "...", "extraInfo": {...}}
-        message = message.get("message", "")
-    message = str(message)
-    if failure.exitcode < 0:
-        cause = f"killed by {failure.signal_name()}"
-    elif "errors.html" in message or not message:  # no error file: it exited without raising
-        cause = f"exited with code {failure.exitcode}"
-    else:
-        cause = message.strip().splitlines()[-1][:400]
-    return f"data-parallel worker {failure.local_rank} (pid {failure.pid}) {cause}"
-
-
-@contextmanager
-def _own_signal_handlers() -> Iterator[None]:
-    """Elastic's `start()` installs handlers that turn SIGTERM/SIGINT into exceptions (so the workers are
-    stopped); they must not outlive the round in a ClientApp process, a Ray actor or the CLI."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {name: signal.getsignal(getattr(signal, name)) for name in _SIGNALS if hasattr(signal, name)}
-    try:
-        yield
-    finally:
-        for name, handler in saved.items():
-            signal.signal(getattr(signal, name), handler if handler is not None else signal.SIG_DFL)
+            "MASTER_ADDR": HOST, "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
 
 
 def _module_of(entry: Callable[..., Any]) -> str:
@@ -192,8 +204,8 @@ def _start_method(entry_module: str) -> str:
     actor, Ray, once per agent process (each worker re-runs the agent's main script, Ray's default_worker
     in an actor, whose imports are then already loaded)."""
     context = multiprocessing.get_context("forkserver")
-    # torch._dynamo: the first optimizer a process builds imports it (~800 modules, seconds), so pay it once here.
-    preload = ["torch", "torch._dynamo", "torch.distributed", "torch.distributed.elastic.multiprocessing.api", __name__]
+    # torch._dynamo: the first optimizer a process builds imports it (~800 modules, seconds): paid once here.
+    preload = ["torch", "torch._dynamo", "torch.distributed", __name__]
     preload += [m for m in (entry_module, "ray") if m and m in sys.modules]
     context.set_forkserver_preload(preload)  # no effect once this process's forkserver runs
     return "forkserver"
@@ -202,8 +214,10 @@ def _start_method(entry_module: str) -> str:
 # --- inside a worker ------------------------------------------------------------------------------------------
 
 
-def _rank_main(entry: Entry[Any], plan: WorkerPlan, agent_pid: int) -> _RankReturn | None:
-    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+def _rank_main(local_rank: int, entry: Entry[Any], plan: WorkerPlan, agent_pid: int, port: int,
+               results: Any, received: Any) -> None:
+    os.environ.update(_torchrun_env(local_rank, plan.workers, port))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     _exit_with_agent(agent_pid)
     torch.set_num_threads(max(1, plan.threads))
     device = torch.device("cpu")
@@ -218,7 +232,9 @@ def _rank_main(entry: Entry[Any], plan: WorkerPlan, agent_pid: int) -> _RankRetu
         value = entry(ParallelGroup(rank, world), device)
     finally:
         dist.destroy_process_group()
-    return _RankReturn(value, joined_at) if rank == 0 else None
+    if rank == 0:
+        results.put(_RankReturn(value, joined_at))
+        received.wait(plan.timeout_s)
 
 
 def _exit_with_agent(agent_pid: int) -> None:

@@ -432,6 +432,7 @@ def _train(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps, seed=args.seed, device=args.device, out_dir=Path(args.out),
         encoder=_optional_path(args.encoder), checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every, num_workers=args.num_workers, resume=not args.restart,
+        workers=args.workers if args.workers is not None else configs[0].workers,
     )
     final = train_centralized(configs, options)
     _say(args, str(final))
@@ -779,7 +780,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="MAE checkpoint for the decoder and DiT (default: the latest in --out)")
     train.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     train.add_argument("--eval-every", type=int, default=0, help="validation interval in steps (0: at the end)")
-    train.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
+    train.add_argument("--num-workers", type=int, default=0,
+                       help="data-loading processes per training worker (0: the first site file's compute.loader_workers)")
+    train.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                       help="data-parallel training processes, gloo on cpu or one GPU each on cuda "
+                            "(default: the first site file's `workers`)")
     train.add_argument("--restart", action="store_true", help="ignore existing checkpoints instead of resuming")
     train.set_defaults(handler=_train)
 

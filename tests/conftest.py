@@ -50,9 +50,10 @@ def synthetic_cohort(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def write_site_yamls(cohort: list[Path], folder: Path, privacy: dict[str, dict] | None = None,
-                     copies: int = 1) -> list[Path]:
+                     copies: int = 1, settings: dict[str, dict] | None = None) -> list[Path]:
     """Site YAMLs over the shared (read-only) cohort with caches in `folder`; `copies` > 1 makes more
-    virtual sites over the same scans (distinct ids and caches); `privacy` sets a site's privacy block."""
+    virtual sites over the same scans (distinct ids and caches); `privacy` sets a site's privacy block,
+    `settings` any other top-level settings of a site (e.g. `{"site-a": {"workers": 2}}`)."""
     import yaml
 
     from braing3n_core.site_config import SiteConfig
@@ -66,6 +67,7 @@ def write_site_yamls(cohort: list[Path], folder: Path, privacy: dict[str, dict] 
             data = {**site.to_yaml_dict(), "site_id": site_id, "cache_dir": str(folder / "cache" / site_id)}
             if privacy and site_id in privacy:
                 data["privacy"] = privacy[site_id]
+            data |= (settings or {}).get(site_id, {})
             paths.append(folder / f"{site_id}.yaml")
             paths[-1].write_text(yaml.safe_dump(data))
     return paths

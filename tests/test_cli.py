@@ -92,6 +92,9 @@ CASES = [
     Case("run YAML errors name the stage", ("simulate", "--sites", "{site_yaml}", "--run-config", "{bad_stage_yaml}"),
          2, ("stages[decoder].rounds: expected a whole number",), ("stages.1",)),
     Case("site data root missing", ("site", "check", "{missing_root_yaml}"), 2, ("does not exist",)),
+    Case("data-parallel workers on one pinned GPU", ("site", "check", "{pinned_gpu_yaml}"), 2,
+         ("pinned-gpu.yaml", "pins one GPU", "use device: cuda")),
+    Case("train --workers 0", ("train", "mae", "--sites", "{site_yaml}", "--workers", "0"), 2, ("--workers", "at least 1")),
     Case("forecast checks --site before the run", ("forecast", "{tmp}", "--site", "{tmp}/missing.yaml", "--subject",
                                                    "sub-a001", "--modality", "T1w", "--years", "2", "--out", "{tmp}/f"),
          2, ("missing.yaml: file not found",), ("DiT",)),
@@ -143,6 +146,8 @@ def _fixtures(root: Path, shared_site_yaml: Path) -> dict[str, Path]:
     paths["utf16_yaml"] = site_file("utf16.yaml", f"# Hôpital\nsite_id: site-a\ndata_root: {data_root}\n".encode("utf-16"))
     paths["string_modalities_yaml"] = site_file("modalities.yaml", f"site_id: a\ndata_root: {data_root}\nmodalities: T1w\n".encode())
     paths["missing_root_yaml"] = site_file("missing-root.yaml", f"site_id: a\ndata_root: {root / 'no-data'}\n".encode())
+    paths["pinned_gpu_yaml"] = site_file("pinned-gpu.yaml",
+                                         f"site_id: a\ndata_root: {data_root}\nworkers: 2\ndevice: cuda:1\n".encode())
     run_config = yaml.safe_load((REPO / "runs-config" / "tiny.yaml").read_text())
     run_config["stages"][1]["rounds"] = "two"
     paths["run_yaml"] = REPO / "runs-config" / "tiny.yaml"

@@ -1,9 +1,11 @@
 """Real Flower simulations (self-started SuperLink, Ray, `braing3n simulate`), not mocks.
 
 Two simulated federations are shared by the assertions below:
-- `resumed_run`: 2 sites × `tiny` × mae → probes → decoder → dit. The first attempt is SIGKILLed (the
-  wrapper, the SuperLink and everything under it) in the middle of the decoder stage; `--resume`
-  finishes it. Checkpoints of rounds completed before the kill must survive byte for byte.
+- `resumed_run`: 2 sites × `tiny` × mae → probes → decoder → dit, site-a training data-parallel on 2 gloo
+  workers (`workers: 2`), site-b in one process. The first attempt is SIGKILLed (the wrapper, the
+  SuperLink and everything under it) in the middle of the decoder stage; `--resume` finishes it.
+  Checkpoints of rounds completed before the kill must survive byte for byte. In DiT round 1 one of
+  site-a's workers is killed (a `worker_crash` drill): site-a declines and the round completes without it.
 - `faulty_run`: 8 virtual sites on 2 cores, started from the first run's MAE (`start_from`), decoder
   stage + probes, with injected faults: NaN weights, an oversized update, and two sites dropping out.
 Every SuperLink started here is killed by PID.
@@ -33,14 +35,17 @@ from braing3n_core.training.checkpoints import load_encoder, load_stage_model
 pytestmark = pytest.mark.slow
 
 RUN = {
-    "name": "e2e", "preset": "tiny", "seed": 0, "min_sites": 2, "round_timeout_s": 300, "update_norm_bound": 100.0,
+    "name": "e2e", "preset": "tiny", "seed": 0, "min_sites": 1, "round_timeout_s": 300, "update_norm_bound": 100.0,
     "stages": [
         {"name": "mae", "rounds": 3, "local_steps": 2, "batch_size": 2},
         {"name": "decoder", "rounds": 3, "local_steps": 2, "batch_size": 2, "strategy": {"name": "fedprox", "mu": 0.01}},
         {"name": "dit", "rounds": 2, "local_steps": 2, "batch_size": 4, "strategy": {"name": "fedadam", "eta": 0.001}},
     ],
     "probes": {"enabled": True, "rounds": 2, "local_steps": 10},
+    "fault_injection": [{"site": "site-a", "stage": "dit", "kind": "worker_crash", "from_round": 1, "until_round": 1}],
 }
+CRASHED = ("dit", 1, "site-a")  # the drill's round: site-a declines it
+RUN_BATCH = {stage["name"]: stage["batch_size"] for stage in RUN["stages"]}
 
 
 
@@ -69,7 +74,7 @@ def kill_hard(wrapper: subprocess.Popen, run_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def resumed_run(synthetic_cohort, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("federated-e2e")
-    sites = write_site_yamls(synthetic_cohort, root / "sites")
+    sites = write_site_yamls(synthetic_cohort, root / "sites", settings={"site-a": {"workers": 2}})
     config = root / "run.yaml"
     config.write_text(yaml.safe_dump(RUN))
     run_dir = root / "run"
@@ -131,7 +136,7 @@ def test_no_completed_round_was_lost_or_repeated(resumed_run) -> None:
         assert file_sha256(run_dir / "checkpoints" / name) == digest, name
     trains = Counter((r["stage"], r["round"], r["site"]) for r in records(run_dir) if r["kind"] == "train")
     expected = {(s["name"], r, site) for s in RUN["stages"] for r in range(1, s["rounds"] + 1)
-                for site in ("site-a", "site-b", "aggregate")}
+                for site in ("site-a", "site-b", "aggregate")} - {CRASHED}
     assert set(trains) - {k for k in trains if k[0] == "probes"} == expected
     assert all(count == 1 for count in trains.values()), trains
 
@@ -148,6 +153,22 @@ def test_metrics_per_site_and_round(resumed_run) -> None:
     assert site_a["num-examples"] > 0 and site_a["train/loss"] > 0 and site_a["train/seconds"] > 0
     assert 0 <= site_a["update_norm"] < 100
     assert {r["lr"] for r in lines if r["kind"] == "train" and r["site"] == "aggregate" and r["stage"] == "mae"} != set()
+
+
+def test_a_data_parallel_site_and_a_single_process_site_train_every_stage_together(resumed_run) -> None:
+    trains = [r for r in records(resumed_run["dir"]) if r["kind"] == "train" and r["stage"] in ("mae", "decoder", "dit")]
+    for site, workers in (("site-a", 2.0), ("site-b", 1.0)):
+        mine = [r for r in trains if r["site"] == site]
+        assert {r["stage"] for r in mine} == {"mae", "decoder", "dit"}
+        assert {r["train/workers"] for r in mine} == {workers}, site
+        assert all(r["train/examples"] == r["train/steps"] * RUN_BATCH[r["stage"]] for r in mine), site
+    assert all(r["train/startup_s"] > 0 for r in trains if r["site"] == "site-a")  # measured per round
+    # The drill: a killed worker makes site-a decline with the cause, and the round completes with site-b.
+    by = {(r["stage"], r["round"], r["site"], r["kind"]): r for r in records(resumed_run["dir"])}
+    reason = by[(*CRASHED, "declined")]["reason"]
+    assert "site site-a: data-parallel worker 1" in reason and "was killed by SIGKILL" in reason, reason
+    assert by[("dit", 1, "aggregate", "train")]["sites"] == 1
+    assert by[("dit", 2, "site-a", "train")]["train/workers"] == 2  # and trains again the next round
 
 
 def test_encoder_reaches_each_site_once_and_only_weights_cross_the_wire(resumed_run) -> None:

@@ -6,11 +6,18 @@ union of the sites' training subjects, with one global cosine schedule.
 
 Run folder: `<out>/checkpoints/<stage>/step-000123.{safetensors,json}` (model + optimizer, written
 atomically every `checkpoint_every` steps and at the end) and `<out>/metrics.jsonl`.
+
+With `workers` > 1 the loop runs data-parallel (`training.process_group`, `training.data_parallel`): this
+process prepares the data and token caches and the starting (or resumed) state, one process group lives
+for the whole run, and rank 0 alone evaluates, logs and writes checkpoints. The machine's settings
+(`compute`: activation checkpointing, data-loading processes, …) are those of the first site file.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -19,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from braing3n_core.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, unflatten_optimizer_state
@@ -26,8 +34,9 @@ from braing3n_core.data.datasets import load_site
 from braing3n_core.data.tokens import TokenCache, encoder_sha256
 from braing3n_core.models import MAEEncoder
 from braing3n_core.presets import Preset, get_preset
-from braing3n_core.runtime import cosine_lr, infinite, resolve_device, seed_everything
-from braing3n_core.site_config import SiteConfig
+from braing3n_core.errors import JobFailed
+from braing3n_core.runtime import cosine_lr, infinite, resolve_device, round_seed, seed_everything
+from braing3n_core.site_config import ComputeConfig, SiteConfig
 from braing3n_core.stage_names import MAE
 from braing3n_core.training.checkpoints import (
     STEP_PREFIX,
@@ -36,8 +45,11 @@ from braing3n_core.training.checkpoints import (
     save_stage_checkpoint,
     stage_checkpoint_dir,
 )
+from braing3n_core.training.compute import prepare_network
+from braing3n_core.training.data_parallel import ParallelGroup, check_replicas, share_loader, shuffled_batches
 from braing3n_core.training.examples import SiteInputs, token_moments
 from braing3n_core.training.loop import evaluate, make_loader, make_optimizer, train_steps
+from braing3n_core.training.process_group import DataParallelError, WorkerPlan, run_data_parallel
 from braing3n_core.training.stages import Stage, get_stage, stage_dataset
 
 
@@ -56,8 +68,9 @@ class TrainOptions:
     encoder: Path | None = None  # MAE checkpoint for the decoder and DiT stages (default: latest in out_dir)
     checkpoint_every: int = 100
     eval_every: int = 0  # 0 = only at the end
-    num_workers: int = 0
+    num_workers: int = 0  # data-loading processes per training worker (default: the first site's compute setting)
     resume: bool = True
+    workers: int = 1  # data-parallel training processes (cuda: one GPU each)
 
 
 def resolve_encoder_checkpoint(options: TrainOptions) -> Path:
@@ -94,7 +107,7 @@ def train_centralized(configs: Sequence[SiteConfig], options: TrainOptions) -> P
     stage = get_stage(options.stage)
     preset = get_preset(options.preset)
     device = resolve_device(options.device)
-    generator = seed_everything(options.seed)
+    seed_everything(options.seed)
     out_dir = Path(options.out_dir)
     ckpt_dir = stage_checkpoint_dir(out_dir, stage.name)
 
@@ -136,11 +149,65 @@ def train_centralized(configs: Sequence[SiteConfig], options: TrainOptions) -> P
         "encoder_checkpoint": str(encoder_path) if encoder_path else None,
         "train_examples": len(train_set),
     }
-    batches = infinite(make_loader(train_set, batch_size, True, options.seed + start_step, options.num_workers))
-    val_loader = make_loader(val_set, batch_size, False, options.seed) if len(val_set) else None
+    compute = configs[0].compute
+    if options.num_workers:
+        compute = compute.model_copy(update={"loader_workers": options.num_workers})
+    job = CentralJob(stage.name, stage.model_config(model), {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                     optimizer.state_dict(), train_set, val_set, options, meta, start_step, batch_size, lr, compute,
+                     resumed)
+    if options.workers == 1:
+        return train_on_worker(job, ParallelGroup.single(), device, model, optimizer)
+    plan = WorkerPlan(options.workers, device.type, threads=max(1, torch.get_num_threads() // options.workers))
+    try:
+        return run_data_parallel(functools.partial(train_on_worker, job), plan, deadline_s=math.inf).value
+    except DataParallelError as error:
+        raise JobFailed(f"centralized training on {options.workers} workers failed: {error}") from None
+
+
+@dataclass(frozen=True)
+class CentralJob:
+    """The training loop's inputs, picklable: what each data-parallel worker (or this process) runs from."""
+
+    stage: str
+    model_config: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    train_set: Any
+    val_set: Any
+    options: TrainOptions
+    meta: dict[str, Any]
+    start_step: int
+    batch_size: int
+    lr: float
+    compute: ComputeConfig
+    resumed: Path | None
+
+
+def train_on_worker(job: CentralJob, group: ParallelGroup, device: torch.device, model: nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """The loop on one worker of `group` (or alone); rank 0 evaluates, logs and checkpoints."""
+    stage, options = get_stage(job.stage), job.options
+    if model is None:
+        model = stage.from_config(job.model_config)
+        model.load_state_dict(job.weights)
+    model = prepare_network(model.to(device), job.compute, device)
+    if optimizer is None:
+        weight_decay = options.weight_decay if options.weight_decay is not None else stage.defaults.weight_decay
+        optimizer = make_optimizer(model, job.lr, weight_decay)
+        optimizer.load_state_dict(job.optimizer_state)
+    generator = torch.Generator().manual_seed(options.seed)
+    seed = options.seed + job.start_step
+    loader = share_loader(job.train_set, shuffled_batches(len(job.train_set), job.batch_size, seed),
+                          augment_seed=round_seed(seed, "augment"), group=group, loader_workers=job.compute.loader_workers,
+                          pin_memory=device.type == "cuda" and job.compute.pin_memory,
+                          context="forkserver" if group.is_single else "fork")
+    batches = infinite(loader)
+    val_loader = make_loader(job.val_set, job.batch_size, False, options.seed) if len(job.val_set) else None
+    out_dir = Path(options.out_dir)
+    ckpt_dir = stage_checkpoint_dir(out_dir, stage.name)
     metrics_path = out_dir / "metrics.jsonl"
     out_dir.mkdir(parents=True, exist_ok=True)
-    last_path = resumed
+    last_path = job.resumed
 
     def log(record: dict[str, Any]) -> None:
         with open(metrics_path, "a", encoding="utf-8") as handle:
@@ -149,9 +216,10 @@ def train_centralized(configs: Sequence[SiteConfig], options: TrainOptions) -> P
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[speed]:.2f} vol/s"),
                TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not sys.stderr.isatty()) as progress:
-        task = progress.add_task(f"train {stage.name}", total=options.steps, completed=start_step, loss=float("nan"), speed=0.0)
-        step = start_step
+    with Progress(*columns, disable=not (sys.stderr.isatty() and group.is_leader)) as progress:
+        task = progress.add_task(f"train {stage.name}", total=options.steps, completed=job.start_step, loss=float("nan"),
+                                 speed=0.0)
+        step = job.start_step
         while step < options.steps:
             chunk = min(options.checkpoint_every, options.steps - step)
             if options.eval_every:
@@ -159,16 +227,20 @@ def train_centralized(configs: Sequence[SiteConfig], options: TrainOptions) -> P
             offset = step
             result = train_steps(
                 stage, model, batches, optimizer, chunk,
-                lr_at=lambda i: cosine_lr(lr, offset + i, options.steps, options.warmup_steps),
-                device=device, generator=generator,
+                lr_at=lambda i: cosine_lr(job.lr, offset + i, options.steps, options.warmup_steps),
+                device=device, generator=generator, group=group,
                 on_step=lambda i, loss, n: progress.update(task, advance=1, loss=loss),
             )
             step += chunk
+            if not group.is_leader:
+                continue  # the others go on to the next collective while rank 0 evaluates and writes
             progress.update(task, speed=result.examples_per_second)
-            record = {"step": step, **result.metrics()}
+            record = {"step": step, **result.metrics(), "train/workers": float(group.world)}
             if val_loader is not None and (step == options.steps or (options.eval_every and step % options.eval_every == 0)):
                 record |= evaluate(stage, model, val_loader, device)
             log(record)
             if step % options.checkpoint_every == 0 or step == options.steps:
-                last_path = save_stage_checkpoint(ckpt_dir / f"step-{step:06d}", stage, model, {**meta, "step": step}, optimizer)
+                last_path = save_stage_checkpoint(ckpt_dir / f"step-{step:06d}", stage, model,
+                                                  {**job.meta, "step": step}, optimizer)
+    check_replicas(group, model)
     return last_path  # type: ignore[return-value]

@@ -116,15 +116,17 @@ def check_gpus(plan: WorkerPlan) -> None:
         raise DataParallelError(f"{plan.workers} workers on cuda need {plan.workers} GPUs, this process sees {visible}")
 
 
-def run_data_parallel(entry: Entry[T], plan: WorkerPlan) -> ParallelRun[T]:
+def run_data_parallel(entry: Entry[T], plan: WorkerPlan, deadline_s: float | None = None) -> ParallelRun[T]:
     """Run `entry(group, device)` on `plan.workers` workers; returns rank 0's value (see the module doc).
 
     `entry` must be picklable (a module-level function, or a `functools.partial` of one over picklable
-    arguments): it travels to every worker.
+    arguments): it travels to every worker. The whole call must end within `deadline_s` (default: the
+    plan's collective timeout, what a federated round allows; `math.inf` for a centralized run).
     """
     from torch.distributed import TCPStore
 
     check_gpus(plan)
+    limit = plan.timeout_s if deadline_s is None else deadline_s
     started = time.time()
     store = TCPStore(HOST, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=plan.timeout_s))
     method = _start_method(_module_of(entry))
@@ -132,13 +134,13 @@ def run_data_parallel(entry: Entry[T], plan: WorkerPlan) -> ParallelRun[T]:
     context = torch_mp.start_processes(_rank_main, args=(entry, plan, os.getpid(), store.port, results, received),
                                        nprocs=plan.workers, join=False, daemon=False, start_method=method)
     try:
-        leader = _wait(context, results, received, started + plan.timeout_s)
+        leader = _wait(context, results, received, started + limit)
     finally:
         _stop(context)
         results.close()
         del store
     if leader is None:
-        raise DataParallelError(f"the {plan.workers} data-parallel workers did not finish within {plan.timeout_s:g} s")
+        raise DataParallelError(f"the {plan.workers} data-parallel workers did not finish within {limit:g} s")
     return ParallelRun(leader.value, startup_s=max(0.0, leader.joined_at - started), seconds=time.time() - started)
 
 

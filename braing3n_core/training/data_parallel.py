@@ -40,6 +40,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from torch.utils.data._utils.collate import default_collate
 
 from braing3n_core.training.examples import Batch
+from braing3n_core.training.forkserver import forkserver
 from braing3n_core.worker_rows import WorkerRows
 
 BUCKET_ELEMENTS = 2**23  # 32 MB of fp32 gradients per all-reduce (DDP's default bucket is 25 MB)
@@ -139,17 +140,18 @@ def shuffled_batches(size: int, batch_size: int, seed: int) -> BatchSampler:
 
 
 def share_loader(dataset: Dataset, batches: Iterable[list[int]], augment_seed: int, group: ParallelGroup,
-                 loader_workers: int = 0, pin_memory: bool = False, context: str | None = None) -> DataLoader:
+                 loader_workers: int = 0, pin_memory: bool = False, context: str | None = "forkserver") -> DataLoader:
     """This worker's shares of `batches` over `dataset`, as `ShardedBatch`es.
 
     `loader_workers` data-loading processes (started with `context`: never `fork` inside a Ray actor),
     `pin_memory` for asynchronous host-to-GPU copies.
     """
+    if loader_workers > 0 and context == "forkserver":
+        context = forkserver(type(dataset).__module__)
     return DataLoader(
         SeededExamples(dataset), batch_sampler=GlobalBatchShards(batches, augment_seed, group), collate_fn=collate_share,
         num_workers=loader_workers, pin_memory=pin_memory,
         multiprocessing_context=context if loader_workers > 0 else None,
-        persistent_workers=False,
     )
 
 

@@ -39,10 +39,8 @@ main script: a script that trains data-parallel must guard its entry point with 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +53,7 @@ import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
 from braing3n_core.training.data_parallel import ParallelGroup
+from braing3n_core.training.forkserver import forkserver
 
 T = TypeVar("T")
 Entry = Callable[[ParallelGroup, torch.device], T]
@@ -129,10 +128,10 @@ def run_data_parallel(entry: Entry[T], plan: WorkerPlan, deadline_s: float | Non
     limit = plan.timeout_s if deadline_s is None else deadline_s
     started = time.time()
     store = TCPStore(HOST, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=plan.timeout_s))
-    method = _start_method(_module_of(entry))
-    results, received = multiprocessing.get_context(method).SimpleQueue(), multiprocessing.get_context(method).Event()
+    processes = forkserver(_module_of(entry))
+    results, received = processes.SimpleQueue(), processes.Event()
     context = torch_mp.start_processes(_rank_main, args=(entry, plan, os.getpid(), store.port, results, received),
-                                       nprocs=plan.workers, join=False, daemon=False, start_method=method)
+                                       nprocs=plan.workers, join=False, daemon=False, start_method="forkserver")
     try:
         leader = _wait(context, results, received, started + limit)
     finally:
@@ -199,18 +198,6 @@ def _torchrun_env(rank: int, world: int, port: int) -> dict[str, str]:
 
 def _module_of(entry: Callable[..., Any]) -> str:
     return getattr(getattr(entry, "func", entry), "__module__", "")
-
-
-def _start_method(entry_module: str) -> str:
-    """Workers come from a forkserver that imported torch, the entry's module (with MONAI) and, inside a Ray
-    actor, Ray, once per agent process (each worker re-runs the agent's main script, Ray's default_worker
-    in an actor, whose imports are then already loaded)."""
-    context = multiprocessing.get_context("forkserver")
-    # torch._dynamo: the first optimizer a process builds imports it (~800 modules, seconds): paid once here.
-    preload = ["torch", "torch._dynamo", "torch.distributed", __name__]
-    preload += [m for m in (entry_module, "ray") if m and m in sys.modules]
-    context.set_forkserver_preload(preload)  # no effect once this process's forkserver runs
-    return "forkserver"
 
 
 # --- inside a worker ------------------------------------------------------------------------------------------

@@ -320,8 +320,10 @@ def summary(document: dict[str, Any], presets: list[str]) -> str:
             cells.append(f"sampling {sampled['volumes_per_s']:.2f} vol/s")
         parts.append(f"{name}: " + ", ".join(cells))
     where = document["machine"].get("gpu", "CPU")
-    return (f"gpu check ({where}, peak {document['matmul_peak']['flop_per_s'] / 1e12:.1f} TFLOP/s "
-            f"{document['matmul_peak']['dtype']}, {document['seconds']:.0f} s): " + "; ".join(parts))
+    peak = document["matmul_peak"]["flop_per_s"]
+    peak_text = f"{peak / 1e12:.0f} TFLOP/s" if peak >= 1e12 else f"{peak / 1e9:.0f} GFLOP/s"
+    return (f"gpu check ({where}, {document['matmul_peak']['dtype']} matmul peak {peak_text}, {document['seconds']:.0f} s): "
+            + "; ".join(parts))
 
 
 if __name__ == "__main__":

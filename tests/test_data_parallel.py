@@ -119,6 +119,21 @@ def test_worker_shares_of_a_global_batch_and_their_draws_make_up_the_whole() -> 
             per_example(lambda n: torch.rand(n), 2)
 
 
+def test_a_workers_copy_of_the_token_cache_reads_but_never_encodes(site, tmp_path) -> None:
+    import pickle
+
+    from braing3n_core.data.transforms import PreprocessingError
+
+    torch.manual_seed(5)  # an encoder of its own: an empty token store
+    cache = TokenCache(tmp_path, MaskedAutoencoder(MAEConfig.from_preset(TINY)).encoder, TINY, site.data.cache)
+    first, second = site.data.splits["train"][:2]
+    cache.ensure([first])
+    copy = pickle.loads(pickle.dumps(cache))  # what travels to a data-parallel worker
+    assert copy.encoder is None and torch.equal(copy.tokens(first), cache.tokens(first))
+    with pytest.raises(PreprocessingError, match="read-only copy"):
+        copy.tokens(second)
+
+
 def test_one_process_step_totals_are_its_own() -> None:
     totals = reduce_step(ParallelGroup.single(), torch.nn.Linear(2, 2), 4, 0.5, {"train/l1": 0.25}, ("train/l1",),
                          True, gradients=True)
@@ -305,3 +320,21 @@ def test_centralized_training_on_two_workers_writes_the_checkpoint_one_process_w
         assert [r["step"] for r in logged] == [2, 3] and {r["train/workers"] for r in logged} == {workers}
     assert_same_weights({k: v.numpy() for k, v in finals[2].items()}, {k: v.numpy() for k, v in finals[1].items()},
                         lr=1e-3, steps=3)
+
+
+@pytest.mark.slow
+def test_data_loading_processes_give_the_batches_loading_in_process_gives(site) -> None:
+    """Augmentation is seeded per example, so where an example is read (this process, or one of
+    `compute.loader_workers` forked from the forkserver) does not change it."""
+    from braing3n_core.training.data_parallel import share_loader
+
+    dataset = stage_dataset(get_stage("mae"), [site], "train")  # augmented volumes
+    batches = []
+    for loader_workers in (0, 2):
+        loader = share_loader(dataset, shuffled_batches(len(dataset), 3, seed=2), 5, ParallelGroup.single(),
+                              loader_workers=loader_workers)
+        shares = iter(loader)
+        batches.append([next(shares), next(shares)])
+    for (plain, rows), (loaded, loaded_rows) in zip(*batches):
+        assert rows == loaded_rows and torch.equal(plain["index"], loaded["index"])
+        torch.testing.assert_close(loaded["volume"], plain["volume"], atol=0, rtol=0)

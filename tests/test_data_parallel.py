@@ -73,6 +73,11 @@ def global_model(stage_name: str, site: SiteInputs) -> torch.nn.Module:
     stage = get_stage(stage_name)
     torch.manual_seed(3)
     model = stage.build(TINY)
+    if stage_name == "decoder":  # SSIM on one random box per global batch, as at small and paper
+        from braing3n_core.models import CNNDecoder, DecoderConfig
+
+        torch.manual_seed(3)
+        model = CNNDecoder(DecoderConfig.from_preset(TINY, ssim_fraction=0.5))
     if stage_name == "dit":
         model.set_token_statistics(*token_moments(stage_dataset(stage, [site], "train"), model.config.token_dim).mean_std())
     return model

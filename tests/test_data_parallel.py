@@ -247,6 +247,21 @@ def test_dp_sgd_on_two_workers_spends_the_epsilon_of_one_process_and_trains_the_
         torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4, msg=key)
 
 
+@pytest.mark.slow
+def test_two_sites_on_one_host_form_their_groups_side_by_side() -> None:
+    """Each round's store takes a port the OS picks: two groups at once never meet."""
+    plan = WorkerPlan(2, timeout_s=120)
+    outcomes = [_run_in_thread(lambda shares=shares: run_data_parallel(
+        functools.partial(_global_batch_gradient, shares), plan).value) for shares in ([3, 1], [1, 2])]
+    for outcome in outcomes:
+        outcome["thread"].join(120)
+    assert [sorted(o) for o in outcomes] == [["seconds", "thread", "value"]] * 2, outcomes
+    torch.manual_seed(0)
+    model, inputs = torch.nn.Linear(5, 3), torch.randn(4, 5)
+    model(inputs).pow(2).sum(dim=1).mean().backward()
+    torch.testing.assert_close(outcomes[0]["value"][0], model.weight.grad)
+
+
 def _rank_of(group: ParallelGroup, device: torch.device) -> int:
     return group.rank
 

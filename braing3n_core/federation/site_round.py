@@ -76,8 +76,11 @@ class PrivateRound:
 
     @classmethod
     def drawn(cls, settings: DPRound) -> "PrivateRound":
-        secret = lambda: int.from_bytes(os.urandom(8), "little") & (2**63 - 1)  # noqa: E731
-        return cls(settings, secret(), secret())
+        return cls(settings, _secret_seed(), _secret_seed())
+
+
+def _secret_seed() -> int:
+    return int.from_bytes(os.urandom(8), "little") & (2**63 - 1)
 
 
 @dataclass(frozen=True)

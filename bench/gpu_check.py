@@ -64,10 +64,11 @@ from braing3n_core.training.stages import get_stage  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ("mae", "decoder", "dit")
-# Per-GPU batch of each stage (an 80 GB card; the decoder's full-resolution maps are the largest).
-BATCH = {"paper": {"mae": 4, "decoder": 2, "dit": 8}, "small": {"mae": 8, "decoder": 8, "dit": 16},
+# Per-GPU batch of each stage, sized for an 80 GB card (estimated, not yet measured: the decoder's full-
+# resolution maps and the paper DiT's 28 blocks of 1,200 tokens are the largest activations).
+BATCH = {"paper": {"mae": 8, "decoder": 4, "dit": 16}, "small": {"mae": 16, "decoder": 16, "dit": 32},
          "tiny": {"mae": 4, "decoder": 4, "dit": 8}}
-SAMPLES = {"paper": 4, "small": 8, "tiny": 2}
+SAMPLES = {"paper": 8, "small": 16, "tiny": 2}
 
 
 def synchronize(device: torch.device) -> None:
@@ -151,7 +152,7 @@ def stage_steps(stage_name: str, preset: Preset, device: torch.device, compute: 
     optimizer = make_optimizer(model, stage.defaults.lr, stage.defaults.weight_decay)
     examples = RandomExamples(stage_name, preset, size=batch * group.world * 64)
     loader = share_loader(examples, shuffled_batches(len(examples), batch * group.world, 0), 0, group,
-                          pin_memory=device.type == "cuda", context="fork" if not group.is_single else None)
+                          pin_memory=device.type == "cuda")
     batches = infinite(loader)
     generator = torch.Generator(device=device).manual_seed(0)
 

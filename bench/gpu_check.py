@@ -177,6 +177,24 @@ def stage_steps(stage_name: str, preset: Preset, device: torch.device, compute: 
     return result
 
 
+def fitting_steps(stage_name: str, preset: Preset, device: torch.device, compute: ComputeConfig,
+                  args: argparse.Namespace, peak: float) -> dict[str, Any]:
+    """`stage_steps` at the stage's batch, halved until it fits the GPU's memory (the result says so)."""
+    batch = BATCH[preset.name][stage_name]
+    while True:
+        try:
+            result = stage_steps(stage_name, preset, device, compute, args, peak, batch=batch)
+        except torch.cuda.OutOfMemoryError:
+            if batch == 1:
+                raise
+            torch.cuda.empty_cache()
+            batch //= 2
+            continue
+        if batch != BATCH[preset.name][stage_name]:
+            result["note"] = f"batch {BATCH[preset.name][stage_name]} did not fit; measured at {batch}"
+        return result
+
+
 def _parallel_steps(preset_name: str, args: argparse.Namespace, group: ParallelGroup,
                     device: torch.device) -> dict[str, Any]:
     """One data-parallel worker's MAE steps (a module-level function: it travels to the workers)."""
@@ -284,9 +302,9 @@ def main() -> int:
         print(f"[{name}]", file=sys.stderr)
         results: dict[str, Any] = {}
         for stage in STAGES:
-            guarded(f"{stage}", lambda stage=stage: stage_steps(stage, preset, device, ComputeConfig(), args,
-                                                                peak["flop_per_s"]), results, deadline)
-            guarded(f"{stage}_checkpointed", lambda stage=stage: stage_steps(
+            guarded(f"{stage}", lambda stage=stage: fitting_steps(stage, preset, device, ComputeConfig(), args,
+                                                                  peak["flop_per_s"]), results, deadline)
+            guarded(f"{stage}_checkpointed", lambda stage=stage: fitting_steps(
                 stage, preset, device, ComputeConfig(activation_checkpointing=True), args, peak["flop_per_s"]),
                 results, deadline)
         guarded("data_parallel", lambda: data_parallel(preset, device, args), results, deadline)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -63,6 +64,11 @@ DEFAULT_TIMEOUT_S = 1800.0  # a round without a deadline from the server
 _POLL_S = 0.05
 _STOP_GRACE_S = 1.0  # after a failure: time for the others to exit by themselves, then for SIGTERM, then SIGKILL
 _AGENT_WATCH_S = 1.0
+# Forming a gloo group over loopback failed now and then on a heavily loaded shared machine ("Connection closed
+# by peer" inside connectFullMesh, about 1 formation in 50 at load 12 on 2 cores): a failure before any worker
+# ran is retried with a fresh store and fresh workers (torchrun's --max-restarts, for formation only).
+FORMATION_ATTEMPTS = 2
+FORMATION_FAILED = 75  # a worker's exit code when init_process_group failed (EX_TEMPFAIL)
 
 
 class DataParallelError(RuntimeError):
@@ -122,25 +128,43 @@ def run_data_parallel(entry: Entry[T], plan: WorkerPlan, deadline_s: float | Non
     arguments): it travels to every worker. The whole call must end within `deadline_s` (default: the
     plan's collective timeout, what a federated round allows; `math.inf` for a centralized run).
     """
-    from torch.distributed import TCPStore
-
     check_gpus(plan)
     limit = plan.timeout_s if deadline_s is None else deadline_s
     started = time.time()
+    for attempt in range(1, FORMATION_ATTEMPTS + 1):
+        try:
+            leader = _launch(entry, plan, started + limit)
+            break
+        except _GroupNotFormed as error:  # nothing ran yet: start the group afresh, as torchrun restarts workers
+            logging.getLogger(__name__).warning("data-parallel group not formed (attempt %d of %d): %s", attempt,
+                                                FORMATION_ATTEMPTS, error)
+            if attempt == FORMATION_ATTEMPTS:
+                raise DataParallelError(f"the {plan.workers} data-parallel workers could not form their group "
+                                        f"({FORMATION_ATTEMPTS} attempts): {error}") from None
+    if leader is None:
+        raise DataParallelError(f"the {plan.workers} data-parallel workers did not finish within {limit:g} s")
+    return ParallelRun(leader.value, startup_s=max(0.0, leader.joined_at - started), seconds=time.time() - started)
+
+
+class _GroupNotFormed(Exception):
+    """`init_process_group` failed in a worker (a failed connection while the group formed)."""
+
+
+def _launch(entry: Entry[T], plan: WorkerPlan, deadline: float) -> _RankReturn | None:
+    """One attempt: a fresh store and fresh workers; rank 0's return, None at the deadline."""
+    from torch.distributed import TCPStore
+
     store = TCPStore(HOST, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=plan.timeout_s))
     processes = forkserver(_module_of(entry))
     results, received = processes.SimpleQueue(), processes.Event()
     context = torch_mp.start_processes(_rank_main, args=(entry, plan, os.getpid(), store.port, results, received),
                                        nprocs=plan.workers, join=False, daemon=False, start_method="forkserver")
     try:
-        leader = _wait(context, results, received, started + limit)
+        return _wait(context, results, received, deadline)
     finally:
         _stop(context)
         results.close()
         del store
-    if leader is None:
-        raise DataParallelError(f"the {plan.workers} data-parallel workers did not finish within {limit:g} s")
-    return ParallelRun(leader.value, startup_s=max(0.0, leader.joined_at - started), seconds=time.time() - started)
 
 
 def _wait(context: torch_mp.ProcessContext, results: Any, received: Any, deadline: float) -> _RankReturn | None:
@@ -156,6 +180,8 @@ def _wait(context: torch_mp.ProcessContext, results: Any, received: Any, deadlin
             if context.join(timeout=_POLL_S, grace_period=_STOP_GRACE_S):
                 return leader
         except (torch_mp.ProcessRaisedException, torch_mp.ProcessExitedException) as error:
+            if _only_formation_failed(context):
+                raise _GroupNotFormed(_failure_reason(context, error)) from None
             raise DataParallelError(_failure_reason(context, error)) from None
     return None
 
@@ -174,6 +200,12 @@ def _stop(context: torch_mp.ProcessContext) -> None:
             process.join(_STOP_GRACE_S)
 
 
+def _only_formation_failed(context: torch_mp.ProcessContext) -> bool:
+    """Every worker that failed did so while forming the group (exit code `FORMATION_FAILED`), none by a signal."""
+    codes = [p.exitcode for p in context.processes if p.exitcode not in (None, 0, -signal.SIGTERM)]
+    return bool(codes) and all(code == FORMATION_FAILED for code in codes)
+
+
 def _failure_reason(context: torch_mp.ProcessContext, error: Exception) -> str:
     """The root cause first: a worker that died by a signal we did not send (its peers then fail in their
     collectives), else the exception a worker raised, else its exit code."""
@@ -183,6 +215,8 @@ def _failure_reason(context: torch_mp.ProcessContext, error: Exception) -> str:
             return f"data-parallel worker {rank} (pid {process.pid}) was killed by {signal.Signals(-code).name}"
     rank = getattr(error, "error_index", -1)
     pid = getattr(error, "error_pid", "?")
+    if getattr(error, "exit_code", None) == FORMATION_FAILED:
+        return f"data-parallel worker {rank} (pid {pid}) could not join the process group (its stderr says why)"
     if isinstance(error, torch_mp.ProcessRaisedException):
         lines = [line for line in str(error).strip().splitlines() if line.strip()]
         return f"data-parallel worker {rank} (pid {pid}) failed: {lines[-1].strip()[:400] if lines else 'no message'}"
@@ -214,8 +248,12 @@ def _rank_main(local_rank: int, entry: Entry[Any], plan: WorkerPlan, agent_pid: 
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     # A collective past `timeout_s` raises (gloo) or has NCCL's watchdog end this worker: the agent reports either.
-    dist.init_process_group(plan.backend, timeout=timedelta(seconds=plan.timeout_s),
-                            device_id=device if device.type == "cuda" else None)
+    try:
+        dist.init_process_group(plan.backend, timeout=timedelta(seconds=plan.timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    except Exception as error:  # noqa: BLE001 - reported to the agent by the exit code and on stderr
+        print(f"data-parallel worker {rank}: forming the group failed: {error}", file=sys.stderr, flush=True)
+        sys.exit(FORMATION_FAILED)
     try:
         joined_at = time.time()
         value = entry(ParallelGroup(rank, world), device)

@@ -86,7 +86,10 @@ def _legacy_fit(msg: Message, context: Context, call_next: ClientAppCallable) ->
     if len(names) != len(weights):
         raise SecureRoundError(f"received {len(weights)} arrays for {len(names)} names")
     sent = ArrayRecord({k: Array(np.ascontiguousarray(w)) for k, w in zip(names, weights)})
-    inner = Message(RecordDict({Record.CONFIG: ConfigRecord(config), Record.ARRAYS: sent}), metadata=msg.metadata)
+    content = RecordDict({Record.CONFIG: ConfigRecord(config), Record.ARRAYS: sent})
+    if Record.JOB in msg.content.config_records:  # the recipe the approval gate checks (client/app.py)
+        content[Record.JOB] = msg.content[Record.JOB]
+    inner = Message(content, metadata=msg.metadata)
     reply = _clipped(inner, context, call_next)
     if reply.has_error():
         raise SecureRoundError(reply.error.reason)

@@ -446,7 +446,7 @@ def _site_review(args: argparse.Namespace) -> int:
 
 
 def _site_approve(args: argparse.Namespace) -> int:
-    from braing3n_core.federation.approvals import ApprovalLog
+    from braing3n_core.federation.approval_log import ApprovalLog
 
     site, job = _read_site_and_job(args)
     limits = None
@@ -464,7 +464,7 @@ def _site_approve(args: argparse.Namespace) -> int:
 
 
 def _site_approvals(args: argparse.Namespace) -> int:
-    from braing3n_core.federation.approvals import ApprovalLog
+    from braing3n_core.federation.approval_log import ApprovalLog
     from braing3n_core.jobs.review import render_approvals
     from braing3n_core.site_config import SiteConfig
 
@@ -482,7 +482,7 @@ def _site_approvals(args: argparse.Namespace) -> int:
 
 
 def _site_revoke(args: argparse.Namespace) -> int:
-    from braing3n_core.federation.approvals import ApprovalLog
+    from braing3n_core.federation.approval_log import ApprovalLog
     from braing3n_core.site_config import SiteConfig
 
     site = SiteConfig.from_yaml(args.site_yaml)

@@ -58,16 +58,20 @@ def fab_sha256(folder: Path) -> str:
     return hashlib.sha256(build_fab_from_files(_candidate_files(folder.resolve()))[0]).hexdigest()
 
 
-def running_fab_sha256() -> str:
-    """The bundle hash of the app this process runs; a bundle whose files changed after Flower installed it
-    (its folder's hash prefix no longer matches) is reported as such instead of being trusted."""
-    folder = app_dir()
+def installed_fab_sha256(folder: Path) -> str:
+    """The bundle hash of an app folder; for a folder Flower installed, also checked against the hash prefix in its
+    name, so a bundle whose files were changed after installation is reported instead of trusted."""
     digest = fab_sha256(folder)
     installed = _INSTALLED.match(folder.name)
     if installed and not digest.startswith(installed.group("short")):
         raise RuntimeError(f"the app files in {folder} were changed after Flower installed them (they hash to "
                            f"{digest[:12]}…, the bundle to {installed.group('short')}…)")
     return digest
+
+
+def running_fab_sha256() -> str:
+    """The bundle hash of the app this process runs."""
+    return installed_fab_sha256(app_dir())
 
 
 def main(argv: list[str]) -> int:

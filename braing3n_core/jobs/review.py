@@ -15,13 +15,12 @@ Reading the job and listing the site's subjects reads no scan.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from braing3n_core.data.bids import discover_scans
 from braing3n_core.data.datasets import split_subjects
-from braing3n_core.federation.approvals import Approval, ApprovalLog
+from braing3n_core.federation.approval_log import Approval, ApprovalLog, local_time
 from braing3n_core.federation.arrays import module_arrays
 from braing3n_core.federation.run_config import RunConfig
 from braing3n_core.ops.flower import APP_DIR, FlowerError, fab_sha256
@@ -260,9 +259,5 @@ def render_approvals(approvals: list[Approval], log: str) -> str:
             f" ({approval.revoked.reason})" if approval.revoked and approval.revoked.reason else "")
         signed = "signature checked" if entry.signed_by else "signature not checked"
         lines.append(f"  {approval.id}  {state:<10}  {entry.run!r}  {scope}  app {entry.fab_sha256[:12]}…  recipe "
-                     f"{entry.recipe_sha256[:12]}…  by {entry.by} {_clock(entry.time)}  ({signed})")
+                     f"{entry.recipe_sha256[:12]}…  by {entry.by} {local_time(entry.time)}  ({signed})")
     return "\n".join(lines)
-
-
-def _clock(seconds: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))

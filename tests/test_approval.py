@@ -22,6 +22,7 @@ import pytest
 import yaml
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
+from braing3n_core.config import ConfigError
 from braing3n_core.federation.approval_log import ApprovalLog, ApprovalLogError
 from braing3n_core.federation.approvals import NotApproved, admit
 from braing3n_core.federation.protocol import DECLINED, Action, FaultDrill, JobRecipe, Query, Record, TrainRequest
@@ -301,6 +302,10 @@ def test_a_signed_job_file_is_checked_and_a_changed_one_refused(tmp_path: Path) 
     (tmp_path / "edited.job.json").write_text(json.dumps(document))
     with pytest.raises(JobSignatureError, match="bad signature"):
         read_job(tmp_path / "edited.job.json")
+    with pytest.raises(JobSignatureError, match="a run YAML is not signed"):  # refused before any bundle is built
+        read_job(tmp_path / "run.yaml", consortium.layout.release_pub)
+    with pytest.raises(ConfigError, match="no consortium.json"):
+        write_job(tmp_path / "other" / "jobs", tmp_path / "run.yaml")
 
 
 def test_the_review_counts_bytes_from_the_preset_and_epsilon_with_the_site_accountant(synthetic_cohort, tmp_path: Path) -> None:

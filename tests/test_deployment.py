@@ -416,4 +416,5 @@ def test_a_revoked_approval_makes_the_real_supernode_refuse_the_next_round_befor
     assert restarted["cache_after"] == restarted["cache_before"]  # refused before reading or writing its cache
     journal = site_snapshot(SiteConfig.from_yaml(deployment.sites["site-a"]), recent=100).recent
     assert [e.round for e in journal if e.message == "train" and e.outcome == "declined" and e.run == "restarted"] == [2]
-    assert run_status(restarted["dir"]).site("site-a").state == "declined"
+    status = run_status(restarted["dir"]).site("site-a")  # the run is complete: site-a is `done`, its refusals kept
+    assert status.rounds_declined >= 2 and "was revoked by dpo@site-a" in (status.reason or "")

@@ -23,6 +23,7 @@ from braing3n_core.data.datasets import split_subjects
 from braing3n_core.federation.approval_log import Approval, ApprovalLog, local_time
 from braing3n_core.federation.arrays import module_arrays
 from braing3n_core.federation.run_config import RunConfig
+from braing3n_core.jobs.status import size
 from braing3n_core.ops.flower import APP_DIR, FlowerError, fab_sha256
 from braing3n_core.ops.job_file import Job
 from braing3n_core.presets import get_preset
@@ -190,14 +191,7 @@ def review_job(job: Job, site: SiteConfig) -> Review:
 
 
 def _size(n: int | None) -> str:
-    if n is None:
-        return "a few kB"
-    value, unit = float(n), "B"
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            break
-        value /= 1000
-    return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+    return "a few kB" if n is None else size(n)
 
 
 def render_review(review: Review) -> str:
@@ -211,7 +205,7 @@ def render_review(review: Review) -> str:
     else:
         lines.append(f"  signed  by {review.signed_by}: NOT checked; pass --public-key <your bundle>/release.pub")
     lines.append("  code    " + {True: "the same bundle as the app installed here",
-                                 False: "NOT the app installed here: read the consortium's code before approving",
+                                 False: "NOT the app installed here: install the release the consortium names, read it, and review again",
                                  None: "could not compare with an app installed here"}[review.same_as_installed])
     lines += ["", f"What it does with this site's data (preset {review.preset}), in this order:"]
     for number, step in enumerate(review.steps, 1):

@@ -233,7 +233,8 @@ def test_the_approval_log_survives_a_writer_killed_mid_write(tmp_path: Path) -> 
     done = child.stdout.read().split()
     log = ApprovalLog(path, "site-x")
     entries = log.entries()  # verified: an intact chain, a torn tail skipped
-    assert len(entries) >= len(done) >= 20 and [e.id for e in entries[: len(done)]] == done
+    # Every approval that returned is there, in order; at most one more (fsynced, killed before it printed its id).
+    assert len(entries) >= 20 and [e.id for e in entries[: len(done)]] == done and len(entries) - len(done) <= 1
     after = log.approve("ab" * 32, recipe_of(tmp_path), "after-the-crash")  # the lock died with the writer
     assert log.entries()[-1].id == after.id and log.entries()[-1].prev == entries[-1].sha256
 

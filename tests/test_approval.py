@@ -368,3 +368,28 @@ def test_the_bundle_hash_is_flowers_and_survives_installation(tmp_path: Path) ->
     fab_sha256.cache_clear()
     with pytest.raises(RuntimeError, match="were changed after Flower installed them"):
         installed_fab_sha256(installed)
+
+
+def test_flowers_clipping_mod_still_sees_one_config_record_beside_the_recipe(tmp_path: Path) -> None:
+    """The recipe travels as a second ConfigRecord; Flower's client-side clipping refuses more than one."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, MetricRecord
+
+    from braing3n_core.federation.protocol import ClientClipping
+    from client.mods import privacy_mod
+
+    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
+                        created_at=0.0, ttl=3600.0, message_type="train")
+    config = {**ClientClipping(client_dp_clipping="fixed").to_config(), "clipping_norm": 1.0}
+    sent = Message(RecordDict({Record.CONFIG: ConfigRecord(config), Record.ARRAYS: ArrayRecord({"w": Array(np.zeros(4, np.float32))}),
+                               Record.JOB: ConfigRecord(JobRecipe(recipe=recipe_of(tmp_path).to_json()).to_config())}),
+                   metadata=metadata)
+
+    def handler(msg: Message, _context: Context) -> Message:
+        assert Record.JOB in msg.content.config_records  # our handler (and its gate) still gets the recipe
+        return Message(RecordDict({Record.ARRAYS: ArrayRecord({"w": Array(np.full(4, 3.0, np.float32))}),
+                                   Record.METRICS: MetricRecord({"num-examples": 1.0})}), reply_to=msg)
+
+    reply = privacy_mod(sent, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}), handler)
+    assert not reply.has_error(), reply.error.reason
+    assert np.linalg.norm(reply.content[Record.ARRAYS]["w"].numpy()) == pytest.approx(1.0)  # clipped to C

@@ -340,6 +340,7 @@ def test_the_review_counts_bytes_from_the_preset_and_epsilon_with_the_site_accou
     assert review.privacy.after == steps["decoder"].epsilon_after > steps["mae"].epsilon_after  # composed, not added
     text = render_review(review)
     assert "not approved yet" in text and "never: scans or images" in text and f"{review.privacy.after:.3g} after this job" in text
+    assert f"({steps['mae'].update_bytes:,} bytes) per round" in text
     assert f"{3 * steps['mae'].update_bytes / 1e6:.1f} MB in all" in text or f"{3 * steps['mae'].update_bytes / 1e3:.1f} kB in all" in text
 
 

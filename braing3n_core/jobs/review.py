@@ -205,14 +205,16 @@ def render_review(review: Review) -> str:
     else:
         lines.append(f"  signed  by {review.signed_by}: NOT checked; pass --public-key <your bundle>/release.pub")
     lines.append("  code    " + {True: "the same bundle as the app installed here",
-                                 False: "NOT the app installed here: install the release the consortium names, read it, and review again",
+                                 False: "NOT the app installed here: install the release the consortium names, read "
+                                        "it, and review again",
                                  None: "could not compare with an app installed here"}[review.same_as_installed])
     lines += ["", f"What it does with this site's data (preset {review.preset}), in this order:"]
     for number, step in enumerate(review.steps, 1):
         what = NETWORKS.get(step.name, f"the {step.name} network")
         eps = f"; this site's ε reaches {step.epsilon_after:.3g}" if step.epsilon_after is not None else ""
         lines.append(f"  {number}. {step.name}: {step.rounds} rounds × {step.local_steps} local steps of batch "
-                     f"{step.batch_size} ({step.strategy}) training {what}; sends {_size(step.update_bytes)} per round"
+                     f"{step.batch_size} ({step.strategy}) training {what}; sends {_size(step.update_bytes)}"
+                     + (f" ({step.update_bytes:,} bytes)" if step.update_bytes is not None else "") + " per round"
                      + (f", {_size(step.total_bytes)} in all" if step.total_bytes is not None else "") + eps)
     total = sum(s.total_bytes or 0 for s in review.steps)
     lines += ["", "What leaves this site:",

@@ -39,6 +39,7 @@ class DecoderSize:
     channels: tuple[int, ...]
     token_noise_std: float  # upper bound of the RAE-style Gaussian noise added to tokens in training
     ssim_window: int  # odd SSIM window in voxels, ≈ 11–16 mm
+    ssim_fraction: float = 1.0  # training SSIM on a random box of this fraction of each side (1: all)
 
 
 @dataclass(frozen=True)
@@ -93,14 +94,16 @@ PRESETS: dict[str, Preset] = {
         "paper", shape=(160, 192, 160), spacing_mm=1.0, patch_size=16,
         mae=MAESize(width=1152, depth=12, heads=16, mlp_dim=4608,
                     decoder_width=1152, decoder_depth=6, decoder_heads=16, decoder_mlp_dim=4608),
-        decoder=DecoderSize(latent_channels=32, channels=(512, 256, 128, 64), token_noise_std=0.5, ssim_window=11),
+        decoder=DecoderSize(latent_channels=32, channels=(512, 256, 128, 64), token_noise_std=0.5, ssim_window=11,
+                            ssim_fraction=0.5),
         dit=DiTSize(width=1152, depth=28, heads=16, mlp_dim=4608),
     ),
     "small": Preset(
         "small", shape=(80, 96, 80), spacing_mm=2.0, patch_size=8,
         mae=MAESize(width=192, depth=4, heads=4, mlp_dim=768,
                     decoder_width=96, decoder_depth=2, decoder_heads=4, decoder_mlp_dim=384),
-        decoder=DecoderSize(latent_channels=16, channels=(32, 16, 8), token_noise_std=0.5, ssim_window=7),
+        decoder=DecoderSize(latent_channels=16, channels=(32, 16, 8), token_noise_std=0.5, ssim_window=7,
+                            ssim_fraction=0.5),
         dit=DiTSize(width=192, depth=4, heads=4, mlp_dim=768),
     ),
     "tiny": Preset(

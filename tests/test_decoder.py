@@ -67,6 +67,36 @@ def test_ssim_matches_monai() -> None:
     torch.testing.assert_close(ssim_3d(volume, volume, 5), torch.ones(2))
 
 
+def test_training_ssim_on_random_boxes_weights_each_position_by_its_coverage() -> None:
+    """The training SSIM on one random box per batch. Over boxes, its mean is the SSIM map weighted by how
+    often a box covers each position: exactly the box-filtered map's mean (all corners equally likely), which
+    200 boxes estimate to 0.01. Each box is the same for every sample of the batch and reproducible from the
+    generator; validation (eval mode) still scores the whole volume."""
+    from braing3n_core.models.decoder import random_box, ssim_map_3d
+
+    volume = template_volumes(2)
+    noisy = volume + 0.5 * torch.randn(volume.shape, generator=torch.Generator().manual_seed(0))
+    config = DecoderConfig.from_preset("tiny", ssim_fraction=0.5)
+    assert config.ssim_box == (20, 24, 20)
+    generator = torch.Generator().manual_seed(0)
+    boxes = [random_box((noisy, volume), config.ssim_box, generator) for _ in range(200)]
+    assert {tuple(b[0].shape) for b in boxes} == {(2, 1, 20, 24, 20)}
+    estimate = torch.stack([ssim_3d(x, y, config.ssim_window) for x, y in boxes]).mean(0)
+    box_map = tuple(side - config.ssim_window + 1 for side in config.ssim_box)  # a box's SSIM map: [16, 20, 16]
+    whole_map = ssim_map_3d(noisy, volume, config.ssim_window)  # [2, 1, 36, 44, 36]
+    expected = F.avg_pool3d(whole_map, box_map, stride=1).flatten(1).mean(1)  # every corner, equally likely
+    torch.testing.assert_close(estimate, expected, atol=0.01, rtol=0)
+    again = random_box((noisy,), config.ssim_box, torch.Generator().manual_seed(0))[0]
+    assert torch.equal(again, boxes[0][0])
+    decoder = CNNDecoder(config).eval()
+    tokens = torch.randn(2, config.num_tokens, config.token_dim)
+    with torch.no_grad():
+        whole = ssim_3d(decoder(tokens), volume, config.ssim_window).mean()
+        assert torch.equal(decoder.loss(tokens, volume, torch.Generator().manual_seed(3)).ssim, whole)
+    with pytest.raises(ValueError, match="ssim_fraction"):
+        DecoderConfig.from_preset("tiny", ssim_fraction=0.1)  # a 4-voxel box cannot hold the 5-voxel window
+
+
 def test_token_noise_only_in_training(tiny_tokens) -> None:
     tokens, volumes = tiny_tokens
     torch.manual_seed(0)

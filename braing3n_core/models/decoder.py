@@ -10,8 +10,12 @@ up-sampling stage with 8-channel feature maps at full resolution would cost abou
 of the `small` decoder (3.3 against 1.0 GMAC per volume) to produce a single output channel.
 
 Loss: L1 + (1 − SSIM), both per sample, in z-score units, SSIM with a fixed data range of 6 (see
-`SSIM_DATA_RANGE`) and a uniform cubic window (see `ssim_3d`). Training can add RAE-style Gaussian noise
-to the tokens so the decoder also decodes the slightly off-manifold tokens the DiT samples.
+`SSIM_DATA_RANGE`) and a uniform cubic window (see `ssim_3d`). In training the SSIM term is the mean over
+one random box per batch (`ssim_fraction` of each side; see `random_box`): the full-volume SSIM maps were
+half of a `small` training step, bound by memory traffic rather than arithmetic. Over many steps the boxes
+weight each SSIM position by how often a box covers it, more in the centre, where the brain lies, than at
+the (background) border. Training can add RAE-style Gaussian noise to the tokens so the decoder also
+decodes the slightly off-manifold tokens the DiT samples.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class DecoderConfig:
     channels: tuple[int, ...]  # feature channels per resolution, token grid first; log2(patch) entries
     token_noise_std: float = 0.0  # σ_max: training adds N(0, σ²) to tokens, σ ~ U(0, σ_max) per sample
     ssim_window: int = 7  # odd; 7 voxels ≈ 14 mm at the `small` 2 mm spacing
+    ssim_fraction: float = 1.0  # side of the training SSIM box / side of the volume (1: the whole volume)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
@@ -57,6 +62,14 @@ class DecoderConfig:
             raise ValueError(f"DecoderConfig.token_noise_std must be ≥ 0, got {self.token_noise_std}")
         if self.ssim_window % 2 == 0 or self.ssim_window > min(self.image_shape):
             raise ValueError(f"DecoderConfig.ssim_window must be odd and fit the volume, got {self.ssim_window}")
+        if not 0 < self.ssim_fraction <= 1 or self.ssim_window > min(self.ssim_box):
+            raise ValueError(f"DecoderConfig.ssim_fraction must be in (0, 1] and leave a box of at least the "
+                             f"SSIM window ({self.ssim_window}) per side, got {self.ssim_fraction}")
+
+    @property
+    def ssim_box(self) -> tuple[int, int, int]:
+        """(D, H, W) of the box the training SSIM is computed on."""
+        return tuple(max(1, round(s * self.ssim_fraction)) for s in self.image_shape)  # type: ignore[return-value]
 
     @property
     def grid(self) -> Grid:
@@ -101,7 +114,12 @@ def _box_filter(volume: Tensor, window: int) -> Tensor:
 
 
 def ssim_3d(prediction: Tensor, target: Tensor, window: int, data_range: float = SSIM_DATA_RANGE) -> Tensor:
-    """Per-sample mean SSIM of [B, 1, D, H, W] volumes with a uniform `window`³ window: [B].
+    """Per-sample mean SSIM of [B, 1, D, H, W] volumes with a uniform `window`³ window: [B]."""
+    return ssim_map_3d(prediction, target, window, data_range).flatten(1).mean(dim=1)
+
+
+def ssim_map_3d(prediction: Tensor, target: Tensor, window: int, data_range: float = SSIM_DATA_RANGE) -> Tensor:
+    """SSIM at every valid window position of [B, 1, D, H, W] volumes: [B, 1, D − w + 1, H − w + 1, W − w + 1].
 
     Equal (to float rounding; `tests/test_decoder.py` checks it) to MONAI's
     `SSIMLoss(spatial_dims=3, kernel_type="uniform", win_size=window, data_range=...)`, which computes the
@@ -116,7 +134,20 @@ def ssim_3d(prediction: Tensor, target: Tensor, window: int, data_range: float =
     var_x, var_y, cov = mu_xx - mu_x * mu_x, mu_yy - mu_y * mu_y, mu_xy - mu_x * mu_y
     luminance = (2 * mu_x * mu_y + c1) / (mu_x * mu_x + mu_y * mu_y + c1)
     structure = (2 * cov + c2) / (var_x + var_y + c2)
-    return (luminance * structure).flatten(1).mean(dim=1)
+    return luminance * structure
+
+
+def random_box(volumes: tuple[Tensor, ...], box: tuple[int, int, int],
+               generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
+    """The same random `box` [D', H', W'] cut out of each [B, C, D, H, W] volume. Its corner is uniform over
+    every position where it fits and independent of the data, so each sample's loss still depends on that
+    sample alone (DP-SGD's per-sample clipping needs that)."""
+    shape = volumes[0].shape[2:]
+    device = generator.device if generator is not None else torch.device("cpu")
+    corner = [int(torch.randint(0, size - side + 1, (1,), generator=generator, device=device))
+              for size, side in zip(shape, box)]
+    return tuple(v[:, :, corner[0]:corner[0] + box[0], corner[1]:corner[1] + box[1], corner[2]:corner[2] + box[2]]
+                 for v in volumes)
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -213,5 +244,8 @@ class CNNDecoder(nn.Module):
         recon = self(tokens)
         target = volume.float()
         l1 = (recon.float() - target).abs().flatten(1).mean(dim=1)  # [B]
-        ssim = ssim_3d(recon.float(), target, self.config.ssim_window)  # [B]
+        ssim_on = (recon.float(), target)
+        if self.training and self.config.ssim_fraction < 1:
+            ssim_on = random_box(ssim_on, self.config.ssim_box, generator)  # [B, 1, D', H', W'] each
+        ssim = ssim_3d(*ssim_on, self.config.ssim_window)  # [B]
         return DecoderLoss((l1 + 1.0 - ssim).mean(), l1.mean().detach(), ssim.mean().detach(), recon)

@@ -389,6 +389,120 @@ def _site_join(args: argparse.Namespace) -> int:
                 print_only=args.print_command, echo=print if args.print_command else lambda text: _say(args, text))
 
 
+# --- a site's approvals of jobs ---------------------------------------------------------------------------------
+
+
+def _job_file(text: str) -> Path:
+    """A job file (`consortium job`) or a run YAML; its content is checked when it is read."""
+    path = _existing_file(text)
+    if path.suffix in (".yaml", ".yml"):
+        return _yaml_file(text)
+    if not path.name.endswith(".json"):
+        raise argparse.ArgumentTypeError(f"{path}: not a job: give the consortium's job file (*.job.json, from "
+                                         "`braing3n consortium job`) or a run YAML")
+    return path
+
+
+def _max_rounds(text: str) -> dict[str, int]:
+    """`N` (every stage and the probes) or `STAGE=N[,STAGE=N…]`; `*` stands for every step."""
+    limits: dict[str, int] = {}
+    for part in _comma_list([text]):
+        step, _, value = part.rpartition("=")
+        try:
+            rounds = int(value)
+        except ValueError:
+            rounds = 0
+        if rounds < 1 or (step and not re.fullmatch(r"[a-z]+", step)):
+            raise argparse.ArgumentTypeError(f"{text!r}: give a number of rounds (e.g. 20) or STAGE=N pairs "
+                                             "(e.g. mae=20,dit=40)")
+        limits[step or "*"] = rounds
+    return limits
+
+
+def _who(args: argparse.Namespace) -> str:
+    import getpass
+    import socket
+
+    return args.by or f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def _read_site_and_job(args: argparse.Namespace) -> tuple[Any, Any]:
+    from braing3n_core.ops.job_file import read_job
+    from braing3n_core.site_config import SiteConfig
+
+    return SiteConfig.from_yaml(args.site_yaml), read_job(Path(args.job), args.public_key)
+
+
+def _site_review(args: argparse.Namespace) -> int:
+    from braing3n_core.jobs.review import render_review, review_job
+
+    site, job = _read_site_and_job(args)
+    review = review_job(job, site)
+    if args.json:
+        _print_json(review.to_json())
+    else:
+        print(render_review(review))
+    return EXIT_OK
+
+
+def _site_approve(args: argparse.Namespace) -> int:
+    from braing3n_core.federation.approval_log import ApprovalLog
+
+    site, job = _read_site_and_job(args)
+    limits = None
+    if args.max_rounds:
+        every = args.max_rounds.get("*")
+        limits = {step: args.max_rounds.get(step, every or rounds) for step, rounds in job.recipe.rounds.items()}
+        limits |= {step: n for step, n in args.max_rounds.items() if step != "*"}  # an unknown step is refused below
+    approval = ApprovalLog.of(site).approve(job.fab_sha256, job.recipe, _who(args), app=job.app, max_rounds=limits,
+                                            signed_by=job.signed_by if job.trusted else "", job=str(Path(args.job).resolve()))
+    _say(args, f"site {site.site_id}: {approval.describe()} recorded in {site.approval_log_path}")
+    if not site.approval.required:
+        _note(args, f"note: {args.site_yaml} does not require approval (approval.required: false), so it runs any job")
+    print(approval.id)
+    return EXIT_OK
+
+
+def _site_approvals(args: argparse.Namespace) -> int:
+    from braing3n_core.federation.approval_log import ApprovalLog
+    from braing3n_core.jobs.review import render_approvals
+    from braing3n_core.site_config import SiteConfig
+
+    site = SiteConfig.from_yaml(args.site_yaml)
+    approvals = ApprovalLog.of(site).approvals()
+    if args.json:
+        _print_json({"site_id": site.site_id, "required": site.approval.required, "log": str(site.approval_log_path),
+                     "approvals": [{**a.entry.body(), "id": a.id, "sha256": a.entry.sha256, "active": a.active,
+                                    "revoked": a.revoked.body() if a.revoked else None} for a in approvals]})
+    else:
+        print(render_approvals(approvals, str(site.approval_log_path)))
+        if not site.approval.required:
+            _note(args, f"note: {args.site_yaml} does not require approval (approval.required: false)")
+    return EXIT_OK
+
+
+def _site_revoke(args: argparse.Namespace) -> int:
+    from braing3n_core.federation.approval_log import ApprovalLog
+    from braing3n_core.site_config import SiteConfig
+
+    site = SiteConfig.from_yaml(args.site_yaml)
+    approval = ApprovalLog.of(site).revoke(args.approval, _who(args), args.reason or "")
+    _say(args, f"site {site.site_id}: {approval.describe()} revoked; its job is refused from the next message on")
+    return EXIT_OK
+
+
+def _consortium_job(args: argparse.Namespace) -> int:
+    from braing3n_core.ops.job_file import write_job
+
+    job = write_job(Path(args.dir), Path(args.run_config), _optional_path(args.out))
+    _say(args, f"job {job.recipe.name!r}: recipe {job.recipe.sha256[:12]}…, app {job.app} (bundle "
+               f"{job.fab_sha256[:12]}…), signed by {job.signed_by}")
+    _say(args, "hand it to each site; they run `braing3n site review SITE_YAML JOB --public-key <bundle>/release.pub`, "
+               "then `braing3n site approve` with the same arguments")
+    print(job.source)
+    return EXIT_OK
+
+
 def _release_sign(args: argparse.Namespace) -> int:
     from braing3n_core.ops.release import sign_directory, sign_run
 
@@ -763,6 +877,42 @@ def build_parser() -> argparse.ArgumentParser:
     sstatus.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit (for scripts)")
     sstatus.add_argument("--interval", type=_positive_float, default=5.0, metavar="SECONDS", help="refresh interval")
     sstatus.set_defaults(handler=_site_status)
+    review = site.command("review", "what a job would do with this site's data and what would leave it, before approving",
+                          "Say in plain words what a federated job would do with this site's data: each stage's "
+                          "rounds and local steps, what leaves the site (model updates with their size in bytes, "
+                          "aggregates), the ε it would spend under this site's privacy settings, the DP and secure "
+                          "aggregation it asks for, who signed it and whether this site approved it. Reads no scan.")
+    review.add_argument("site_yaml", metavar="SITE_YAML", type=_yaml_file, help="site config, e.g. sites/site-a.yaml")
+    review.add_argument("job", metavar="JOB", type=_job_file,
+                        help="the consortium's job file (`consortium job`), or a run YAML (the app installed here)")
+    review.add_argument("--public-key", default=None, metavar="FILE", type=_existing_file,
+                        help="your bundle's release.pub: the job must be signed by the consortium")
+    review.add_argument("--json", action="store_true", help="print the review as JSON (for scripts)")
+    review.set_defaults(handler=_site_review)
+    approve = site.command("approve", "approve a job: its app and recipe may then use this site's data",
+                           "Record, in this site's append-only approval log, that the job's app (its Flower bundle "
+                           "hash) and recipe (its canonical hash) may use this site's data; prints the approval id. A "
+                           "site with approval.required refuses every other job before reading any scan.")
+    approve.add_argument("site_yaml", metavar="SITE_YAML", type=_yaml_file, help="site config, e.g. sites/site-a.yaml")
+    approve.add_argument("job", metavar="JOB", type=_job_file,
+                         help="the consortium's job file (`consortium job`), or a run YAML (the app installed here)")
+    approve.add_argument("--public-key", default=None, metavar="FILE", type=_existing_file,
+                         help="your bundle's release.pub: the job must be signed by the consortium")
+    approve.add_argument("--max-rounds", default=None, metavar="N|STAGE=N,…", type=_max_rounds,
+                         help="also allow the same recipe with more rounds, up to N per stage (or per STAGE=N); "
+                              "default: exactly this recipe")
+    approve.add_argument("--by", default=None, metavar="NAME", help="who approves (default: your user name @ this host)")
+    approve.set_defaults(handler=_site_approve)
+    approvals = site.command("approvals", "list this site's approvals (active and revoked) from its approval log")
+    approvals.add_argument("site_yaml", metavar="SITE_YAML", type=_yaml_file, help="site config, e.g. sites/site-a.yaml")
+    approvals.add_argument("--json", action="store_true", help="print them as JSON (for scripts)")
+    approvals.set_defaults(handler=_site_approvals)
+    srevoke = site.command("revoke", "withdraw an approval: its job is refused from the next message on")
+    srevoke.add_argument("site_yaml", metavar="SITE_YAML", type=_yaml_file, help="site config, e.g. sites/site-a.yaml")
+    srevoke.add_argument("approval", metavar="APPROVAL_ID", help="the id `site approve` printed (or a unique prefix)")
+    srevoke.add_argument("--reason", default=None, help="why (recorded in the log and shown to the consortium)")
+    srevoke.add_argument("--by", default=None, metavar="NAME", help="who revokes (default: your user name @ this host)")
+    srevoke.set_defaults(handler=_site_revoke)
 
     train = commands.command("train", "centralized training of one stage on the pooled sites")
     train.add_argument("stage", metavar="STAGE", choices=["mae", "decoder", "dit"], help="mae, decoder or dit")
@@ -877,6 +1027,16 @@ def build_parser() -> argparse.ArgumentParser:
     crun.add_argument("--print-command", action="store_true",
                       help="pin the run YAML in --out, print the flwr run command and exit")
     crun.set_defaults(handler=_consortium_run)
+    cjob = consortium.command("job", "write a signed job file (app bundle hash + recipe) for the sites to review and approve",
+                              "Write the job the sites approve before it may use their data: the hash of the Flower app "
+                              "bundle `consortium run` will submit and the run YAML's canonical recipe, signed with the "
+                              "consortium's release key. Prints the file's path.")
+    cjob.add_argument("dir", metavar="CONSORTIUM_DIR", type=_existing_dir, help="the folder `consortium init` wrote")
+    cjob.add_argument("--run-config", required=True, metavar="RUN_YAML", type=_yaml_file,
+                      help="run YAML (stages, rounds, strategies, probes)")
+    cjob.add_argument("--out", default=None, metavar="FILE",
+                      help="the job file (default: CONSORTIUM_DIR/jobs/<name>-<recipe hash>.job.json)")
+    cjob.set_defaults(handler=_consortium_job)
 
     release = commands.group("release", "signed releases")
     sign = release.command("sign", "sign a finished run (into RUN_DIR/release/) or a dataset folder")

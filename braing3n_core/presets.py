@@ -44,12 +44,13 @@ class DecoderSize:
 
 @dataclass(frozen=True)
 class DiTSize:
-    """Conditional DiT over the token grid (patch size 1)."""
+    """Conditional DiT over patches of the token grid."""
 
     width: int  # divisible by 6 and by `heads`
     depth: int
     heads: int
     mlp_dim: int
+    patch_size: int = 1  # encoder tokens per DiT token along each axis; must divide the token grid
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,25 @@ class ComputeConfig(StrictModel):
     channels_last: bool = Field(True, description="NDHWC memory layout for the decoder (used on CUDA only)")
 
 
+class ApprovalConfig(StrictModel):
+    """Which federated jobs may use this site's scans: only those the site approved (`braing3n site approve`).
+
+    ```yaml
+    approval:
+      required: true               # the default: refuse every job this site has not approved
+      log: /var/lib/braing3n/approvals.jsonl   # default beside the privacy ledger (never inside the cache)
+    ```
+    With `required`, the ClientApp refuses every message of a job whose app (the Flower app bundle's hash) or
+    recipe (the run YAML's canonical hash) no active approval in the log covers, before it reads any scan
+    (`braing3n_core.federation.approvals`). On by default because a hospital's site file guards patients'
+    scans: a site that forgets the setting must not run whatever the consortium sends. Synthetic cohorts
+    (`braing3n cohort make`: no patients, the demo and the tests run unattended) write `required: false`.
+    """
+
+    required: bool = True
+    log: Path | None = None
+
+
 _DEVICE_PATTERN = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 
 
@@ -118,6 +137,7 @@ class SiteConfig(StrictModel):
     compute: ComputeConfig = ComputeConfig()
     cache_dir: Path | None = None
     privacy: SitePrivacyConfig = SitePrivacyConfig()
+    approval: ApprovalConfig = ApprovalConfig()
     source_file: Path | None = Field(default=None, exclude=True)
 
     @field_validator("site_id")
@@ -168,6 +188,14 @@ class SiteConfig(StrictModel):
             return self.privacy.ledger
         return self.resolved_cache_dir.parent / "braing3n-privacy" / f"{self.site_id}-ledger.jsonl"
 
+    @property
+    def approval_log_path(self) -> Path:
+        """The site's approval log: `approval.log`, else beside the privacy ledger (clearing a cache must
+        never drop an approval, nor a revocation)."""
+        if self.approval.log is not None:
+            return self.approval.log
+        return self.privacy_ledger_path.parent / f"{self.site_id}-approvals.jsonl"
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SiteConfig":
         path = Path(path)
@@ -179,6 +207,9 @@ class SiteConfig(StrictModel):
         privacy = raw.get("privacy")
         if isinstance(privacy, dict) and isinstance(privacy.get("ledger"), str) and not Path(privacy["ledger"]).is_absolute():
             raw["privacy"] = {**privacy, "ledger": str((base / privacy["ledger"]).resolve())}
+        approval = raw.get("approval")
+        if isinstance(approval, dict) and isinstance(approval.get("log"), str) and not Path(approval["log"]).is_absolute():
+            raw["approval"] = {**approval, "log": str((base / approval["log"]).resolve())}
         config = _validate(cls, raw, path)
         return config.model_copy(update={"source_file": path.resolve()})
 
@@ -202,6 +233,8 @@ class SiteConfig(StrictModel):
                     data[key] = _relative_path(Path(data[key]), relative_to)
             if "ledger" in data.get("privacy", {}):
                 data["privacy"]["ledger"] = _relative_path(Path(data["privacy"]["ledger"]), relative_to)
+            if "log" in data.get("approval", {}):
+                data["approval"]["log"] = _relative_path(Path(data["approval"]["log"]), relative_to)
         return data
 
 

@@ -9,7 +9,9 @@ Train messages pass `client.mods.privacy_mod` first: client-side clipping for cl
 SecAgg+ protocol steps (whose fit step runs this same train handler).
 
 A site that cannot take part (no usable scans, data unavailable, encoder missing) replies with an
-`Error(code=DECLINED)` whose reason names the site and the cause, instead of failing the round. Every
+`Error(code=DECLINED)` whose reason names the site and the cause, instead of failing the round. A site whose
+file requires approval first checks every message's app (its Flower bundle hash, `client.fab`) and recipe
+against its approval log (`federation.approvals.admit`), before anything reads a scan or its cache. Every
 payload is read through `braing3n_core.federation.protocol`; drills live in `client.faults`.
 
 Every answer, or refusal, is also written to the site's own journal (`federation.site_journal`,
@@ -31,6 +33,7 @@ from flwr.clientapp import ClientApp
 from braing3n_core.config import ConfigError
 from braing3n_core.evaluation.heads import FeatureStats
 from braing3n_core.evaluation.pooled import FourierKernel
+from braing3n_core.federation.approvals import admit
 from braing3n_core.federation.arrays import Arrays, load_arrays
 from braing3n_core.federation.probes import (
     heads_from_arrays,
@@ -50,6 +53,7 @@ from braing3n_core.federation.protocol import (
     GenerationScoresQuery,
     Hello,
     InstallEncoder,
+    JobRecipe,
     PrivacyAuditQuery,
     ProbeCensus,
     ProbeRoundRequest,
@@ -75,6 +79,7 @@ from braing3n_core.runtime import worker_placement
 from braing3n_core.stage_names import DIT, PROBES
 from braing3n_core.training.stages import get_stage
 from client import faults
+from client.fab import running_fab_sha256
 from client.mods import privacy_mod
 from client.site import SiteRuntime, configure_threads, resolve_site_config
 
@@ -100,12 +105,20 @@ def _reply(msg: Message, reply: SiteReply, arrays: Arrays | None, metrics: Mappi
     return Message(content, reply_to=msg)
 
 
+def _admit(msg: Message, config: ConfigRecord, runtime: SiteRuntime) -> None:
+    """Refuse (`NotApproved`) a job this site has not approved, before anything reads its data."""
+    job = msg.content.config_records.get(Record.JOB)
+    recipe = JobRecipe.from_config(job).recipe if job is not None else None
+    admit(runtime.config, running_fab_sha256, recipe, msg.metadata.message_type.split(".")[0], config)
+
+
 def _guarded(handler: Handler) -> Callable[[Message, Context], Message]:
     def run(msg: Message, context: Context) -> Message:
         configure_threads()
         try:
             runtime = SiteRuntime.from_context(context.node_config, context.run_config)
             config = msg.content.config_records.get(Record.CONFIG, ConfigRecord())
+            _admit(msg, config, runtime)
             faults.before_handler(config, runtime.site_id)
             return handler(msg, config, runtime)
         except (SiteDeclined, ConfigError) as error:

@@ -70,7 +70,15 @@ def _clipped(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
             next(iter(reply.content.metric_records.values()))["norm_bit"] = 0
         return reply
     flower_mod = fixedclipping_mod if mode == "fixed" else adaptiveclipping_mod
-    return flower_mod(msg, context, lambda _m, _c: reply)
+    return flower_mod(_without_job(msg), context, lambda _m, _c: reply)
+
+
+def _without_job(msg: Message) -> Message:
+    """The message as Flower's clipping mods expect it: they refuse more than one ConfigRecord, and the run's recipe
+    (`Record.JOB`, which the approval gate reads) is a second one."""
+    if Record.JOB not in msg.content.config_records:
+        return msg
+    return Message(RecordDict({k: v for k, v in msg.content.items() if k != Record.JOB}), metadata=msg.metadata)
 
 
 def _legacy_fit(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -86,7 +94,10 @@ def _legacy_fit(msg: Message, context: Context, call_next: ClientAppCallable) ->
     if len(names) != len(weights):
         raise SecureRoundError(f"received {len(weights)} arrays for {len(names)} names")
     sent = ArrayRecord({k: Array(np.ascontiguousarray(w)) for k, w in zip(names, weights)})
-    inner = Message(RecordDict({Record.CONFIG: ConfigRecord(config), Record.ARRAYS: sent}), metadata=msg.metadata)
+    content = RecordDict({Record.CONFIG: ConfigRecord(config), Record.ARRAYS: sent})
+    if Record.JOB in msg.content.config_records:  # the recipe the approval gate checks (client/app.py)
+        content[Record.JOB] = msg.content[Record.JOB]
+    inner = Message(content, metadata=msg.metadata)
     reply = _clipped(inner, context, call_next)
     if reply.has_error():
         raise SecureRoundError(reply.error.reason)

@@ -71,9 +71,10 @@ _LOADED: dict[tuple[str, str], tuple[tuple[tuple[str, str, int, int], ...], Site
 
 def data_fingerprint(config: SiteConfig) -> tuple[tuple[str, str, int, int], ...]:
     """(folder, name, size, mtime_ns) of every file under the site's data folder, without the folders the
-    site writes to itself (its cache and privacy ledger), so any change to the scans or their labels shows."""
+    site writes to itself (its cache, privacy ledger and approval log), so any change to the scans or their labels shows."""
     root = os.path.realpath(config.data_root)
-    skip = {os.path.realpath(config.resolved_cache_dir), os.path.realpath(config.privacy_ledger_path.parent)}
+    skip = {os.path.realpath(config.resolved_cache_dir), os.path.realpath(config.privacy_ledger_path.parent),
+            os.path.realpath(config.approval_log_path.parent)}
     entries = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if os.path.join(folder, d) not in skip]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -149,14 +150,21 @@ class Verdict:
     update_norm: float = float("nan")
 
 
+_REFUSED_BY = re.compile(r"^site ([A-Za-z0-9][A-Za-z0-9_-]*)[: ]")
+
+
 def reply_site(message: Message, node_sites: Mapping[int, str]) -> str:
-    """The site a reply speaks for: the one it names, else the one its node introduced itself as."""
+    """The site a reply speaks for: the one it names, else the one its node introduced itself as, else (a site
+    that refused even `hello`, e.g. a job it has not approved) the one its refusal names."""
     node = message.metadata.src_node_id
     if message.has_content() and Record.SITE in message.content.config_records:
         named = message.content.config_records[Record.SITE].get(SiteReply.key("site_id"))
         if named is not None:
             return str(named)
-    return node_sites.get(node, f"node-{node}")
+    if node in node_sites:
+        return node_sites[node]
+    refused = _REFUSED_BY.match(message.error.reason or "") if message.has_error() else None
+    return refused.group(1) if refused else f"node-{node}"
 
 
 def short_reason(reason: str | None, limit: int = 400) -> str:

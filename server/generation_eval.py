@@ -49,7 +49,7 @@ from braing3n_core.generation.evaluation import (
 from braing3n_core.generation.forecast_eval import TrendModel, pooled_forecast
 from braing3n_core.generation.models import GenerationModels, load_generation_models
 from braing3n_core.labels import DIAGNOSES
-from braing3n_core.stage_names import MAE, PROBES
+from braing3n_core.stage_names import DECODER, DIT, MAE, PROBES
 from server.aggregation import reply_site, to_array_record
 from server.session import Federation, FederationError, say
 
@@ -152,10 +152,12 @@ def _forecast(federation: Federation, models: GenerationModels) -> dict[str, Any
 def run_generation_eval(federation: Federation) -> Path:
     settings = federation.config.generation_eval
     federation.ensure_encoder(STAGE)
-    models = load_generation_models(settings.dit, settings.decoder, encoder=federation.config.start_from.get(MAE)
+    dit, decoder = (getattr(settings, stage) or federation.config.start_from.get(stage)
+                    or federation.run.final_path(stage) for stage in (DIT, DECODER))  # given, or this run's own
+    models = load_generation_models(dit, decoder, encoder=federation.config.start_from.get(MAE)
                                     or federation.run.final_path(MAE))
     if models.encoder_sha256 != federation.encoder_sha:
-        raise FederationError(f"{settings.decoder}: trained on encoder {models.encoder_sha256[:12]}…, this run's is "
+        raise FederationError(f"{decoder}: trained on encoder {models.encoder_sha256[:12]}…, this run's is "
                               f"{federation.encoder_sha[:12]}…")
     heads, priors, tasks_json, probes_path = _heads(federation)
     result: dict[str, Any] = {"models": {k: str(v) for k, v in models.checkpoints.items()}, "probes": str(probes_path),

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 
 from braing3n_core.federation.metric_sinks import open_sinks
 from braing3n_core.federation.protocol import AppSettings
+from braing3n_core.federation.recipe import Recipe
 from braing3n_core.federation.run_config import RunConfig
 from braing3n_core.federation.run_folder import RunFolder
 from braing3n_core.stage_names import MAE, PROBES, STAGE_NAMES
@@ -24,6 +25,7 @@ from server.generation_eval import run_generation_eval
 from server.probes import run_probes
 from server.rounds import run_stage
 from server.session import Federation, say
+from server.transport import JobGrid
 
 
 def load_run_config(path: Path, run_dir: Path | None) -> tuple[RunConfig, RunFolder]:
@@ -59,7 +61,8 @@ def _federate(grid: Grid, config_path: Path, run_dir: Path | None, expected_site
     run.complete_path.unlink(missing_ok=True)
     if run.prune_uncommitted(run.committed_rounds([*STAGE_NAMES, PROBES])):
         say("dropped ledger lines of rounds that never reached their checkpoint")
-    federation = Federation(grid, run, config, expected_sites)
+    # Every message carries the recipe: sites that run approved jobs only check it (federation/approvals.py).
+    federation = Federation(JobGrid(grid, Recipe.of(config).to_json()), run, config, expected_sites)
     nodes = federation.wait_for_nodes()
     federation.hello("setup")
     say(f"run {config.name!r}: {len(nodes)} nodes, sites {sorted(federation.node_sites.values())}, preset {config.preset}")

@@ -40,7 +40,7 @@ from braing3n_core.stage_names import MAE
 from braing3n_core.training.checkpoints import load_stage_model
 from server.aggregation import Verdict, metric_record, reply_site, short_reason, to_array_record
 from server.privacy import ClientLevelDP
-from server.transport import exchange
+from server.transport import JobGrid, exchange, stamp
 
 
 class FederationError(RuntimeError):
@@ -110,6 +110,8 @@ class Federation:
         return self.node_sites.get(node, f"node-{node}")
 
     def send(self, messages: Sequence[Message], stage: str, server_round: int) -> list[Message]:
+        if isinstance(self.grid, JobGrid):  # stamped now (the grid would on push) so the log shows the record
+            stamp(messages, self.grid.recipe_json)
         for out in messages:
             self.run.log_message({"direction": "out", "stage": stage, "round": server_round,
                                   "type": out.metadata.message_type, "node": out.metadata.dst_node_id,

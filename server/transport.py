@@ -12,16 +12,22 @@
 
 A node that does not come back, or a slow one, simply has no reply when the round timeout passes;
 the caller logs it and aggregates the others (a round needs `min_sites` replies).
+
+`JobGrid` stamps the run's recipe on every message pushed (also those of SecAgg+, which talks to the Grid
+directly), so a site that runs approved jobs only can check each message against what it approved.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode  # NODE_UNAVAILABLE = 5; not re-exported by flwr.app in 1.42
 from flwr.serverapp import Grid
+
+from braing3n_core.federation.protocol import JobRecipe, Record
 
 POLL_S = 0.5  # how often replies are pulled
 NODES_EVERY_S = 2.0  # how often node sessions are checked for restarts
@@ -94,3 +100,47 @@ def exchange(grid: Grid, messages: Sequence[Message], timeout_s: float,
         if pending or lost:
             time.sleep(POLL_S)
     return list(replies.values())
+
+
+def stamp(messages: Iterable[Message], recipe_json: str) -> None:
+    """Put the run's recipe (`Record.JOB`) on each message that lacks it."""
+    for message in messages:
+        if message.has_content() and Record.JOB not in message.content.config_records:
+            message.content[Record.JOB] = ConfigRecord(JobRecipe(recipe=recipe_json).to_config())
+
+
+class JobGrid(Grid):
+    """The run's Grid, with its recipe stamped on every message it pushes."""
+
+    def __init__(self, grid: Grid, recipe_json: str) -> None:
+        self.grid, self.recipe_json = grid, recipe_json
+
+    def set_run(self, run: Any) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:  # type: ignore[override]
+        return self.grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self) -> Any:
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        stamp(messages, self.recipe_json)
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        stamp(messages, self.recipe_json)
+        return self.grid.send_and_receive(messages, timeout=timeout)

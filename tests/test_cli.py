@@ -66,7 +66,18 @@ CASES = [
     Case("consortium run --print-command with no SuperLink running",
          ("consortium", "run", "{consortium}", "--run-config", "{run_yaml}", "--out", "{tmp}/printed-run",
           "--print-command"), 0, ("flwr run", "run-config=", "printed-run/run.yaml", "fl.example:9092")),
-    # scans
+    # a site's approvals of jobs (tests/test_approval.py checks the rest of what can go wrong with a job)
+    Case("site review of a job file that does not exist", ("site", "review", "{site_yaml}", "{tmp}/missing.job.json"), 2,
+         ("missing.job.json: file not found",)),
+    Case("site review of a JSON file that is not a job", ("site", "review", "{site_yaml}", "{other_json}"), 2,
+         ("x.json: not a braing3n job file", "braing3n consortium job")),
+    Case("site approve of a scan", ("site", "approve", "{site_yaml}", "{scan}"), 2, ("not a job",)),
+    Case("site approve --max-rounds zero", ("site", "approve", "{site_yaml}", "{job}", "--max-rounds", "mae=0"), 2,
+         ("give a number of rounds",)),
+    Case("site review of a job changed after signing", ("site", "review", "{site_yaml}", "{tampered_job}", "--public-key",
+                                                        "{release_pub}"), 1, ("tampered.job.json: bad signature",)),
+    Case("site revoke of an unknown approval", ("site", "revoke", "{site_yaml}", "ffff"), 2,
+         ("no approval with id 'ffff' (approvals: none)",)),
     Case("all-NaN and random-bytes scans", ("site", "check", "{bad_scans_yaml}"), 0,
          ("contains", "NaN", "named .gz but not gzip-compressed", "2 files excluded"),
          ("all voxels are zero", "File the file", "4 excluded")),
@@ -121,7 +132,9 @@ def _env() -> dict[str, str]:
 
 
 def _fixtures(root: Path, shared_site_yaml: Path) -> dict[str, Path]:
+    from braing3n_core.federation.recipe import Recipe
     from braing3n_core.ops.consortium import init_consortium
+    from braing3n_core.ops.job_file import write_job
     from braing3n_core.ops.release import sign_directory
 
     paths: dict[str, Path] = {"tmp": root}
@@ -172,6 +185,11 @@ def _fixtures(root: Path, shared_site_yaml: Path) -> dict[str, Path]:
     (paths["full_dir"] / "notes.txt").write_text("not a consortium")
     consortium = init_consortium(root / "consortium", ["site-a"], "fl.example")
     paths.update(consortium=consortium.layout.root, release_pub=consortium.layout.release_pub)
+    job = write_job(consortium.layout.root, paths["run_yaml"])
+    document = json.loads(job.source.read_text())
+    document["payload"]["recipe"]["stages"][0]["rounds"] = 20  # and its hash with it: only the signature tells
+    document["payload"]["recipe_sha256"] = Recipe.from_data(document["payload"]["recipe"]).sha256
+    paths.update(job=job.source, tampered_job=site_file("tampered.job.json", json.dumps(document).encode()))
 
     release = root / "release"
     release.mkdir()

@@ -2,7 +2,10 @@
 authentication), one `braing3n site join` (flower-supernode) per site, `braing3n consortium run`.
 
 Every process is one of Flower's own, started through our CLI wrappers in their own sessions and
-stopped with everything under them by PID. Two federated jobs share the deployment:
+stopped with everything under them by PID. Both sites require approval of the jobs they run
+(`approval.required`): each job is written and signed by the consortium (`consortium job`) and approved by
+each site for its app (the Flower bundle hash, recomputed by the real SuperNode's ClientApp from the bundle
+Flower installed) and its recipe. Two federated jobs share the deployment:
 - `trained`: 2 sites × mae → decoder → dit (`tiny`), with site-a's SuperNode SIGKILLed while its
   first training message is out and restarted at once: Flower keeps the crashed session "online" for up
   to two missed heartbeats, the restarted SuperNode is let back in after that, and the server sends it
@@ -10,6 +13,8 @@ stopped with everything under them by PID. Two federated jobs share the deployme
 - `restarted`: a 2-round MAE job with a slow site (a `delay` fault longer than `round_timeout_s` in round
   1) whose server side (SuperLink, ServerApp, `consortium run`) is SIGKILLed after round 1 and then
   restarted and resubmitted: it resumes after round 1 without changing or repeating a committed round.
+  While the server is down, site-a revokes its approval of the job: its SuperNode refuses round 2, before
+  touching its cache, and the round goes on with site-b.
 Alone on 2 idle cores these take about 5 minutes; most of it is one ClientApp process per message
 (~4 s of imports each), the ≤ 60 s before Flower lets a crashed SuperNode back in, and the slow round.
 """
@@ -35,10 +40,12 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from braing3n_core.federation.approval_log import ApprovalLog
 from braing3n_core.fileio import file_sha256
 from braing3n_core.ops.consortium import add_site, init_consortium, load_consortium
 from braing3n_core.ops.deploy import _listed_nodes, stop
 from braing3n_core.ops.flower import descendants, free_port
+from braing3n_core.ops.job_file import read_job, write_job
 from braing3n_core.ops.release import verify_directory
 from braing3n_core.site_config import SiteConfig
 
@@ -116,7 +123,8 @@ def wait_for(condition, timeout: float, process: subprocess.Popen | None = None,
 def site_yaml(source: Path, folder: Path, site_id: str | None = None) -> Path:
     site = SiteConfig.from_yaml(source)
     site_id = site_id or site.site_id
-    data = {**site.to_yaml_dict(), "site_id": site_id, "cache_dir": str(folder / "cache" / site_id)}
+    data = {**site.to_yaml_dict(), "site_id": site_id, "cache_dir": str(folder / "cache" / site_id),
+            "approval": {"required": True}}
     path = folder / f"{site_id}.yaml"
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data))
@@ -239,9 +247,22 @@ def _first(path: Path, predicate) -> dict | None:
     return None
 
 
+def approve(deployment: Deployment, run_yaml: Path, sites: tuple[str, ...]) -> dict[str, str]:
+    """The consortium writes and signs the job; each site checks the signature with its bundle and approves it."""
+    job = write_job(deployment.consortium, run_yaml)
+    approvals = {}
+    for site in sites:
+        checked = read_job(job.source, deployment.consortium / "sites" / site / "release.pub")
+        config = SiteConfig.from_yaml(deployment.sites[site])
+        approvals[site] = ApprovalLog.of(config).approve(checked.fab_sha256, checked.recipe, f"dpo@{site}",
+                                                         signed_by=checked.signed_by, job=str(job.source)).id
+    return approvals
+
+
 @pytest.fixture(scope="module")
 def trained(deployment) -> dict:
     (deployment.root / "trained.yaml").write_text(yaml.safe_dump(TRAINED))
+    approve(deployment, deployment.root / "trained.yaml", ("site-a", "site-b"))
     run_dir = deployment.root / "trained"
     started = time.perf_counter()
     submit = deployment.start("run-trained", "consortium", "run", str(deployment.consortium), "--run-config",
@@ -318,9 +339,17 @@ RESTARTED = {
 }
 
 
+def cache_files(site: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file of a site's cache but its journal and Flower's own folder."""
+    root = SiteConfig.from_yaml(site).resolved_cache_dir
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+            if p.is_file() and p.name != "activity.jsonl" and p.relative_to(root).parts[0] != "flower-home"}
+
+
 @pytest.fixture(scope="module")
 def restarted(deployment, trained) -> dict:
     (deployment.root / "restarted.yaml").write_text(yaml.safe_dump(RESTARTED))
+    approvals = approve(deployment, deployment.root / "restarted.yaml", ("site-a", "site-b"))
     run_dir = deployment.root / "restarted"
     submit_args = ["consortium", "run", str(deployment.consortium), "--run-config",
                    str(deployment.root / "restarted.yaml"), "--out", str(run_dir), "--expect-sites", "2", "--no-sign"]
@@ -331,6 +360,10 @@ def restarted(deployment, trained) -> dict:
     deployment.crash("serve")
     committed = {p.name: file_sha256(p) for p in sorted((run_dir / "checkpoints" / "mae").glob("round-*"))}
     assert not (run_dir / "run_complete.json").exists()
+    # While the server is down, site-a withdraws its approval of this job (it trained round 1 under it).
+    ApprovalLog.of(SiteConfig.from_yaml(deployment.sites["site-a"])).revoke(approvals["site-a"], "dpo@site-a",
+                                                                             "consent withdrawn")
+    cache_before = cache_files(deployment.sites["site-a"])
     restarted_at = time.perf_counter()
     deployment.serve()  # same database: the sites' registrations survive; the SuperNodes reconnect by themselves
     nodes = json.loads((deployment.consortium / "state" / "registrations.json").read_text())
@@ -341,7 +374,8 @@ def restarted(deployment, trained) -> dict:
     deployment.processes.pop("run-restarted")
     print(f"restarted run: resumed and finished {time.perf_counter() - restarted_at:.0f} s after the crash")
     return {"dir": run_dir, "committed": committed, "resume_seconds": time.perf_counter() - restarted_at,
-            "output": deployment.logs["run-restarted"].read_text()}
+            "output": deployment.logs["run-restarted"].read_text(), "revoked": approvals["site-a"],
+            "cache_before": cache_before, "cache_after": cache_files(deployment.sites["site-a"])}
 
 
 def test_a_slow_site_does_not_stall_the_round_beyond_its_timeout(restarted) -> None:
@@ -352,7 +386,7 @@ def test_a_slow_site_does_not_stall_the_round_beyond_its_timeout(restarted) -> N
     assert by[(1, "aggregate", "train")]["sites"] == 1 and (1, "site-a", "train") in by
     # The round waited for the slow site no longer than the timeout (plus one poll and the aggregation).
     assert ROUND_TIMEOUT_S <= by[(1, "aggregate", "train")]["round_seconds"] < ROUND_TIMEOUT_S + 15
-    assert by[(2, "aggregate", "train")]["sites"] == 2  # the slow site is back in the next round
+    assert (2, "site-b", "train") in by  # the slow site is back in the next round
 
 
 def test_a_restarted_server_side_resumes_without_losing_or_repeating_a_round(restarted) -> None:
@@ -364,6 +398,23 @@ def test_a_restarted_server_side_resumes_without_losing_or_repeating_a_round(res
     for name, digest in restarted["committed"].items():  # committed before the crash, untouched after it
         assert file_sha256(run_dir / "checkpoints" / "mae" / name) == digest, name
     trains = Counter((r["round"], r["site"]) for r in records(run_dir) if r["kind"] == "train")
-    assert trains == Counter({(1, "site-a"): 1, (1, "aggregate"): 1, (2, "site-a"): 1, (2, "site-b"): 1,
-                              (2, "aggregate"): 1})
+    assert trains == Counter({(1, "site-a"): 1, (1, "aggregate"): 1, (2, "site-b"): 1, (2, "aggregate"): 1})
     assert (run_dir / "run_complete.json").is_file()
+
+
+def test_a_revoked_approval_makes_the_real_supernode_refuse_the_next_round_before_touching_its_cache(
+        deployment, restarted) -> None:
+    from braing3n_core.federation.run_status import run_status
+    from braing3n_core.federation.site_status import site_snapshot
+
+    by = {(r["stage"], r["round"], r["site"], r["kind"]): r for r in records(restarted["dir"])}
+    refusal = f"site site-a: job not approved: approval {restarted['revoked']} ('restarted', exactly this recipe"
+    for key in (("setup", 0, "site-a", "declined"), ("mae", 2, "site-a", "declined")):
+        assert by[key]["reason"].startswith(refusal) and "was revoked by dpo@site-a" in by[key]["reason"], key
+        assert "(consent withdrawn)" in by[key]["reason"]
+    assert by[("mae", 2, "aggregate", "train")]["sites"] == 1  # the round went on with site-b
+    assert restarted["cache_after"] == restarted["cache_before"]  # refused before reading or writing its cache
+    journal = site_snapshot(SiteConfig.from_yaml(deployment.sites["site-a"]), recent=100).recent
+    assert [e.round for e in journal if e.message == "train" and e.outcome == "declined" and e.run == "restarted"] == [2]
+    status = run_status(restarted["dir"]).site("site-a")  # the run is complete: site-a is `done`, its refusals kept
+    assert status.rounds_declined >= 2 and "was revoked by dpo@site-a" in (status.reason or "")

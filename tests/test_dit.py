@@ -14,6 +14,8 @@ from braing3n_core.models.conditions import ConditionBatch, conditions_from_labe
 from braing3n_core.presets import PRESETS
 
 TOY = DiTConfig(grid=(2, 3, 2), token_dim=12, width=48, depth=2, heads=4, mlp_dim=96)
+# The same toy on patches: 2×2×2 encoder tokens per DiT token, a (1, 2, 1) grid of them.
+TOY_PATCHED = DiTConfig(grid=(2, 4, 2), token_dim=12, width=48, depth=2, heads=4, mlp_dim=96, patch_size=2)
 
 
 def mixed_conditions() -> ConditionBatch:
@@ -43,28 +45,31 @@ def test_shapes_per_preset(name: str) -> None:
         x = torch.empty(2, preset.num_tokens, preset.mae.width)
         out = model(x, torch.zeros(2), null_conditions(2, "meta"), baseline=x, interval=torch.zeros(2))
     assert out.shape == (2, preset.num_tokens, preset.mae.width)
-    assert model.pos_embed.shape == (1, preset.num_tokens, preset.dit.width)
+    assert model.pos_embed.shape == (1, preset.num_tokens // preset.dit.patch_size**3, preset.dit.width)
 
 
-def test_every_block_is_the_identity_at_init() -> None:
+@pytest.mark.parametrize("config", [TOY, TOY_PATCHED], ids=["patch-1", "patch-2"])
+def test_every_block_is_the_identity_at_init(config: DiTConfig) -> None:
     torch.manual_seed(0)
-    model = DiT(TOY)
-    x = torch.randn(4, 12, 48)
+    model = DiT(config)
+    n = config.num_tokens
+    x = torch.randn(4, n // config.patch_size**3, 48)
     c = torch.randn(4, 48)
     for block in model.blocks:
         assert torch.equal(block(x, c), x)
-    tokens = torch.randn(4, 12, 12)
+    tokens = torch.randn(4, n, 12)
     baseline, interval = mixed_longitudinal(tokens)
     out = model(tokens, torch.rand(4), mixed_conditions(), baseline, interval)
     assert torch.equal(out, torch.zeros_like(out))  # zero-initialised final layer
 
 
-def test_every_parameter_gets_a_gradient() -> None:
+@pytest.mark.parametrize("config", [TOY, TOY_PATCHED], ids=["patch-1", "patch-2"])
+def test_every_parameter_gets_a_gradient(config: DiTConfig) -> None:
     """Zero-init means most gradients are exactly 0 at step 0; after a few optimiser steps every
     parameter (including every null embedding, the baseline flag and the interval MLP) must get one."""
     torch.manual_seed(0)
-    model = DiT(TOY)
-    tokens = torch.randn(4, 12, 12)
+    model = DiT(config)
+    tokens = torch.randn(4, config.num_tokens, 12)
     baseline, interval = mixed_longitudinal(tokens)
     cond = mixed_conditions()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -97,6 +102,20 @@ def test_missing_values_use_the_null_embedding_and_present_values_matter() -> No
     # No baseline given == baseline rows of NaN; a present baseline changes the output.
     torch.testing.assert_close(model(x, t, cond, torch.full_like(x, math.nan)), reference)
     assert not torch.allclose(model(x, t, cond, torch.randn_like(x)), reference)
+
+
+def test_patches_are_blocks_of_neighbouring_tokens_and_come_back_in_place() -> None:
+    """Each DiT token of a patch-2 DiT reads the 2×2×2 block of encoder tokens at its grid position (tokens are
+    row-major over the (d, h, w) grid), and its output goes back to the same positions."""
+    model = DiT(TOY_PATCHED)
+    tokens = torch.arange(16 * 12, dtype=torch.float32).reshape(1, 16, 12)  # grid (2, 4, 2), row-major
+    patches = model._patchify(tokens)  # [1, 2, 8·12]: h = 0..1 and h = 2..3
+    assert patches.shape == (1, 2, 96)
+    first = {int(v) // 12 for v in patches[0, 0]}  # the token indices in the first patch
+    assert first == {d * 8 + h * 2 + w for d in (0, 1) for h in (0, 1) for w in (0, 1)}
+    assert torch.equal(model._unpatchify(patches), tokens)
+    with pytest.raises(ValueError, match="patch_size=2 must divide the token grid"):
+        DiTConfig(grid=(2, 3, 2), token_dim=12, width=48, depth=2, heads=4, mlp_dim=96, patch_size=2)
 
 
 def test_bad_inputs_are_clear_errors() -> None:

@@ -7,7 +7,9 @@ Two simulated federations are shared by the assertions below:
   Checkpoints of rounds completed before the kill must survive byte for byte. In DiT round 1 one of
   site-a's workers is killed (a `worker_crash` drill): site-a declines and the round completes without it.
 - `faulty_run`: 8 virtual sites on 2 cores, started from the first run's MAE (`start_from`), decoder
-  stage + probes, with injected faults: NaN weights, an oversized update, and two sites dropping out.
+  stage + probes, with injected faults: NaN weights, an oversized update, and two sites dropping out; two
+  sites require approval of the jobs they run: site-a-3 approved this one (its Flower bundle hash and recipe)
+  and trains, site-b-3 did not and refuses every message before reading any scan.
 Every SuperLink started here is killed by PID.
 """
 
@@ -27,9 +29,13 @@ import yaml
 from conftest import write_site_yamls
 
 from braing3n_core.checkpoint import load_checkpoint
+from braing3n_core.federation.approval_log import ApprovalLog
+from braing3n_core.federation.recipe import Recipe
+from braing3n_core.federation.run_config import RunConfig
 from braing3n_core.fileio import file_sha256
-from braing3n_core.ops.flower import descendants
+from braing3n_core.ops.flower import APP_DIR, descendants, fab_sha256
 from braing3n_core.ops.simulate import simulate
+from braing3n_core.site_config import SiteConfig
 from braing3n_core.training.checkpoints import load_encoder, load_stage_model
 
 pytestmark = pytest.mark.slow
@@ -224,18 +230,30 @@ FAULTS = [
 ]
 
 
+def require_approval(site_yaml: Path, log: Path) -> SiteConfig:
+    data = yaml.safe_load(site_yaml.read_text())
+    site_yaml.write_text(yaml.safe_dump({**data, "approval": {"required": True, "log": str(log)}}))
+    return SiteConfig.from_yaml(site_yaml)
+
+
 @pytest.fixture(scope="module")
 def faulty_run(resumed_run, synthetic_cohort, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("federated-faults")
     sites = write_site_yamls(synthetic_cohort, root / "sites", copies=4)  # 8 virtual sites on 2 cores
+    approving, refusing = (require_approval(root / "sites" / f"{s}.yaml", root / "approvals" / f"{s}.jsonl")
+                           for s in ("site-a-3", "site-b-3"))
     config = {"name": "faults", "preset": "tiny", "min_sites": 5, "round_timeout_s": 300, "update_norm_bound": 100.0,
               "start_from": {"mae": str(resumed_run["dir"] / "checkpoints/mae/final.json")},
               "stages": [{"name": "decoder", "rounds": 4, "local_steps": 1, "batch_size": 2, "evaluate_every": 0}],
               "probes": {"enabled": True, "rounds": 2, "local_steps": 5}, "fault_injection": FAULTS}
     (root / "run.yaml").write_text(yaml.safe_dump(config))
+    # The bundle `simulate`'s `flwr run` submits, as Flower builds it, and this run's recipe.
+    approval = ApprovalLog.of(approving).approve(fab_sha256(APP_DIR), Recipe.of(RunConfig.from_yaml(root / "run.yaml")),
+                                                 "test")
     started = time.perf_counter()
     result = simulate(sites, root / "run.yaml", root / "run", echo=False)
-    return {"dir": result.run_dir, "seconds": time.perf_counter() - started}
+    return {"dir": result.run_dir, "seconds": time.perf_counter() - started, "approved": approving,
+            "approval": approval, "unapproved": refusing}
 
 
 def test_rejected_and_dropped_sites_do_not_stop_the_federation(faulty_run) -> None:
@@ -243,20 +261,44 @@ def test_rejected_and_dropped_sites_do_not_stop_the_federation(faulty_run) -> No
     by = {(r["stage"], r["round"], r["site"], r["kind"]): r for r in lines}
     assert "NaN" in by[("decoder", 2, "site-a-0", "rejected")]["reason"]
     assert "exceeds the bound" in by[("decoder", 2, "site-b-0", "rejected")]["reason"]
-    assert by[("decoder", 2, "aggregate", "train")]["sites"] == 6
+    assert by[("decoder", 2, "aggregate", "train")]["sites"] == 5  # 8, less the two above and the unapproved site-b-3
     for server_round in (3, 4):
         assert "declines this round" in by[("decoder", server_round, "site-a-1", "declined")]["reason"]
         assert "handler crashed" in by[("decoder", server_round, "site-b-1", "declined")]["reason"]
-        assert by[("decoder", server_round, "aggregate", "train")]["sites"] == 6
+        assert by[("decoder", server_round, "aggregate", "train")]["sites"] == 5
     assert "NaN" in by[("probes", 1, "site-a-2", "rejected")]["reason"]
     state = json.loads((faulty_run["dir"] / "server_state.json").read_text())
     assert state["stages"]["decoder"]["completed_round"] == 4 and state["probes"]["done"]
-    assert len(state["sites"]) == 8 and "mae" not in state["stages"]
+    assert len(state["sites"]) == 7 and "site-b-3" not in state["sites"].values() and "mae" not in state["stages"]
     # Faults were injected on purpose and say so in the ledger.
     assert sum(r["kind"] == "fault_injected" for r in lines) == 2 + 2 + 2 + 1
     # Probes ran by themselves from the given MAE checkpoint: the encoder reached each site once.
     installs = Counter(m["site"] for m in messages(faulty_run["dir"]) if m["direction"] == "out" and "encoder" in m.get("records", {}))
-    assert len(installs) == 8 and set(installs.values()) == {1}
+    assert len(installs) == 7 and set(installs.values()) == {1} and "site-b-3" not in installs
+
+
+def test_an_unapproved_site_refuses_the_job_before_reading_any_scan_while_an_approved_one_trains(faulty_run) -> None:
+    from braing3n_core.federation.run_status import run_status
+    from braing3n_core.federation.site_status import site_snapshot
+
+    lines = records(faulty_run["dir"])
+    refusing = faulty_run["unapproved"]
+    refused = [r for r in lines if r["site"] == "site-b-3"]
+    assert refused and {r["kind"] for r in refused} == {"declined"}
+    assert {(r["stage"], r["round"]) for r in refused} >= {("setup", 0), *{("decoder", n) for n in range(1, 5)},
+                                                           ("probes", 1), ("probes", 2)}
+    assert all(r["reason"].startswith(f"site site-b-3: job not approved: no approval in {refusing.approval_log_path} "
+                                      "for the app") for r in refused)
+    # Before any scan is read: its cache holds its journal and nothing else (no check verdict, no volume, no token).
+    assert sorted(p.name for p in refusing.resolved_cache_dir.iterdir()) == ["activity.jsonl"]
+    journal = site_snapshot(refusing, recent=100)
+    assert journal.answered == journal.declined > 0 and all("job not approved" in e.reason for e in journal.recent)
+    status = run_status(faulty_run["dir"]).site("site-b-3")
+    assert status.state == "declined" and "job not approved" in status.reason
+    # The approved site ran every round of the recipe it approved, with the app Flower submitted.
+    trained = {r["round"] for r in lines if r["site"] == "site-a-3" and r["kind"] == "train" and r["stage"] == "decoder"}
+    assert trained == {1, 2, 3, 4} and faulty_run["approval"].active
+    assert not [r for r in lines if r["site"] == "site-a-3" and r["kind"] == "declined"]
 
 
 def test_a_round_without_enough_sites_stops_the_run_resumably(synthetic_cohort, tmp_path: Path) -> None:

@@ -53,6 +53,11 @@ def test_run_config_resolves_defaults_and_schedule(tmp_path: Path) -> None:
     pinned = RunConfig.from_yaml(write_yaml(tmp_path / "again.yaml", yaml.safe_load(config.to_yaml())))
     assert pinned.same_recipe(config) and pinned.stages[1].lr == 3e-4  # the stage default, written out
     assert not pinned.same_recipe(config.model_copy(update={"seed": 1}))
+    # a generation evaluation of the models this run trains: no checkpoint paths needed
+    trains_all = {**yaml.safe_load(config.to_yaml()), "probes": {"enabled": True}, "generation_eval": {"n": 4}}
+    trains_all["stages"].insert(1, {"name": "decoder", "rounds": 1, "local_steps": 1})
+    evaluated = RunConfig.from_yaml(write_yaml(tmp_path / "eval.yaml", trains_all)).generation_eval
+    assert evaluated.dit is None and evaluated.decoder is None and evaluated.n == 4
 
 
 @pytest.mark.parametrize("change, message", [
@@ -64,6 +69,8 @@ def test_run_config_resolves_defaults_and_schedule(tmp_path: Path) -> None:
     ({"stages": [{"name": "mae", "rounds": 1, "local_steps": 1, "lr_rate": 1}]}, "unknown setting"),
     ({"preset": "huge", "stages": [{"name": "mae", "rounds": 1, "local_steps": 1}]}, "unknown preset"),
     ({"stages": [], "start_from": {"mae": "missing.json"}, "probes": {"enabled": True}}, "not found"),
+    ({"stages": [{"name": "mae", "rounds": 1, "local_steps": 1}, {"name": "decoder", "rounds": 1, "local_steps": 1}],
+      "probes": {"enabled": True}, "generation_eval": {"n": 4}}, "generation_eval.dit: give a checkpoint, or train"),
 ])
 def test_run_config_errors_name_the_file_and_field(tmp_path: Path, change: dict, message: str) -> None:
     path = write_yaml(tmp_path / "bad-run.yaml", {"name": "r", "preset": "tiny", **change})

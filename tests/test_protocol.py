@@ -81,7 +81,7 @@ def test_every_action_has_a_handler_and_an_unknown_one_is_declined(tmp_path: Pat
     metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
                         created_at=0.0, ttl=3600.0, message_type="query")
     site = tmp_path / "site.yaml"
-    site.write_text(f"site_id: site-x\ndata_root: {tmp_path}\n")
+    site.write_text(f"site_id: site-x\ndata_root: {tmp_path}\napproval: {{required: false}}\n")
     context = Context(run_id=1, node_id=1, node_config={"site-config": str(site)}, state=RecordDict(), run_config={})
     message = Message(RecordDict({"config": ConfigRecord({"action": "telemetry", "preset": "tiny"})}), metadata=metadata)
     reply = client_app(message, context)

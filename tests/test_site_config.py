@@ -26,6 +26,7 @@ def test_the_documented_example_loads_with_its_settings() -> None:
     assert config.privacy.stage("mae").noise_multiplier == 1.0
     assert config.resolved_cache_dir == Path("/data/mri/bids/derivatives/braing3n-cache")
     assert config.privacy_ledger_path.parent != config.resolved_cache_dir  # clearing the cache keeps the ledger
+    assert config.approval.required and config.approval_log_path.parent == config.privacy_ledger_path.parent
 
 
 def _write(tmp_path: Path, **change: object) -> Path:

@@ -22,6 +22,9 @@ payload class here, one handler in `client/app.py` and one caller in `server/`.
 | query `trend_census` | `Query` | — | `metrics`, `site` (`ScoresReply`: sums of annual change per cell) |
 | query `forecast_scores` | `Query` + `ForecastScoresQuery` | `dit`, `decoder` | `metrics`, `site` (`ScoresReply`: sums of errors) |
 
+Every message also carries the run's recipe in a `job` record (`JobRecipe`): a site that requires approval
+refuses a message whose app or recipe it has not approved (`federation.approvals`), before reading any scan.
+
 A site that cannot take part replies with Flower's `Error(code=DECLINED)` whose reason names the site and
 the cause (`SiteDeclined`), instead of failing the round.
 """
@@ -69,6 +72,7 @@ class Record(StrEnum):
     MAE = "mae"  # ArrayRecord: the whole MAE (encoder + pre-training decoder) the audit's membership test attacks
     DECODER = "decoder"  # ArrayRecord: the decoder (forecast evaluation)
     FEATURES = "features"  # ArrayRecord: pooled features of generated sets (generation evaluation)
+    JOB = "job"  # ConfigRecord of every message the server sends: the run's recipe (`JobRecipe`)
 
 
 class Action(StrEnum):
@@ -306,6 +310,14 @@ class SecureRound(Payload):
     secagg_max_weight: float
     update_norm_bound: float = 0.0  # 0: none
     uniform_weight: bool = False  # client-level DP: every site weighs 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobRecipe(Payload):
+    """The run's canonical recipe (`federation.recipe.Recipe.to_json`), on every message: a site that runs
+    approved jobs only hashes it itself and checks the request against it (`federation.approvals.admit`)."""
+
+    recipe: str
 
 
 # --- the Flower app's own settings -----------------------------------------------------------------------------

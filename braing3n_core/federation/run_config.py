@@ -46,7 +46,7 @@ from braing3n_core.fileio import atomic_write_bytes
 from braing3n_core.models.diffusion import DEFAULT_STEPS
 from braing3n_core.presets import PRESETS
 from braing3n_core.runtime import cosine_lr
-from braing3n_core.stage_names import STAGE_NAMES, FederatedStep, StageName
+from braing3n_core.stage_names import DECODER, DIT, STAGE_NAMES, FederatedStep, StageName
 from braing3n_core.training.stages import get_stage
 
 # --- strategies ------------------------------------------------------------------------------------------
@@ -269,8 +269,9 @@ class GenerationEvalRunConfig(StrictModel):
     """A federated evaluation of a trained DiT + decoder (`braing3n evaluate-generation`): the server generates,
     every site scores against its held-out scans and answers aggregates (`braing3n_core.generation.evaluation`)."""
 
-    dit: Path = Field(description="the DiT checkpoint manifest")
-    decoder: Path = Field(description="the decoder checkpoint manifest")
+    dit: Path | None = Field(None, description="the DiT checkpoint manifest (None: the DiT this run trains or "
+                                               "starts from)")
+    decoder: Path | None = Field(None, description="the decoder checkpoint manifest (None: this run's decoder)")
     probes: Path | None = Field(None, description="federated probe heads (<run>/checkpoints/probes/final.json); "
                                                   "None: the evaluation trains them first (probes.enabled)")
     n: int = Field(32, ge=4, description="samples per generated set")
@@ -326,6 +327,11 @@ class RunConfig(StrictModel):
         if self.generation_eval is not None and self.generation_eval.probes is None and not self.probes.enabled:
             raise ValueError("generation_eval: give probes (a federated probes checkpoint) or enable probes, so the "
                              "evaluation has heads to measure condition adherence with")
+        for stage in (DECODER, DIT):
+            if self.generation_eval is not None and getattr(self.generation_eval, stage) is None and not (
+                    stage in names or stage in self.start_from):
+                raise ValueError(f"generation_eval.{stage}: give a checkpoint, or train the {stage} stage in this run "
+                                 f"(or give start_from.{stage})")
         self._privacy_layers_consistent()
         return self
 

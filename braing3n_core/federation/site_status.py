@@ -5,8 +5,9 @@ A site does not hold the server's run folder; what it has is its own:
 - its **journal** (`federation/site_journal.py`): the last messages it answered or declined, with loss,
   update norm and ε per training round;
 - its **cache** (`<cache_dir>`): checked verdicts, preprocessed volumes, token caches and the frozen
-  encoders the server installed (by weight hash), and their size on disk.
-Reading them changes nothing (the ledger is verified, never repaired, here).
+  encoders the server installed (by weight hash), and their size on disk;
+- its **approval log** (`federation/approval_log.py`): whether it requires approval, the active approvals.
+Reading them changes nothing (the ledger and the log are verified, never repaired, here).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from braing3n_core.federation.approval_log import ApprovalLog, ApprovalLogError
 from braing3n_core.federation.site_journal import JournalEntry, SiteJournal, journal_path
 from braing3n_core.privacy.ledger import LedgerError, PrivacyLedger
 from braing3n_core.site_config import SiteConfig
@@ -52,12 +54,22 @@ class CacheStatus:
 
 
 @dataclass(frozen=True)
+class ApprovalStatus:
+    required: bool
+    log: str
+    active: list[str]  # `Approval.describe()` of each active approval
+    revoked: int
+    error: str | None = None  # the log cannot be trusted: the site refuses every job
+
+
+@dataclass(frozen=True)
 class SiteSnapshot:
     site_id: str
     data_root: str
     data_present: bool
     privacy: PrivacyStatus
     cache: CacheStatus
+    approval: ApprovalStatus
     journal: str
     recent: list[JournalEntry]
     answered: int  # messages in the journal, all time
@@ -107,14 +119,25 @@ def privacy_status(site: SiteConfig) -> PrivacyStatus:
                          int(summary["releases"]), summary["stages"], str(ledger.path))
 
 
+def approval_status(site: SiteConfig) -> ApprovalStatus:
+    log = ApprovalLog.of(site)
+    try:
+        approvals = log.approvals()
+    except ApprovalLogError as error:
+        return ApprovalStatus(site.approval.required, str(log.path), [], 0, error=str(error))
+    return ApprovalStatus(site.approval.required, str(log.path), [a.describe() for a in approvals if a.active],
+                          sum(not a.active for a in approvals))
+
+
 def site_snapshot(site: SiteConfig, recent: int = RECENT_ENTRIES) -> SiteSnapshot:
     journal = SiteJournal(journal_path(site))
     entries = journal.entries()
     return SiteSnapshot(
         site_id=site.site_id, data_root=str(site.data_root), data_present=Path(site.data_root).is_dir(),
-        privacy=privacy_status(site), cache=cache_status(site), journal=str(journal.path),
+        privacy=privacy_status(site), cache=cache_status(site), approval=approval_status(site), journal=str(journal.path),
         recent=entries[-recent:], answered=len(entries), declined=sum(e.outcome != "ok" for e in entries),
     )
 
 
-__all__ = ["CacheStatus", "PrivacyStatus", "SiteSnapshot", "cache_status", "privacy_status", "site_snapshot"]
+__all__ = ["ApprovalStatus", "CacheStatus", "PrivacyStatus", "SiteSnapshot", "approval_status", "cache_status",
+           "privacy_status", "site_snapshot"]

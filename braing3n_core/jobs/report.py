@@ -487,9 +487,13 @@ def _section_showcase(c: RunContents, images: _Images) -> str:
         parts.append("<h3>Longitudinal forecast</h3>")
         parts.append(f"<p>{_e(forecast['description'])}</p>")
         parts.append(images.tag(forecast["image"], "forecast"))
-        rows = [("forecast vs real follow-up", fmt(forecast.get("psnr_forecast"), 2), fmt(forecast.get("ssim_forecast"))),
+        rows = [("forecast (baseline + decoded change) vs real follow-up", fmt(forecast.get("psnr_forecast"), 2),
+                 fmt(forecast.get("ssim_forecast"))),
                 ("baseline vs real follow-up (no-change reference)", fmt(forecast.get("psnr_baseline"), 2),
                  fmt(forecast.get("ssim_baseline")))]
+        if forecast.get("psnr_direct") is not None:
+            rows.append(("decoded forecast tokens alone vs real follow-up", fmt(forecast["psnr_direct"], 2),
+                         fmt(forecast.get("ssim_direct"))))
         if forecast.get("psnr_forecast") is not None:
             parts.append(_table(["comparison", "PSNR dB", "SSIM"], rows))
     elif show.get("forecast_skipped"):

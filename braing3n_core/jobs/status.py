@@ -232,7 +232,17 @@ def render_site(snapshot: SiteSnapshot, supernode: dict | None, console: Console
                        f"{entry.stage} {entry.round}" if entry.stage else "—", number(entry.loss),
                        number(entry.update_norm), number(entry.epsilon, 3), number(entry.examples, 6),
                        number(entry.seconds, 3), entry.reason or "")
-    parts: list[Any] = [head, Text(node), spent, Text(cache_line)]
+    approval = snapshot.approval
+    if approval.error:
+        approved = Text(f"approval log {approval.log}: CANNOT BE TRUSTED ({approval.error}); every job is refused",
+                        style="bold red")
+    elif not approval.required:
+        approved = Text(f"approval: not required in the site file (any job runs here; log {approval.log})")
+    else:
+        listed = "; ".join(approval.active) or "none: every job is refused (`braing3n site approve`)"
+        approved = Text(f"approval: required · active {listed}" + (f" · {approval.revoked} revoked" if approval.revoked
+                                                                     else "") + f" · log {approval.log}")
+    parts: list[Any] = [head, Text(node), spent, approved, Text(cache_line)]
     parts.append(rounds if snapshot.recent else Text(f"journal {snapshot.journal}: no message answered yet"))
     return Group(*parts)
 

@@ -1,8 +1,9 @@
 """Stage 3: the conditional diffusion transformer over the frozen encoder's token grid (spec §7).
 
 The network predicts a velocity for noisy tokens at time t (the objective and the sampler live in
-`braing3n_core/diffusion.py`; this module never imports them). It is a DiT with adaLN-Zero blocks and
-patch size 1 on the (d, h, w) token grid, fixed 3D sin-cos positions.
+`braing3n_core/diffusion.py`; this module never imports them). It is a DiT with adaLN-Zero blocks over
+patches of the (d, h, w) token grid (`patch_size` p: p³ neighbouring tokens per DiT token, as DiT patchifies
+its latent), fixed 3D sin-cos positions.
 
 Working space: the full, per-channel normalised encoder tokens [B, N, E], not the decoder's projected
 latent [B, N, C]. Measured on the 2-core CPU sandbox (`tiny` preset; 96 MNI152-derived volumes whose
@@ -48,8 +49,12 @@ from braing3n_core.models.blocks import (
     Attention,
     LearnedTokens,
     check_tokens,
+    grid_of,
+    patchify,
     run_block,
     sincos_position_embedding,
+    tokens_to_grid,
+    unpatchify,
 )
 from braing3n_core.models.conditions import (
     CONDITION_SCHEMA,
@@ -71,16 +76,24 @@ class DiTConfig:
     mlp_dim: int
     frequency_dim: int = 256  # sinusoidal features of t before the timestep MLP
     fourier_features: int = 8  # sin/cos octaves for each continuous condition
+    patch_size: int = 1  # p: each DiT token is a p×p×p block of encoder tokens
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
         if self.width % 6 or self.width % self.heads:
             raise ValueError(f"DiTConfig.width={self.width} must be divisible by 6 and by heads={self.heads}")
+        if self.patch_size < 1 or any(g % self.patch_size for g in self.grid):
+            raise ValueError(f"DiTConfig.patch_size={self.patch_size} must divide the token grid {self.grid}")
 
     @property
     def num_tokens(self) -> int:
         d, h, w = self.grid
         return d * h * w
+
+    @property
+    def patch_grid(self) -> tuple[int, int, int]:
+        """The grid the transformer runs on: (d/p, h/p, w/p)."""
+        return grid_of(self.grid, self.patch_size)
 
     @classmethod
     def from_preset(cls, preset: str | Preset, **overrides: Any) -> "DiTConfig":
@@ -235,13 +248,13 @@ class DiT(nn.Module):
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
         self.config = config
-        width, dim = config.width, config.token_dim
-        self.input_proj = nn.Linear(2 * dim, width)  # [noisy tokens ‖ baseline tokens] per grid position
-        self.register_buffer("pos_embed", sincos_position_embedding(config.grid, width)[None], persistent=False)
+        width, dim, cells = config.width, config.token_dim, config.patch_size**3
+        self.input_proj = nn.Linear(2 * cells * dim, width)  # [noisy tokens ‖ baseline tokens] per patch
+        self.register_buffer("pos_embed", sincos_position_embedding(config.patch_grid, width)[None], persistent=False)
         self.t_embedder = TimestepEmbedder(width, config.frequency_dim)
         self.c_embedder = ConditionEmbedder(width, config.fourier_features)
         self.blocks = nn.ModuleList(DiTBlock(width, config.heads, config.mlp_dim) for _ in range(config.depth))
-        self.final = FinalLayer(width, dim)
+        self.final = FinalLayer(width, cells * dim)
         # Persistent: the statistics are part of the trained model (set once from the training tokens).
         self.register_buffer("token_mean", torch.zeros(dim))
         self.register_buffer("token_std", torch.ones(dim))
@@ -317,8 +330,20 @@ class DiT(nn.Module):
                 raise ValueError("DiT baseline: a present baseline must not contain NaN (NaN marks a whole absent row)")
         if interval is None:
             interval = torch.full((batch,), math.nan, device=x.device)
-        h = self.input_proj(torch.cat([x, baseline.to(x.dtype)], dim=-1)) + self.pos_embed  # [B, N, W]
+        pairs = torch.cat([x, baseline.to(x.dtype)], dim=-1)  # [B, N, 2E]
+        h = self.input_proj(self._patchify(pairs)) + self.pos_embed  # [B, M, W], M = N / p³
         c = self.t_embedder(t) + self.c_embedder(cond, interval, has_baseline)  # [B, W]
         for block in self.blocks:
             h = run_block(block, h, c, checkpointed=self.activation_checkpointing)
-        return self.final(h, c)  # [B, N, E]
+        return self._unpatchify(self.final(h, c))  # [B, M, p³E] -> [B, N, E]
+
+    def _patchify(self, tokens: Tensor) -> Tensor:  # [B, N, C] -> [B, M, p³·C]
+        if self.config.patch_size == 1:
+            return tokens
+        return patchify(tokens_to_grid(tokens, self.config.grid), self.config.patch_size)
+
+    def _unpatchify(self, patches: Tensor) -> Tensor:  # [B, M, p³·C] -> [B, N, C]
+        if self.config.patch_size == 1:
+            return patches
+        grid = unpatchify(patches, self.config.patch_grid, self.config.patch_size)  # [B, C, d, h, w]
+        return grid.flatten(2).transpose(1, 2)

@@ -164,3 +164,26 @@ def start_superlink(env: dict[str, str], port: int, log: Path, cwd: Path) -> sub
             start_new_session=True,
         )
     return link
+
+
+def app_id(app_dir: Path = APP_DIR) -> str:
+    """`publisher/name version` of the Flower app in `app_dir` (its pyproject.toml), as Flower names it."""
+    import tomllib
+
+    try:
+        project = tomllib.loads((app_dir / "pyproject.toml").read_text(encoding="utf-8"))
+        return f"{project['tool']['flwr']['app']['publisher']}/{project['project']['name']} {project['project']['version']}"
+    except (OSError, ValueError, KeyError) as error:
+        raise FlowerError(f"{app_dir / 'pyproject.toml'}: not a Flower app ({error})") from None
+
+
+def fab_sha256(app_dir: Path = APP_DIR) -> str:
+    """sha256 of the Flower app bundle `flwr run` would submit from `app_dir`: computed by Flower's own
+    builder in a child process (`python -m client.fab`), since the core never imports Flower."""
+    done = subprocess.run([sys.executable, "-m", "client.fab", str(Path(app_dir).resolve())], capture_output=True,
+                          text=True, env={**os.environ, **FLOWER_ENV}, timeout=300, check=False)
+    digest = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    if done.returncode != 0 or len(digest) != 64:
+        problem = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise FlowerError(f"{app_dir}: Flower could not build the app bundle ({problem})")
+    return digest

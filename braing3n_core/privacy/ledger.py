@@ -26,27 +26,20 @@ later release at another δ is refused with a message saying how to proceed.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import logging
 import math
-import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from braing3n_core.fileio import atomic_write_bytes
-
-try:  # POSIX; hospitals' nodes run Linux. Without fcntl the ledger still works, unlocked.
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+from braing3n_core.fileio import append_line, atomic_write_bytes, exclusive_lock
 
 ACCOUNTANTS = ("rdp", "prv")
 GENESIS = "0" * 64  # `prev` of the first entry
@@ -273,7 +266,7 @@ class PrivacyLedger:
 
     def record(self, release: Release, delta: float, budget: float | None = None) -> LedgerEntry:
         """Append `release` (fsynced) and return its entry; with `budget`, re-checked under the lock first."""
-        with self._locked():
+        with exclusive_lock(self.path):
             state = self.read(repair=True)
             self._check_compatible(state, delta)
             now = epsilon_of(state.releases, delta, self.accountant)
@@ -284,7 +277,7 @@ class PrivacyLedger:
                     f"ε would go from {now:.3f} to {after:.3f} > {budget:g}; the update is discarded", now, after, budget)
             entry = LedgerEntry(self.site_id, self.accountant, delta, now, after, release, time.time(), state.last_hash)
             entry = LedgerEntry(**{**entry.__dict__, "sha256": LedgerEntry.digest(entry.body())})
-            self._append(entry.line())
+            append_line(self.path, entry.line())
             return entry
 
     def _check_compatible(self, state: LedgerState, delta: float) -> None:
@@ -296,32 +289,6 @@ class PrivacyLedger:
                               f"{self.accountant!r}; one ledger has one accountant")
         if not math.isclose(first.delta, delta, rel_tol=1e-12):
             raise LedgerError(f"{self.path}: started at δ={first.delta:g}, asked to account at δ={delta:g}")
-
-    def _append(self, line: bytes) -> None:
-        created = not self.path.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            view = memoryview(line)
-            while view:  # one write in practice; a loop so a short write never drops bytes silently
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if created:  # make the new directory entry itself durable
-            _fsync_directory(self.path.parent)
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a+b") as handle:
-            if fcntl is not None:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                if fcntl is not None:
-                    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def summary(self) -> dict[str, Any]:
         """What a data card or report shows: cumulative ε, δ, and spending per stage."""
@@ -336,16 +303,3 @@ class PrivacyLedger:
             stage["steps"] += entry.release.steps
         return {"site_id": self.site_id, "epsilon": epsilon_of(state.releases, delta, accountant), "delta": delta,
                 "accountant": accountant, "releases": len(state.entries), "stages": stages}
-
-
-def _fsync_directory(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

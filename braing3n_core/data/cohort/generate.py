@@ -38,7 +38,7 @@ from braing3n_core.data.cohort.subjects import (
     plan_subject,
     session_states,
 )
-from braing3n_core.site_config import SiteConfig, SplitConfig
+from braing3n_core.site_config import ApprovalConfig, SiteConfig, SplitConfig
 
 SITE_STREAM = 7  # spawn key separating site-level randomness from every subject's stream
 
@@ -322,6 +322,7 @@ def _write_site_yaml(spec: CohortSpec, site: Site, data_root: Path, sites_dir: P
         data_root=data_root.resolve(),
         modalities=site.profile.modalities,
         split=SplitConfig(seed=spec.seed),
+        approval=ApprovalConfig(required=False),  # synthetic scans, no patients: the demo and tests run unattended
     )
     sites_dir.mkdir(parents=True, exist_ok=True)
     path = sites_dir / f"{site.site_id}.yaml"

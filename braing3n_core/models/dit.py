@@ -3,7 +3,11 @@
 The network predicts a velocity for noisy tokens at time t (the objective and the sampler live in
 `braing3n_core/diffusion.py`; this module never imports them). It is a DiT with adaLN-Zero blocks over
 patches of the (d, h, w) token grid (`patch_size` p: p³ neighbouring tokens per DiT token, as DiT patchifies
-its latent), fixed 3D sin-cos positions.
+its latent), fixed 3D sin-cos positions. Every preset uses p = 1. Patch 2 makes a `small` step 9× cheaper
+(150 DiT tokens instead of 1,200) but each DiT token must then emit p³·E = 1,536 values from a width of 192,
+and at equal CPU time it lost clearly (bench/bench_dit_patch.py on the demo's tokens, 300 CPU-s each:
+validation flow loss 0.68 after 140 patch-1 steps, 1.43 after 1,240 patch-2 steps). Patches pay only with a
+width of at least p³·E, as in DiT, whose latents have 4 channels.
 
 Working space: the full, per-channel normalised encoder tokens [B, N, E], not the decoder's projected
 latent [B, N, C]. Measured on the 2-core CPU sandbox (`tiny` preset; 96 MNI152-derived volumes whose

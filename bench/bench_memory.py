@@ -22,7 +22,8 @@ from typing import Any, Self
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# BENCH_MEMORY_CODE: another checkout's code (the "before" of a fix) for this process; see `export_code`.
+sys.path.insert(0, os.environ.get("BENCH_MEMORY_CODE") or str(Path(__file__).resolve().parents[1]))
 
 from bench.common import cohort_sites, load_average, machine_info
 from braing3n_core.fileio import atomic_write_json
@@ -265,11 +266,11 @@ def stage_windows(run_dir: Path, started: float, ended: float) -> dict[str, tupl
 
 
 def write_run_yaml(path: Path, name: str, preset: str, sites: int, rounds: int, local_steps: int,
-                   batch_size: int, probes: bool) -> Path:
+                   batch_size: int, probes: bool, stages: Sequence[str] = STAGE_NAMES) -> Path:
     """Every stage (mae → decoder → dit) for `rounds` rounds of `local_steps` steps, validation in the last
     round only (`evaluate_every: 0`), FedAvg; the probes with the same rounds and steps when `probes`."""
     stages = [{"name": stage, "rounds": rounds, "local_steps": local_steps, "batch_size": batch_size,
-               "evaluate_every": 0} for stage in STAGE_NAMES]
+               "evaluate_every": 0} for stage in stages]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump({
         "name": name, "preset": preset, "seed": 0, "min_sites": sites, "round_timeout_s": 7200.0, "stages": stages,
@@ -278,8 +279,36 @@ def write_run_yaml(path: Path, name: str, preset: str, sites: int, rounds: int, 
     return path
 
 
+def _first_to_die() -> None:
+    """In a measured process (inherited by its tree): if the machine runs out of memory, the kernel's OOM
+    killer picks this tree before colleagues' jobs."""
+    Path("/proc/self/oom_score_adj").write_text("1000")
+
+
+def code_env(code: Path | None) -> tuple[dict[str, str], str | None]:
+    """Environment and working folder that make a subprocess import `code` (another checkout) first."""
+    env = os.environ.copy()
+    if code is None:
+        return env, None
+    env["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [env.get("PYTHONPATH")])])
+    env["BENCH_MEMORY_CODE"] = str(code)
+    return env, str(code)
+
+
+def export_code(ref: str, out: Path) -> tuple[Path, str]:
+    """`git archive` of `ref` into `out/code-<sha>` (the repository's state is left alone)."""
+    root = Path(__file__).resolve().parents[1]
+    sha = subprocess.run(["git", "rev-parse", ref], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+    folder = out / f"code-{sha[:12]}"
+    if not (folder / "pyproject.toml").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", sha], cwd=root, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder, sha
+
+
 def measure_simulation(label: str, site_yamls: Sequence[Path], run_yaml: Path, run_dir: Path, args: argparse.Namespace,
-                       env: dict[str, str] | None = None) -> dict[str, Any]:
+                       code: Path | None = None) -> dict[str, Any]:
     """`python -m braing3n_core simulate` as a subprocess, its whole process tree sampled from /proc."""
     import shutil
 
@@ -291,7 +320,9 @@ def measure_simulation(label: str, site_yamls: Sequence[Path], run_yaml: Path, r
     load_before = load_average()
     started = time.time()
     with open(run_dir.parent / f"{run_dir.name}.log", "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env or os.environ.copy())
+        env, cwd = code_env(code)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                   preexec_fn=_first_to_die)
         with TreeMemory(process.pid, args.interval, args.limit_gib * GIB, args.floor_gib * GIB) as memory:
             returncode = process.wait()
     ended = time.time()
@@ -545,7 +576,8 @@ def child_server(run_yaml: Path, run_dir: Path, sites: int, phases: Phases) -> N
     phases.mark("finished")
 
 
-def measure_child(label: str, argv: list[str], out: Path, args: argparse.Namespace) -> dict[str, Any]:
+def measure_child(label: str, argv: list[str], out: Path, args: argparse.Namespace, code: Path | None = None,
+                  run_dir: Path | None = None) -> dict[str, Any]:
     """This script's `--child …` in a fresh process, sampled like a simulation; peaks per phase."""
     phases_path = out / f"{label}.phases.json"
     phases_path.unlink(missing_ok=True)
@@ -553,10 +585,15 @@ def measure_child(label: str, argv: list[str], out: Path, args: argparse.Namespa
     print(f"[memory bench] {label} (load {os.getloadavg()[0]:.1f}) …", file=sys.stderr, flush=True)
     started = time.time()
     with open(out / f"{label}.log", "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        env, cwd = code_env(code)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                   preexec_fn=_first_to_die)
         with TreeMemory(process.pid, args.interval, args.limit_gib * GIB, args.floor_gib * GIB) as memory:
             returncode = process.wait()
     ended = time.time()
+    stages = {}
+    if run_dir is not None and (run_dir / "messages.jsonl").is_file():  # the server's stages
+        stages = {name: memory.peak(a, b) for name, (a, b) in stage_windows(run_dir, started, ended).items()}
     marks = json.loads(phases_path.read_text()) if phases_path.is_file() else []
     bounds = [*marks, ["end", ended]]
     phase_peaks = {name: memory.peak(begin, end) for (name, begin), (_, end) in zip(bounds, bounds[1:])}
@@ -564,27 +601,35 @@ def measure_child(label: str, argv: list[str], out: Path, args: argparse.Namespa
     return {"label": label, "returncode": returncode, "stopped": memory.stopped, "seconds": ended - started,
             "phases": {name: round(t - started, 2) for name, t in marks},
             "baseline_pss": base[-1]["pss"] if base else None, "peak": memory.peak(), "phase_peaks": phase_peaks,
+            "stage_peaks": stages,
             "min_mem_available": memory.min_available,
             "series": series(memory, started)}
 
 
-def measure_pieces(preset: str, site_yamls: Sequence[Path], out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The `preset` run cut in measured pieces: one site's install, each stage's site round, the server."""
-    sites = len(site_yamls)
-    run_yaml = write_run_yaml(out / f"{preset}-pieces.yaml", f"memory-{preset}-pieces", preset, sites, 1, 1,
-                              args.paper_batch_size, probes=False)
-    common = ["--preset", preset, "--run-yaml", str(run_yaml), "--site", str(site_yamls[0]),
-              "--sha-file", str(out / f"{preset}-encoder.sha")]
-    pieces = {"install": measure_child(f"{preset}-site-install", ["install", *common], out, args)}
-    for stage in STAGE_NAMES:
-        pieces[f"site_{stage}"] = measure_child(f"{preset}-site-{stage}", ["site", "--stage", stage, *common], out, args)
-    pieces["server"] = measure_child(f"{preset}-server", ["server", *common, "--run-dir", str(out / f"{preset}-server-run"),
-                                                          "--sites", str(sites)], out, args)
-    server_dir = out / f"{preset}-server-run"
-    if (server_dir / "messages.jsonl").is_file():
-        started = pieces["server"]["phases"].get("imported", 0.0)
-        pieces["server"]["stage_windows"] = {k: v for k, v in stage_windows(server_dir, 0.0, float("inf")).items()}
-    return {"run_yaml": yaml.safe_load(run_yaml.read_text()), "pieces": pieces}
+def measure_pieces(preset: str, site_yamls: Sequence[Path], out: Path, args: argparse.Namespace, label: str,
+                   batch_size: int, code: Path | None = None, stages: Sequence[str] = STAGE_NAMES,
+                   server_stages: Sequence[str] = STAGE_NAMES) -> dict[str, Any]:
+    """The `preset` run in measured pieces, each in a fresh process: one site's setup (hello, encoder
+    installation), each stage's site round (1 local step, then the validation), and the ServerApp's whole run
+    against instant sites (2 rounds per stage, so that what the server keeps from round to round shows)."""
+    run_yaml = write_run_yaml(out / f"{label}-site.yaml", f"memory-{label}", preset, len(site_yamls), 1, 1,
+                              batch_size, probes=False)
+    server_yaml = write_run_yaml(out / f"{label}-server.yaml", f"memory-{label}-server", preset, len(site_yamls), 2, 1,
+                                 batch_size, probes=False, stages=server_stages)
+    common = ["--preset", preset, "--site", str(site_yamls[0]), "--sha-file", str(out / f"{preset}-encoder.sha")]
+    pieces = {}
+    if stages and any(get_stage(s).needs_encoder for s in stages) or not (out / f"{preset}-encoder.sha").is_file():
+        pieces["site_setup"] = measure_child(f"{label}-site-setup", ["install", *common], out, args, code)
+    for stage in stages:
+        pieces[f"site_{stage}"] = measure_child(f"{label}-site-{stage}", ["site", "--stage", stage, "--run-yaml",
+                                                                          str(run_yaml), *common], out, args, code)
+    if server_stages:
+        server_dir = out / f"{label}-server-run"
+        pieces["server"] = measure_child(f"{label}-server", ["server", "--run-yaml", str(server_yaml), "--run-dir",
+                                                             str(server_dir), "--sites", str(len(site_yamls))],
+                                         out, args, code, run_dir=server_dir)
+    return {"preset": preset, "sites": len(site_yamls), "site_run_yaml": yaml.safe_load(run_yaml.read_text()),
+            "server_run_yaml": yaml.safe_load(server_yaml.read_text()), "pieces": pieces}
 
 
 # --- main -----------------------------------------------------------------------------------------------------
@@ -602,51 +647,96 @@ def run_child(args: argparse.Namespace) -> int:
     return 0
 
 
+def assemble(parts: dict[str, Any]) -> dict[str, Any]:
+    return {"benchmark": "memory", "model_size": {p: model_size(p) for p in ("tiny", "small", "paper")}, "parts": parts}
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    return "memory bench"
+
+
+PARTS = ("tiny", "small", "steps", "small_pieces", "paper", "before")
+
+
+def measure_part(part: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """One part of the benchmark (each is saved on its own, so parts can be measured in separate runs)."""
+    if part in ("tiny", "small", "steps", "small_pieces", "before"):
+        cohort, _ = cohort_sites(out / "cohort-2mm", args.sites, args.subjects, 0, 2.0)
+    if part in ("paper", "before"):
+        paper_sites, _ = cohort_sites(out / "cohort-1mm-2sites", 2, args.paper_subjects, 0, 1.0)
+    if part in ("tiny", "small", "steps"):
+        preset = "tiny" if part == "tiny" else "small"
+        rounds, steps = (1, 1) if part == "steps" else (args.rounds, args.local_steps)
+        run_yaml = write_run_yaml(out / f"{part}.yaml", f"memory-{part}", preset, len(cohort), rounds, steps,
+                                  args.batch_size, not args.no_probes)
+        return {"preset": preset, "sites": len(cohort), "rounds": rounds, "local_steps": steps,
+                "run_yaml": yaml.safe_load(run_yaml.read_text()),
+                **measure_simulation(part, cohort, run_yaml, out / f"run-{part}", args)}
+    if part == "small_pieces":
+        return measure_pieces("small", cohort, out, args, "small-pieces", args.batch_size)
+    if part == "paper":
+        return measure_pieces("paper", paper_sites, out, args, "paper-pieces", args.paper_batch_size)
+    code, sha = export_code(args.before, out)
+    print(f"[memory bench] before: the code of {sha[:12]} ({args.before}) in {code}", file=sys.stderr, flush=True)
+    run_yaml = write_run_yaml(out / "before-tiny.yaml", "memory-before-tiny", "tiny", len(cohort), args.rounds,
+                              args.local_steps, args.batch_size, not args.no_probes)
+    return {"commit": sha, "ref": args.before,
+            "tiny": measure_simulation("before-tiny", cohort, run_yaml, out / "run-before-tiny", args, code),
+            "paper": measure_pieces("paper", paper_sites, out, args, "before-paper", args.paper_batch_size, code,
+                                    stages=("mae",),
+                                    server_stages=("mae", "decoder"))}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     child = parser.add_argument_group("one measured piece (what the benchmark runs in a fresh process)")
     child.add_argument("--child", choices=("install", "site", "server"))
     for name in ("--stage", "--preset", "--site", "--run-yaml", "--run-dir", "--sha-file", "--phases"):
         child.add_argument(name)
-    parser.add_argument("--parts", default="tiny,small,steps,paper")
-    parser.add_argument("--sites", type=int, default=4)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    parser.add_argument("--reuse", action="store_true", help="take parts already measured in --out instead of "
+                        "measuring them again (a part measures once; the summary is rebuilt from what is there)")
+    parser.add_argument("--sites", type=int, default=4, help="sites of the 2 mm cohort (tiny, small simulations)")
     parser.add_argument("--subjects", type=int, default=8, help="subjects per site of the 2 mm cohort")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--no-probes", action="store_true")
-    parser.add_argument("--interval", type=float, default=0.2, help="seconds between samples")
-    parser.add_argument("--limit-gib", type=float, default=16.0, help="stop a measured tree above this PSS")
-    parser.add_argument("--floor-gib", type=float, default=2.5, help="stop a measured tree when the machine's "
-                        "MemAvailable falls below this (the machine is shared)")
     parser.add_argument("--paper-subjects", type=int, default=3, help="subjects per site of the 1 mm cohort")
     parser.add_argument("--paper-batch-size", type=int, default=1)
-    parser.add_argument("--pieces-preset", default="paper", help="the preset measured piece by piece (tiny: a smoke test)")
+    parser.add_argument("--before", default=None, help="git ref of the code before the fixes (default: the merge "
+                        "base of HEAD and main)")
+    parser.add_argument("--interval", type=float, default=0.2, help="seconds between samples")
+    parser.add_argument("--limit-gib", type=float, default=17.0, help="stop a measured tree above this PSS")
+    parser.add_argument("--floor-gib", type=float, default=2.0, help="stop a measured tree when the machine's "
+                        "MemAvailable falls below this (the machine is shared)")
     parser.add_argument("--out", default="/tmp/memory-bench")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
     if args.child:
         return run_child(args)
-    parts = args.parts.split(",")
+    if args.before is None:
+        root = Path(__file__).resolve().parents[1]
+        args.before = subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=root, check=True, capture_output=True,
+                                     text=True).stdout.strip()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
     load_before, started = load_average(), time.perf_counter()
-    if {"tiny", "small", "steps"} & set(parts):
-        cohort, _ = cohort_sites(out / "cohort-2mm", args.sites, args.subjects, 0, 2.0)
-    result: dict[str, Any] = {"benchmark": "memory", "settings": vars(args),
-                              "model_size": {p: model_size(p) for p in ("tiny", "small", "paper")}, "runs": {}}
-    for part, preset in (("tiny", "tiny"), ("small", "small")):
-        if part in parts:
-            run_yaml = write_run_yaml(out / f"{part}.yaml", f"memory-{part}", preset, len(cohort), args.rounds,
-                                      args.local_steps, args.batch_size, not args.no_probes)
-            result["runs"][part] = measure_simulation(part, cohort, run_yaml, out / f"run-{part}", args)
-    if "paper" in parts:
-        voxel = {"paper": 1.0, "small": 2.0, "tiny": 4.0}[args.pieces_preset]
-        paper_sites, _ = cohort_sites(out / f"cohort-{voxel:g}mm-2sites", 2, args.paper_subjects, 0, voxel)
-        result["paper"] = measure_pieces(args.pieces_preset, paper_sites, out, args)
+    for part in args.parts.split(","):
+        if part not in PARTS:
+            raise SystemExit(f"--parts: unknown part {part!r}; choose from {', '.join(PARTS)}")
+        saved = out / "parts" / f"{part}.json"
+        if args.reuse and saved.is_file():
+            continue
+        atomic_write_json(saved, {"measured_with": vars(args), **measure_part(part, args, out)})
+    parts = {p.stem: json.loads(p.read_text()) for p in sorted((out / "parts").glob("*.json"))}
+    result = assemble(parts)
+    result["settings"] = vars(args)
     result["seconds"] = time.perf_counter() - started
     result["machine"] = machine_info(load_before)
+    result["summary"] = summary_line(result)
     atomic_write_json(Path(args.results), result)
+    print(result["summary"])
     return 0
 
 

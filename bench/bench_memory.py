@@ -1,6 +1,49 @@
 """Memory benchmark (issue 15, item 5): peak host RAM of a federated simulation against the model size.
 
-PLACEHOLDER: the full description is written once the protocol is settled.
+**What is measured.** A sampler thread reads `/proc/PID/smaps_rollup` of the measured process and every
+process below it (`ops.flower.descendants`) every `--interval` s (0.2): PSS, which splits each shared page
+between the processes mapping it, so torch's and MONAI's libraries and Ray's shared-memory object store
+(`/dev/shm`) count once, and RSS for comparison (it counts shared pages in every process). The tree's sum
+per sample, per process kind (wrapper = `braing3n simulate`, `flwr run`, SuperLink, SuperExec, ServerApp =
+`flwr-simulation` with the Ray driver, Ray's daemons, each ClientApp actor) and per run phase (startup,
+setup = hello and site checks, mae, probes, decoder, dit, shutdown: windows from the server's own
+`messages.jsonl`, a phase running from its first message out to the next phase's) gives the peaks. A guard
+stops a measured tree that passes `--limit-gib` or leaves the shared machine less than `--floor-gib`, and
+every measured process is the OOM killer's first choice (`oom_score_adj` 1000).
+
+**Model size**: the fp32 bytes of the three networks (MAE with its pre-training decoder, CNN decoder, DiT),
+parameters and buffers, built on the `meta` device; and each stage's trainable bytes.
+
+**Parts** (each saved in `--out/parts/`, so they can be measured in separate runs; `--reuse` keeps them):
+- `small`: a real `python -m braing3n_core simulate` of 4 sites of the synthetic cohort (2 mm), every stage
+  mae → decoder → dit, 2 rounds × 3 local steps of batch 2, validation in the last round, FedAvg, and the
+  federated probes on (2 rounds): a real run has them, and they are the one phase that holds features of
+  every scan of a site. On 2 cores Flower runs 2 Ray actors, which serve the 4 sites in turn.
+- `tiny`: the same run at `tiny` (networks of 2.7 MiB): the fixed cost of the processes. The tree's PSS at
+  the end of setup (every process up, each site's data checked, no network built) is the fixed cost the
+  ratio `(peak − fixed) / model size` subtracts.
+- `steps`: the `small` run with 1 round × 1 local step: a peak that does not move with rounds and steps is
+  what lets a 1-step run stand for a long one.
+- `paper`: 2 sites of `paper` (1 mm) do not fit this 24 GiB machine (the DiT alone is 2.6 GB; a site training
+  it holds weights, gradients and two AdamW moments, ≥ 10.4 GB, and two sites train at once), so the run is
+  measured in pieces, each in a fresh process: one site's setup (hello: checks and 1 mm preprocessing; the
+  encoder's installation), each stage's site round through the real ClientApp (`client.app.app` on the train
+  message the server sends: 1 local step of batch 1, then the stage's evaluate message), and the ServerApp's
+  whole run (`server.run.run_federation`, 2 rounds per stage: strategy, screening, aggregation, validation
+  round, checkpoints) against `SyntheticSites`, a Grid whose 2 sites answer at once with replies of the
+  real size. The estimate of the simulation's peak is, per stage: the fixed cost (`tiny`) + the server's
+  working memory + 2 × a site's (both actors train at once) + the messages in flight in Ray's object
+  store (copies per weight byte as measured in `small`'s shared memory). `small_pieces` measures the same
+  pieces at `small`, so the composition is checked against the measured `small` simulation.
+- `before`: the `tiny` simulation and the `paper` pieces that fit (site mae; server mae + decoder) with the
+  code of `--before` (default: the merge base with main, exported with `git archive`): each fix as
+  before/after in the same benchmark run.
+
+Prints one summary line; writes bench/results/memory.json (figures first, then every part's samples).
+
+    python bench/bench_memory.py [--parts tiny,small,steps,small_pieces,paper,before] [--reuse]
+        [--out /tmp/memory-bench] [--sites 4] [--subjects 8] [--rounds 2] [--local-steps 3] [--batch-size 2]
+        [--paper-subjects 3] [--paper-batch-size 1] [--before REF] [--limit-gib 17] [--floor-gib 2]
 """
 
 from __future__ import annotations
@@ -647,12 +690,228 @@ def run_child(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setup_end_pss(run: dict[str, Any]) -> float | None:
+    """The tree's PSS at the end of a simulation's setup: every process up, each site's data checked, no
+    network built yet (the last sample before the first stage's first message)."""
+    end = run["stages"].get("setup", {}).get("window_s", [None, None])[1]
+    rows = [r for r in run["series"]["rows"] if end is not None and r[0] <= end]
+    return rows[-1][1] * MIB if rows else None
+
+
+def _site_work(piece: dict[str, Any]) -> dict[str, Any] | None:
+    """A site piece's working memory: its peak from the train message on (train, reply, evaluate) above the
+    process's own PSS before the message (imports, the site's checked data)."""
+    peaks = [p["pss"] for name, p in piece["phase_peaks"].items() if name in ("message", "trained", "reply_sent")
+             and p is not None]
+    if not peaks or piece["baseline_pss"] is None:
+        return None
+    train = piece["phase_peaks"].get("message")
+    evaluate = piece["phase_peaks"].get("reply_sent")
+    return {"baseline": piece["baseline_pss"], "peak": max(peaks), "work": max(peaks) - piece["baseline_pss"],
+            "train_work": train["pss"] - piece["baseline_pss"] if train else None,
+            "evaluate_work": evaluate["pss"] - piece["baseline_pss"] if evaluate else None,
+            "complete": piece["returncode"] == 0 and piece["stopped"] is None, "stopped": piece["stopped"]}
+
+
+def _server_work(piece: dict[str, Any], stage: str) -> dict[str, Any] | None:
+    peak = piece.get("stage_peaks", {}).get(stage)
+    if peak is None or piece["baseline_pss"] is None:
+        return None
+    return {"baseline": piece["baseline_pss"], "peak": peak["pss"], "work": peak["pss"] - piece["baseline_pss"],
+            "complete": piece["returncode"] == 0 and piece["stopped"] is None}
+
+
+def _shm_copies(run: dict[str, Any], stage: str, stage_bytes: int) -> float | None:
+    """Copies of a stage's weights in Ray's object store (shared memory) at the stage's peak, in a simulation."""
+    peak = run["stages"].get(stage, {}).get("peak")
+    return peak["pss_shmem"] / stage_bytes if peak else None
+
+
+def compose(pieces: dict[str, Any], fixed: float, actors: int, shm_copies: dict[str, float],
+            sizes: dict[str, Any], concurrent: int) -> dict[str, Any]:
+    """Peak of a simulation from measured pieces, per stage: the fixed cost of the processes, the server's
+    working memory, `concurrent` sites' working memory (sites train at the same time, one per Ray actor), and
+    the messages in flight in Ray's object store (copies per weight byte as measured at `small`)."""
+    stages = {}
+    for stage in STAGE_NAMES:
+        site = _site_work(pieces[f"site_{stage}"]) if f"site_{stage}" in pieces else None
+        server = _server_work(pieces["server"], stage) if "server" in pieces else None
+        if site is None or server is None:
+            continue
+        trainable = sizes["networks"][stage]["trainable_bytes"]
+        transport = shm_copies.get(stage, 0.0) * trainable
+        peak = fixed + server["work"] + concurrent * site["work"] + transport
+        stages[stage] = {"site_work": site["work"], "site_complete": site["complete"], "server_work": server["work"],
+                         "transport": transport, "estimated_peak": peak}
+    top = max(stages, key=lambda n: stages[n]["estimated_peak"]) if stages else None
+    return {"fixed_cost": fixed, "actors": actors, "concurrent_sites": concurrent, "stages": stages,
+            "peak_stage": top, "estimated_peak": stages[top]["estimated_peak"] if top else None}
+
+
 def assemble(parts: dict[str, Any]) -> dict[str, Any]:
-    return {"benchmark": "memory", "model_size": {p: model_size(p) for p in ("tiny", "small", "paper")}, "parts": parts}
+    """The figures the issue asks for, from the measured parts (see the module's docstring)."""
+    sizes = {p: model_size(p) for p in ("tiny", "small", "paper")}
+    result: dict[str, Any] = {"benchmark": "memory", "goal_ratio": GOAL_RATIO, "model_size": sizes}
+    tiny, small, steps = parts.get("tiny"), parts.get("small"), parts.get("steps")
+    fixed = None
+    if tiny is not None:
+        fixed = _setup_end_pss(tiny)
+        result["fixed_cost"] = {
+            "setup_end_pss": fixed, "peak_pss": tiny["peak"]["pss"], "peak_rss": tiny["peak"]["rss"],
+            "setup_end_pss_by_kind": None, "peak_pss_by_kind": tiny["peak"]["pss_by_kind"],
+            "processes_at_peak": tiny["peak"]["processes"],
+            "note": "a 4-site simulation at `tiny` (networks of 2.7 MiB): the processes' own memory (Python, torch, "
+                    "MONAI, Flower, Ray); setup_end_pss is the tree's PSS with every process up and each site's "
+                    "data checked, before any network exists"}
+    if small is not None:
+        model = sizes["small"]["bytes"]
+        peak = small["peak"]
+        entry = {"peak_pss": peak["pss"], "peak_rss": peak["rss"], "model_bytes": model,
+                 "ratio_pss": peak["pss"] / model, "ratio_rss": peak["rss"] / model,
+                 "peak_pss_by_kind": peak["pss_by_kind"], "peak_rss_by_kind": peak["rss_by_kind"],
+                 "client_actor_pss_at_peak": peak["client_actor_pss"], "pss_shmem_at_peak": peak["pss_shmem"],
+                 "stage_peak_pss": {k: v["peak"]["pss"] for k, v in small["stages"].items() if v["peak"]},
+                 "setup_end_pss": _setup_end_pss(small), "completed": small["completed"]}
+        if fixed is not None:
+            entry["fixed_cost_pss"] = fixed
+            entry["ratio_above_fixed_cost"] = (peak["pss"] - fixed) / model
+        result["small_4_sites"] = entry
+    if small is not None and steps is not None:
+        a, b = steps["peak"]["pss"], small["peak"]["pss"]
+        result["steps_check"] = {
+            "peak_pss_1_round_1_step": a, f"peak_pss_{small['rounds']}_rounds_{small['local_steps']}_steps": b,
+            "difference": b - a, "difference_in_model_sizes": (b - a) / sizes["small"]["bytes"],
+            "relative_difference": (b - a) / b,
+            "stage_peaks_1x1": {k: v["peak"]["pss"] for k, v in steps["stages"].items() if v["peak"]},
+            "stage_peaks": {k: v["peak"]["pss"] for k, v in small["stages"].items() if v["peak"]}}
+    shm = {}
+    if small is not None:
+        shm = {stage: _shm_copies(small, stage, sizes["small"]["networks"][stage]["trainable_bytes"]) or 0.0
+               for stage in STAGE_NAMES}
+        result["transport_copies_at_small"] = shm
+    actors = max((len(r["peak"]["client_actor_pss"]) for r in (tiny, small) if r), default=2)
+    if fixed is not None and "small_pieces" in parts and small is not None:
+        predicted = compose(parts["small_pieces"]["pieces"], fixed, actors, shm, sizes["small"], actors)
+        measured = {k: v["peak"]["pss"] for k, v in small["stages"].items() if v["peak"]}
+        for stage, row in predicted["stages"].items():
+            row["measured_peak"] = measured.get(stage)
+            row["predicted_over_measured"] = row["estimated_peak"] / measured[stage] if measured.get(stage) else None
+        result["composition_check_at_small"] = predicted
+    if fixed is not None and "paper" in parts:
+        pieces = parts["paper"]["pieces"]
+        model = sizes["paper"]["bytes"]
+        together = compose(pieces, fixed, actors, shm, sizes["paper"], min(2, actors))
+        one_at_a_time = compose(pieces, fixed - (actors - 1) * _actor_baseline(tiny), 1, shm, sizes["paper"], 1)
+        per_machine = {}
+        if "server" in pieces:
+            per_machine["server"] = {"peak": pieces["server"]["peak"]["pss"],
+                                     "ratio": pieces["server"]["peak"]["pss"] / model}
+        for stage in STAGE_NAMES:
+            site = pieces.get(f"site_{stage}")
+            if site is not None and site["peak"] is not None:
+                per_machine[f"site_{stage}"] = {"peak": site["peak"]["pss"], "ratio": site["peak"]["pss"] / model,
+                                                "complete": site["returncode"] == 0 and site["stopped"] is None}
+        result["paper_2_sites"] = {
+            "model_bytes": model, "largest_stage": sizes["paper"]["largest_stage"],
+            "largest_stage_trainable_bytes": sizes["paper"]["largest_stage_trainable_bytes"],
+            "sites_concurrent": together, "ratio_sites_concurrent": (together["estimated_peak"] or 0) / model,
+            "sites_one_at_a_time": one_at_a_time, "ratio_sites_one_at_a_time": (one_at_a_time["estimated_peak"] or 0) / model,
+            "per_machine_deployment": per_machine,
+            "pieces": {name: {"returncode": p["returncode"], "stopped": p["stopped"], "seconds": p["seconds"],
+                              "baseline_pss": p["baseline_pss"], "peak_pss": p["peak"]["pss"] if p["peak"] else None,
+                              "phase_peak_pss": {k: v["pss"] for k, v in p["phase_peaks"].items() if v},
+                              "stage_peak_pss": {k: v["pss"] for k, v in p.get("stage_peaks", {}).items() if v}}
+                       for name, p in pieces.items()},
+        }
+    if "before" in parts:
+        result["fixes"] = before_after(parts, sizes)
+    result["parts"] = parts
+    return result
+
+
+def _actor_baseline(run: dict[str, Any] | None) -> float:
+    """One Ray actor's PSS with its imports and a site's data (the smallest actor at a run's peak)."""
+    if not run or not run["peak"]["client_actor_pss"]:
+        return 0.0
+    return float(min(run["peak"]["client_actor_pss"].values()))
+
+
+def before_after(parts: dict[str, Any], sizes: dict[str, Any]) -> dict[str, Any]:
+    """The same measurements with the code before the fixes (`--before`) and now."""
+    before = parts["before"]
+    out: dict[str, Any] = {"before_commit": before["commit"]}
+    tiny = parts.get("tiny")
+    if tiny is not None:
+        kinds = sorted(set(before["tiny"]["peak"]["pss_by_kind"]) | set(tiny["peak"]["pss_by_kind"]))
+        out["tiny_simulation"] = {
+            "before_peak_pss": before["tiny"]["peak"]["pss"], "after_peak_pss": tiny["peak"]["pss"],
+            "before_setup_end_pss": _setup_end_pss(before["tiny"]), "after_setup_end_pss": _setup_end_pss(tiny),
+            "before_processes": before["tiny"]["peak"]["processes"], "after_processes": tiny["peak"]["processes"],
+            "peak_pss_by_kind": {k: [before["tiny"]["peak"]["pss_by_kind"].get(k, 0), tiny["peak"]["pss_by_kind"].get(k, 0)]
+                                 for k in kinds}}
+    paper = parts.get("paper")
+    if paper is not None:
+        old, new = before["paper"]["pieces"], paper["pieces"]
+        rows = {}
+        for stage in STAGE_NAMES:
+            if "server" in old and "server" in new:
+                a, b = _server_work(old["server"], stage), _server_work(new["server"], stage)
+                if a and b:
+                    trainable = sizes["paper"]["networks"][stage]["trainable_bytes"]
+                    rows[f"server_{stage}"] = {"before_work": a["work"], "after_work": b["work"],
+                                               "saved": a["work"] - b["work"],
+                                               "saved_in_stage_weights": (a["work"] - b["work"]) / trainable}
+            if f"site_{stage}" in old and f"site_{stage}" in new:
+                a, b = _site_work(old[f"site_{stage}"]), _site_work(new[f"site_{stage}"])
+                if a and b:
+                    trainable = sizes["paper"]["networks"][stage]["trainable_bytes"]
+                    rows[f"site_{stage}"] = {"before_work": a["work"], "after_work": b["work"],
+                                             "saved": a["work"] - b["work"],
+                                             "saved_in_stage_weights": (a["work"] - b["work"]) / trainable,
+                                             "before_train_work": a["train_work"], "after_train_work": b["train_work"],
+                                             "before_evaluate_work": a["evaluate_work"],
+                                             "after_evaluate_work": b["evaluate_work"]}
+        out["paper_pieces"] = rows
+    return out
+
+
+def _gib(value: float | None) -> str:
+    return "?" if value is None else f"{value / GIB:.2f}"
 
 
 def summary_line(result: dict[str, Any]) -> str:
-    return "memory bench"
+    machine = result.get("machine", {})
+    parts = [f"memory bench ({machine.get('cpu_count')} CPUs, load {machine.get('load_average_before', ['?'])[0]}"
+             f"->{machine.get('load_average_after', ['?'])[0]})"]
+    small = result.get("small_4_sites")
+    if small:
+        text = (f"small 4 sites: peak PSS {_gib(small['peak_pss'])} GiB (RSS {_gib(small['peak_rss'])}) = "
+                f"{small['ratio_pss']:.0f}x model ({small['model_bytes'] / MIB:.1f} MiB)")
+        if "fixed_cost_pss" in small:
+            text += (f"; fixed process cost {_gib(small['fixed_cost_pss'])} GiB, peak - fixed = "
+                     f"{small['ratio_above_fixed_cost']:.1f}x model")
+        parts.append(text)
+    steps = result.get("steps_check")
+    if steps:
+        parts.append(f"1x1 vs 2x3 rounds x steps: peak differs by {steps['difference'] / MIB:+.0f} MiB "
+                     f"({100 * steps['relative_difference']:+.1f}%)")
+    paper = result.get("paper_2_sites")
+    if paper:
+        model = paper["model_bytes"]
+        together, alone = paper["sites_concurrent"], paper["sites_one_at_a_time"]
+        parts.append(f"paper 2 sites (model {_gib(model)} GiB), estimated from measured pieces: peak "
+                     f"{_gib(together['estimated_peak'])} GiB = {paper['ratio_sites_concurrent']:.1f}x with both sites "
+                     f"training at once, {_gib(alone['estimated_peak'])} GiB = {paper['ratio_sites_one_at_a_time']:.1f}x "
+                     f"one at a time (goal {GOAL_RATIO:g}x); per machine: " + ", ".join(
+                         f"{k} {v['ratio']:.1f}x" for k, v in paper["per_machine_deployment"].items()))
+    fixes = result.get("fixes", {}).get("paper_pieces")
+    if fixes:
+        parts.append("fixes at paper (working memory saved, in stage weights): " + ", ".join(
+            f"{k} {v['saved_in_stage_weights']:.1f}" for k, v in fixes.items()))
+    tiny = result.get("fixes", {}).get("tiny_simulation")
+    if tiny:
+        parts.append(f"tiny simulation peak {_gib(tiny['before_peak_pss'])} -> {_gib(tiny['after_peak_pss'])} GiB")
+    return "; ".join(parts)
 
 
 PARTS = ("tiny", "small", "steps", "small_pieces", "paper", "before")

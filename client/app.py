@@ -34,7 +34,7 @@ from braing3n_core.config import ConfigError
 from braing3n_core.evaluation.heads import FeatureStats
 from braing3n_core.evaluation.pooled import FourierKernel
 from braing3n_core.federation.approvals import admit
-from braing3n_core.federation.arrays import Arrays, load_arrays
+from braing3n_core.federation.arrays import Arrays, ArraysView, load_arrays
 from braing3n_core.federation.probes import (
     heads_from_arrays,
     label_census,
@@ -153,7 +153,8 @@ def _journal_entry(msg: Message, reply: Message, seconds: float) -> JournalEntry
     site = content.config_records.get(Record.SITE, {})
     norm = None
     if kind == "train" and Record.ARRAYS in content.array_records and Record.ARRAYS in msg.content.array_records:
-        sent, back = _arrays(msg.content[Record.ARRAYS]), _arrays(content[Record.ARRAYS])
+        # one array of each at a time: two whole copies of the model here were a site's memory peak at `paper`
+        sent, back = ArraysView(msg.content[Record.ARRAYS]), ArraysView(content[Record.ARRAYS])
         norm = update_norm(back, sent) if set(sent) == set(back) else None
     return JournalEntry.of_reply(message, config, seconds, metrics=metrics, update_norm=norm,
                                  worker=str(site.get("worker", "")))
@@ -162,7 +163,7 @@ def _journal_entry(msg: Message, reply: Message, seconds: float) -> JournalEntry
 @app.train(mods=[privacy_mod])  # client-side DP clipping and SecAgg+ (client/mods.py); train only
 @_guarded
 def train(msg: Message, config: ConfigRecord, runtime: SiteRuntime) -> Message:
-    reference = _arrays(msg.content[Record.ARRAYS])
+    reference = ArraysView(msg.content[Record.ARRAYS])  # the message holds the weights; no second copy while training
     if config.get("stage") == PROBES:
         request = ProbeRoundRequest.from_config(config)
         tasks = [task for task, _ in tasks_from_json(request.tasks)]
@@ -185,7 +186,7 @@ def train(msg: Message, config: ConfigRecord, runtime: SiteRuntime) -> Message:
 @app.evaluate()
 @_guarded
 def evaluate(msg: Message, config: ConfigRecord, runtime: SiteRuntime) -> Message:
-    weights = _arrays(msg.content[Record.ARRAYS])
+    weights = ArraysView(msg.content[Record.ARRAYS])
     if config.get("stage") == PROBES:
         request = ProbeRoundRequest.from_config(config)
         pairs = tasks_from_json(request.tasks)

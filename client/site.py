@@ -159,12 +159,17 @@ class SiteRuntime:
     def inputs(self, stage: Stage, preset: str, encoder_sha: str = "") -> SiteInputs:
         """The site's data and, for stages on the frozen encoder, its token cache."""
         data = self.data(preset)
-        tokens = None
-        if stage.needs_encoder:
-            tokens = TokenCache(self.config.resolved_cache_dir, self.encoder(encoder_sha), data.preset, data.cache, self.device)
+        tokens = self._token_cache(data, encoder_sha) if stage.needs_encoder else None
         return SiteInputs(data, tokens)
 
     def probe_inputs(self, preset: str, encoder_sha: str) -> SiteInputs:
         data = self.data(preset)
-        return SiteInputs(data, TokenCache(self.config.resolved_cache_dir, self.encoder(encoder_sha), data.preset,
-                                           data.cache, self.device))
+        return SiteInputs(data, self._token_cache(data, encoder_sha))
+
+    def _token_cache(self, data: SiteData, encoder_sha: str) -> TokenCache:
+        """The token cache of the installed encoder `encoder_sha`, which is loaded (and verified) only if a scan
+        has no cached tokens: a round on cached tokens keeps no encoder in memory."""
+        if not self.has_encoder(encoder_sha):
+            self.encoder(encoder_sha)  # declines, naming the missing encoder
+        return TokenCache(self.config.resolved_cache_dir, lambda: self.encoder(encoder_sha), data.preset, data.cache,
+                          self.device, sha256=encoder_sha)

@@ -89,6 +89,9 @@ def run_stage(federation: Federation, spec: StageRunConfig) -> None:
     trained = {name for name, _ in model.named_parameters()}
     rounds = StageRounds(federation, spec, strategy, stage.model_config(model),
                          untrained=[k for k in arrays if k not in trained])  # buffers (DiT token statistics)
+    # From here the global weights are `arrays` alone: the network object (and a resumed run's checkpoint)
+    # would keep the stage's first weights for the whole stage, a second model's worth from round 2 on.
+    del model, last
     for server_round in range(start, spec.rounds + 1):
         started = time.perf_counter()
         if federation.config.secure_aggregation.applies_to(spec.name):
@@ -191,6 +194,8 @@ class StageRounds:
             config = dp.train_config(config)
         messages = list(self.strategy.configure_train(server_round, to_array_record(arrays), config, federation.grid))
         replies = federation.send(federation.inject_faults(messages, spec.name, server_round), spec.name, server_round)
+        asked = len(messages)
+        del messages  # the serialized global weights (a model's worth) are not needed past the exchange
         accepted, verdicts = screen_replies(replies, arrays, federation.config.update_norm_bound, federation.node_sites)
         if dp is not None:  # Flower's DP clipping divides by the update norm (flwrlabs/flower#7631)
             zero = {v.node_id for v in verdicts if v.kind == "accepted" and v.update_norm == 0.0}
@@ -209,16 +214,18 @@ class StageRounds:
             aggregated, metrics = self.strategy.aggregate_train(server_round, accepted)
         if aggregated is None:
             raise FederationError(f"stage {spec.name} round {server_round}: the strategy aggregated nothing")
+        sites = len(accepted)
+        del replies, accepted  # the sites' weights (a model's worth each) live on in the aggregate only
         new = as_reference_dtypes(aggregated, arrays)
         bad = [k for k, v in new.items() if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
         if bad:
             raise FederationError(f"stage {spec.name} round {server_round}: aggregate has NaN/Inf in {bad[:3]}")
         values = dict(metrics or {})
-        federation.run.log(spec.name, server_round, "aggregate", "train", sites=len(accepted), lr=request.lr,
+        federation.run.log(spec.name, server_round, "aggregate", "train", sites=sites, lr=request.lr,
                            round_seconds=time.perf_counter() - started, **values)
         if dp is not None:
             log_client_dp(federation, spec.name, server_round)
-        say(f"{spec.name} round {server_round}: {len(accepted)}/{len(messages)} sites accepted, "
+        say(f"{spec.name} round {server_round}: {sites}/{asked} sites accepted, "
             f"train/loss {values.get('train/loss', float('nan')):.4f}")
         return new
 

@@ -88,7 +88,6 @@ class Federation:
     expected_sites: int | None = None
     node_sites: dict[int, str] = field(default_factory=dict)
     encoder_sha: str = ""
-    encoder_arrays: dict[str, np.ndarray] = field(default_factory=dict)
     encoder_config: dict[str, Any] = field(default_factory=dict)
     client_dp: ClientLevelDP | None = None  # one per run: its accountant spans every DP stage
 
@@ -208,8 +207,10 @@ class Federation:
 
     # --- encoder ------------------------------------------------------------------------------------------
 
-    def load_encoder(self) -> None:
-        """The frozen encoder: this run's final MAE, or `start_from.mae`."""
+    def load_encoder(self) -> dict[str, np.ndarray]:
+        """The frozen encoder: this run's final MAE, or `start_from.mae`. Sets its hash and config and returns
+        its arrays, which are not kept: a site needs them once per run, and at `paper` they are 0.8 GB that
+        would stay in the server's memory through the decoder and DiT stages."""
         path = self.run.final_path(MAE) if self.run.is_final(MAE) else self.config.start_from.get(MAE)
         if path is None:
             raise FederationError("no encoder: the mae stage has not finished and start_from.mae is not set")
@@ -217,19 +218,21 @@ class Federation:
             model, checkpoint = load_stage_model(path, expected_stage=MAE)
         except CheckpointError as error:
             raise FederationError(str(error)) from None
-        self.encoder_arrays = module_arrays(model.encoder)
         self.encoder_config = dict(checkpoint.meta["model_config"])
         self.encoder_sha = encoder_sha256(model.encoder)
+        return module_arrays(model.encoder)
 
     def ensure_encoder(self, stage: str) -> None:
         """Install the encoder on every site that lacks it (normally once per site per run)."""
-        if not self.encoder_sha:
-            self.load_encoder()
+        arrays = None if self.encoder_sha else self.load_encoder()
         missing = [node for node, holds in self.hello(stage).items() if not holds]
         if not missing:
             return
+        if arrays is None:
+            arrays = self.load_encoder()
         replies = self.query(Action.INSTALL_ENCODER, stage, InstallEncoder(encoder_config=self.encoder_config),
-                             nodes=missing, arrays={Record.ENCODER: to_array_record(self.encoder_arrays)})
+                             nodes=missing, arrays={Record.ENCODER: to_array_record(arrays)})
+        del arrays
         for reply in replies:
             site = SiteReply.from_config(reply.content.config_records[Record.SITE]).site_id
             self.run.log(stage, 0, site, "encoder_installed", encoder_sha256=self.encoder_sha)

@@ -384,7 +384,7 @@ def test_server_momentum_steps_from_the_given_weights_and_resumes_from_a_checkpo
     from flwr.supercore.task_identity import TaskIdentity
 
     from braing3n_core.federation.run_config import FedAvgMConfig
-    from server.aggregation import to_array_record
+    from server.aggregation import as_reference_dtypes, to_array_record
 
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # what a ServerApp's messages carry
         monkeypatch.setattr(TaskIdentity, name, value)
@@ -396,7 +396,8 @@ def test_server_momentum_steps_from_the_given_weights_and_resumes_from_a_checkpo
         list(strategy.configure_train(server_round, to_array_record(weights), ConfigRecord({}), _NoGrid()))
         replies = [_reply(1, "a", {k: weights[k] + site[k] for k in weights})]
         arrays, _ = strategy.aggregate_train(server_round, replies)
-        return {k: arrays[k].numpy() for k in weights}
+        # as the round loop does: Flower's FedAvgM keeps the record it returns, which this conversion empties
+        return as_reference_dtypes(arrays, weights)
 
     strategy = build_strategy(config, 1)
     assert isinstance(strategy, FedAvgM)
@@ -419,3 +420,62 @@ class _NoGrid:
 
     def get_node_ids(self):
         return [1]
+
+
+def test_a_reply_is_checked_one_array_at_a_time_and_the_aggregate_converted_by_consuming_it() -> None:
+    """Host memory at `paper` (bench/bench_memory.py): a stage's weights are GBs, so the server reads a reply's
+    serialized arrays one at a time (each once: checks and norm in one pass) instead of a second whole copy,
+    and converts the aggregate while dropping its serialized arrays."""
+    from braing3n_core.federation.arrays import ArraysView
+    from server.aggregation import as_reference_dtypes
+
+    reads: list[str] = []
+
+    class Counted:
+        def __init__(self, key: str, value: np.ndarray) -> None:
+            self.key, self.value = key, value
+
+        def numpy(self) -> np.ndarray:
+            reads.append(self.key)
+            return self.value.copy()
+
+    reply = {"w": np.full((3, 4), 0.5, np.float32), "b": np.ones(4, np.float32)}
+    view = ArraysView({k: Counted(k, v) for k, v in reply.items()})
+    assert len(view) == 2 and set(view) == {"w", "b"} and not reads  # keys without reading any array
+    reason, norm = check_reply_arrays(view, REFERENCE, 10.0)
+    assert reason is None and norm == pytest.approx(update_norm(reply, REFERENCE))
+    assert sorted(reads) == ["b", "w"]  # each array read once
+    aggregate = ArrayRecord({k: Array(v) for k, v in reply.items()})
+    converted = as_reference_dtypes(aggregate, REFERENCE)
+    assert len(aggregate) == 0  # the serialized copy is gone
+    assert all(np.array_equal(converted[k], reply[k]) and converted[k].dtype == np.float32 for k in reply)
+
+
+def test_a_site_round_on_cached_tokens_loads_no_encoder(synthetic_cohort, tmp_path: Path) -> None:
+    """Host memory (bench/bench_memory.py): a site holds the frozen encoder (0.8 GB at `paper`) only while it
+    encodes scans that have no cached tokens; a round on cached tokens (every round after the first) does not
+    load it, and an encoder the site does not hold is still refused up front."""
+    from braing3n_core.data.tokens import encoder_sha256
+    from braing3n_core.federation.arrays import module_arrays
+    from braing3n_core.federation.protocol import SiteDeclined
+    from braing3n_core.models import MAEConfig, MAEEncoder
+    from braing3n_core.presets import get_preset
+    from braing3n_core.training.stages import get_stage, stage_dataset
+    from client.site import SiteRuntime
+
+    site = SiteConfig.from_yaml(synthetic_cohort[0])
+    site_yaml = write_yaml(tmp_path / "site.yaml", {**site.to_yaml_dict(), "cache_dir": str(tmp_path / "cache")})
+    runtime = SiteRuntime(SiteConfig.from_yaml(site_yaml))
+    encoder = MAEEncoder(MAEConfig.from_preset(get_preset("tiny")))
+    sha = encoder_sha256(encoder)
+    runtime.install_encoder(sha, module_arrays(encoder), encoder.config.to_dict())
+    decoder, dit = get_stage("decoder"), get_stage("dit")
+    first = runtime.inputs(decoder, "tiny", sha)
+    assert not first.tokens.encoder_loaded
+    assert len(stage_dataset(decoder, [first], "train")) > 0  # encodes the scans: the encoder is loaded
+    assert first.tokens.encoder_loaded
+    again = runtime.inputs(dit, "tiny", sha)
+    assert len(stage_dataset(dit, [again], "train")) > 0
+    assert not again.tokens.encoder_loaded and again.tokens.encoder_sha256 == sha
+    with pytest.raises(SiteDeclined, match="does not hold encoder"):
+        runtime.inputs(dit, "tiny", "f" * 64)

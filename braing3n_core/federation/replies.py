@@ -26,20 +26,27 @@ def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.nda
 def check_reply_arrays(
     arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], norm_bound: float | None = None
 ) -> tuple[str | None, float]:
-    """(reason to reject or None, update norm). Checks keys, shapes, dtypes, NaN/Inf, then the norm bound."""
+    """(reason to reject or None, update norm). Checks keys, shapes, dtypes, NaN/Inf, then the norm bound.
+
+    One pass, reading each array once: `arrays` may be an `ArraysView` over a reply's serialized arrays,
+    which then never sits in memory whole beside the other replies."""
     missing, extra = sorted(set(reference) - set(arrays)), sorted(set(arrays) - set(reference))
     if missing or extra:
         return f"array keys differ from the global model (missing {missing[:5]}, unexpected {extra[:5]})", math.nan
+    squares = 0.0
     for key, ref in reference.items():
         value = arrays[key]
         if value.shape != ref.shape:
             return f"array {key!r} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}", math.nan
         if value.dtype != ref.dtype:
             return f"array {key!r} has dtype {value.dtype}, expected {ref.dtype}", math.nan
-        if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
-            bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
-            return f"array {key!r} holds {bad} NaN/Inf values", math.nan
-    norm = update_norm(arrays, reference)
+        if np.issubdtype(value.dtype, np.floating):
+            if not np.all(np.isfinite(value)):
+                bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+                return f"array {key!r} holds {bad} NaN/Inf values", math.nan
+            diff = np.asarray(value, dtype=np.float64) - ref.astype(np.float64)
+            squares += float(np.dot(diff.ravel(), diff.ravel()))
+    norm = math.sqrt(squares)
     if norm_bound is not None and norm > norm_bound:
         return f"update norm {norm:.4g} exceeds the bound {norm_bound:.4g}", norm
     return None, norm

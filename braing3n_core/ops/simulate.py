@@ -184,6 +184,10 @@ def simulate(
         # `ray.init()` without an address joins the cluster `ray start` last started on this machine, if
         # one runs; "local" makes a local run start its own Ray whatever runs beside it.
         env["RAY_ADDRESS"] = "local"
+        # Ray prestarts one idle Python worker per CPU for the first driver; Flower's actors never run in
+        # them (they carry the run's runtime env), so each is ~50 MB of host memory for nothing
+        # (bench/bench_memory.py), 16 of them on a 16-core host.
+        env.setdefault("RAY_prestart_worker_first_driver", "0")
     port = free_port()
     link_log = logs / "superlink.log"
     started = time.time()

@@ -134,7 +134,7 @@ def test_a_workers_copy_of_the_token_cache_reads_but_never_encodes(site, tmp_pat
     first, second = site.data.splits["train"][:2]
     cache.ensure([first])
     copy = pickle.loads(pickle.dumps(cache))  # what travels to a data-parallel worker
-    assert copy.encoder is None and torch.equal(copy.tokens(first), cache.tokens(first))
+    assert not copy.encoder_loaded and torch.equal(copy.tokens(first), cache.tokens(first))
     with pytest.raises(PreprocessingError, match="read-only copy"):
         copy.tokens(second)
 

@@ -81,7 +81,8 @@ class TokenCache:
     @property
     def encoder(self) -> MAEEncoder:
         if self._encoder is None:
-            assert self._load is not None
+            if self._load is None:
+                raise RuntimeError("this copy of the token cache only reads (a data-parallel worker's): it has no encoder")
             self._encoder = self._load().eval().requires_grad_(False)
         return self._encoder
 
@@ -111,7 +112,7 @@ class TokenCache:
         A scan that cannot be preprocessed is left out and recorded in `failures` (never fatal).
         """
         missing = [r for r in records if self.key(r) not in self.store]
-        if missing and self.encoder is None:
+        if missing and self._encoder is None and self._load is None:
             raise PreprocessingError(missing[0].path, "no cached tokens, and this read-only copy of the token cache "
                                      "(a data-parallel worker's) cannot encode; the cache changed during the round")
         show = sys.stderr.isatty() if progress is None else progress

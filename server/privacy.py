@@ -50,6 +50,7 @@ from flwr.serverapp.strategy import (
 
 from braing3n_core.federation.protocol import ClientClipping
 from braing3n_core.federation.run_config import ClientDPConfig, SecureAggregationConfig
+from server.transport import WrappedGrid
 
 # --- client-level DP -------------------------------------------------------------------------------------
 
@@ -151,25 +152,12 @@ class ClientLevelDP:
 # --- secure aggregation ------------------------------------------------------------------------------------
 
 
-class LoggingGrid(Grid):
+class LoggingGrid(WrappedGrid):
     """A Grid that records every message it moves (the SecAgg+ workflow talks to the Grid directly)."""
 
     def __init__(self, grid: Grid, record: Callable[[Message, str], None]) -> None:
-        self.grid, self.record = grid, record
-
-    def set_run(self, run: Any) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Any:  # type: ignore[override]
-        return self.grid.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
+        super().__init__(grid)
+        self.record = record
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)

@@ -109,11 +109,12 @@ def stamp(messages: Iterable[Message], recipe_json: str) -> None:
             message.content[Record.JOB] = ConfigRecord(JobRecipe(recipe=recipe_json).to_config())
 
 
-class JobGrid(Grid):
-    """The run's Grid, with its recipe stamped on every message it pushes."""
+class WrappedGrid(Grid):
+    """A Grid that hands every call to the Grid it wraps; subclasses change what they must (Flower's `Grid` is
+    abstract, so a wrapper has to spell out each method once: here)."""
 
-    def __init__(self, grid: Grid, recipe_json: str) -> None:
-        self.grid, self.recipe_json = grid, recipe_json
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
 
     def set_run(self, run: Any) -> None:
         self.grid.set_run(run)
@@ -133,12 +134,26 @@ class JobGrid(Grid):
         return self.grid.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        messages = list(messages)
-        stamp(messages, self.recipe_json)
         return self.grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+class JobGrid(WrappedGrid):
+    """The run's Grid, with its recipe stamped on every message it pushes."""
+
+    def __init__(self, grid: Grid, recipe_json: str) -> None:
+        super().__init__(grid)
+        self.recipe_json = recipe_json
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        stamp(messages, self.recipe_json)
+        return self.grid.push_messages(messages)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)

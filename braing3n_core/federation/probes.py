@@ -67,7 +67,7 @@ def site_probe_data(site: SiteInputs) -> SiteProbeData:
 
     def side(records: list[ScanRecord]) -> tuple[np.ndarray, ProbeTable]:
         usable = site.tokens.ensure(records)
-        width = site.tokens.encoder.config.width
+        width = site.tokens.preset.mae.width  # the preset's, so that no encoder is loaded just for a shape
         features = np.stack([site.tokens.tokens(r).mean(0).numpy() for r in usable]) if usable else np.zeros((0, width))
         return features.astype(np.float64), ProbeTable(tuple(probe_sample(r) for r in usable))
 

@@ -350,6 +350,18 @@ def export_code(ref: str, out: Path) -> tuple[Path, str]:
     return folder, sha
 
 
+def run_measured(command: list[str], log_path: Path, args: argparse.Namespace,
+                 code: Path | None) -> tuple[int, TreeMemory]:
+    """Run `command` (with the code of `code`, or this checkout's) to completion, output to `log_path`, while
+    sampling its process tree's memory under the benchmark's guard."""
+    with open(log_path, "wb") as log:
+        env, cwd = code_env(code)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                   preexec_fn=_first_to_die)
+        with TreeMemory(process.pid, args.interval, args.limit_gib * GIB, args.floor_gib * GIB) as memory:
+            return process.wait(), memory
+
+
 def measure_simulation(label: str, site_yamls: Sequence[Path], run_yaml: Path, run_dir: Path, args: argparse.Namespace,
                        code: Path | None = None) -> dict[str, Any]:
     """`python -m braing3n_core simulate` as a subprocess, its whole process tree sampled from /proc."""
@@ -362,12 +374,7 @@ def measure_simulation(label: str, site_yamls: Sequence[Path], run_yaml: Path, r
     print(f"[memory bench] {label}: simulation (load {os.getloadavg()[0]:.1f}) …", file=sys.stderr, flush=True)
     load_before = load_average()
     started = time.time()
-    with open(run_dir.parent / f"{run_dir.name}.log", "wb") as log:
-        env, cwd = code_env(code)
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                   preexec_fn=_first_to_die)
-        with TreeMemory(process.pid, args.interval, args.limit_gib * GIB, args.floor_gib * GIB) as memory:
-            returncode = process.wait()
+    returncode, memory = run_measured(command, run_dir.parent / f"{run_dir.name}.log", args, code)
     ended = time.time()
     windows = stage_windows(run_dir, started, ended)
     result = {
@@ -627,12 +634,7 @@ def measure_child(label: str, argv: list[str], out: Path, args: argparse.Namespa
     command = [sys.executable, str(Path(__file__).resolve()), "--child", *argv, "--phases", str(phases_path)]
     print(f"[memory bench] {label} (load {os.getloadavg()[0]:.1f}) …", file=sys.stderr, flush=True)
     started = time.time()
-    with open(out / f"{label}.log", "wb") as log:
-        env, cwd = code_env(code)
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                   preexec_fn=_first_to_die)
-        with TreeMemory(process.pid, args.interval, args.limit_gib * GIB, args.floor_gib * GIB) as memory:
-            returncode = process.wait()
+    returncode, memory = run_measured(command, out / f"{label}.log", args, code)
     ended = time.time()
     stages = {}
     if run_dir is not None and (run_dir / "messages.jsonl").is_file():  # the server's stages

@@ -52,14 +52,14 @@ from braing3n_core.data.tokens import TokenCache  # noqa: E402
 from braing3n_core.federation.protocol import RoundParams  # noqa: E402
 from braing3n_core.federation.site_round import train_site_round  # noqa: E402
 from braing3n_core.fileio import atomic_write_json  # noqa: E402
-from braing3n_core.ops.flower import executable, free_port, kill_process_tree  # noqa: E402
+from braing3n_core.ops.flower import free_port, kill_process_tree  # noqa: E402
+from braing3n_core.ops.simulate import RAY_ENV, start_ray_node  # noqa: E402
 from braing3n_core.presets import get_preset  # noqa: E402
 from braing3n_core.site_config import SiteConfig  # noqa: E402
 from braing3n_core.training.examples import SiteInputs, token_moments  # noqa: E402
 from braing3n_core.training.stages import get_stage, stage_dataset  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale.json"
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
 
 
 # --- the site -------------------------------------------------------------------------------------------------
@@ -145,20 +145,6 @@ def rounds_only(args: argparse.Namespace) -> int:
 
 
 # --- simulation: local Ray vs a two-node Ray cluster ------------------------------------------------------------
-
-
-def start_ray_node(arguments: list[str], log: Path) -> subprocess.Popen:
-    with open(log, "wb") as handle:
-        node = subprocess.Popen([executable("ray"), "start", "--block", "--disable-usage-stats", *arguments],
-                                stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **RAY_ENV},
-                                start_new_session=True)
-    deadline = time.monotonic() + 180
-    while "block forever" not in log.read_text(errors="replace"):
-        if node.poll() is not None or time.monotonic() > deadline:
-            kill_process_tree(node.pid)
-            raise RuntimeError(f"ray start {' '.join(arguments)} did not come up: {log.read_text(errors='replace')[-2000:]}")
-        time.sleep(0.2)
-    return node
 
 
 def simulate_once(sites: list[Path], run_yaml: Path, out: Path, address: str | None) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,15 +18,14 @@ import yaml
 from conftest import write_site_yamls
 
 from braing3n_core.config import ConfigError
-from braing3n_core.ops.flower import executable, free_port, kill_process_tree
-from braing3n_core.ops.simulate import check_ray_address, federation_config
+from braing3n_core.ops.flower import free_port, kill_process_tree
+from braing3n_core.ops.simulate import RAY_ENV, check_ray_address, federation_config, start_ray_node
 
 RUN = {
     "name": "ray-cluster", "preset": "tiny", "seed": 0, "min_sites": 2, "round_timeout_s": 300,
     "stages": [{"name": "mae", "rounds": 2, "local_steps": 1, "batch_size": 2}],
     "probes": {"enabled": False},
 }
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def test_federation_config_joins_a_cluster_without_sizing_it() -> None:
@@ -47,20 +45,6 @@ def test_a_ray_address_nobody_answers_is_refused_with_the_fix() -> None:
     check_ray_address("auto")  # resolved by Ray itself
 
 
-def _start_node(arguments: list[str], log: Path) -> subprocess.Popen:
-    with open(log, "wb") as handle:
-        node = subprocess.Popen([executable("ray"), "start", "--block", "--disable-usage-stats", *arguments],
-                                stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **RAY_ENV},
-                                start_new_session=True)
-    deadline = time.monotonic() + 120
-    while "block forever" not in log.read_text(errors="replace"):
-        if node.poll() is not None or time.monotonic() > deadline:
-            kill_process_tree(node.pid)
-            raise RuntimeError(f"ray start {' '.join(arguments)} did not come up: {log.read_text(errors='replace')[-2000:]}")
-        time.sleep(0.2)
-    return node
-
-
 def _node_resources(address: str) -> dict[str, list[str]]:
     """Node id → the custom resources it was started with (asked of the cluster by a separate driver)."""
     probe = (f"import json, ray; ray.init(address={address!r}, logging_level='ERROR'); "
@@ -76,9 +60,9 @@ def test_sites_run_on_both_nodes_of_a_two_node_cluster(synthetic_cohort, tmp_pat
     address = f"127.0.0.1:{port}"
     nodes: list[subprocess.Popen] = []
     try:
-        nodes.append(_start_node(["--head", "--port", str(port), "--num-cpus", "1", "--resources", '{"head_node": 1}',
+        nodes.append(start_ray_node(["--head", "--port", str(port), "--num-cpus", "1", "--resources", '{"head_node": 1}',
                                   "--include-dashboard", "false"], tmp_path / "head.log"))
-        nodes.append(_start_node(["--address", address, "--num-cpus", "1", "--resources", '{"second_node": 1}'],
+        nodes.append(start_ray_node(["--address", address, "--num-cpus", "1", "--resources", '{"second_node": 1}'],
                                  tmp_path / "second.log"))
         resources = _node_resources(address)
         head = next(node for node, names in resources.items() if "head_node" in names)

@@ -126,6 +126,26 @@ def check_ray_address(address: str) -> None:
                           "on each worker machine") from None
 
 
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def start_ray_node(arguments: Sequence[str], log: Path, timeout_s: float = 180.0) -> subprocess.Popen:
+    """`ray start --block ARGUMENTS` in its own session (stop it with `kill_process_tree(node.pid)`), output
+    to `log`; returns once the node is up, or raises with the log's tail. What a cluster test or benchmark on
+    one machine starts: a head (`--head --port P`) and nodes joining it (`--address HOST:P`)."""
+    with open(log, "wb") as handle:
+        node = subprocess.Popen([executable("ray"), "start", "--block", "--disable-usage-stats", *arguments],
+                                stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **RAY_ENV},
+                                start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while "block forever" not in log.read_text(errors="replace"):
+        if node.poll() is not None or time.monotonic() > deadline:
+            kill_process_tree(node.pid)
+            raise RuntimeError(f"ray start {' '.join(arguments)} did not come up: {log.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.2)
+    return node
+
+
 def federation_config(n_sites: int, cpus_per_site: int, gpus_per_site: float, local_cores: int | None) -> str:
     """`flwr run --federation-config` of a simulation. `local_cores` is the Ray instance this run starts
     itself; None joins an existing cluster (RAY_ADDRESS), where Ray refuses `num_cpus` at `ray.init`."""

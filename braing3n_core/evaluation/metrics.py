@@ -10,6 +10,11 @@ z-scores have no natural maximum, so PSNR and SSIM use one fixed window for ever
   (2μxμy + c1)/(μx² + μy² + c1) is meant for non-negative intensities; on signed z-scores local means
   near 0 of opposite sign would swing it between −1 and 1. The shift leaves the contrast/structure
   terms unchanged (they are shift-invariant).
+- SSIM is MONAI's (`compute_ssim_and_cs`: Gaussian window 11, σ 1.5, k1 0.01, k2 0.03) computed with the
+  Gaussian applied as three 1-D passes (`_gaussian_filter`) instead of MONAI's dense 11³ kernel: the window
+  is separable, so the map is the same (to float rounding; tested against MONAI) at 33 instead of 1,331
+  multiply-adds per voxel. MONAI's dense conv3d took 3.4 s of a decoder's 3.7 s validation step per volume
+  at `small`; the whole map now takes a few percent of it.
 
 Metric names: `val/*` for reconstruction, `gen/*` for generation (see `VAL_METRICS`, `GEN_METRICS`).
 """
@@ -23,8 +28,7 @@ from itertools import combinations
 
 import numpy as np
 import torch
-from monai.metrics import MAEMetric, MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
-from monai.metrics.regression import compute_ssim_and_cs
+from monai.metrics import MAEMetric, MultiScaleSSIMMetric, PSNRMetric
 from scipy.stats import norm
 
 from braing3n_core.evaluation.probe_tasks import ProbeTable, evaluate_predictions
@@ -117,35 +121,50 @@ def mae(pred, target, *, mask=None) -> torch.Tensor:
     return _masked_batch_metric(metric, pred, target, _mask(mask, pred))
 
 
+def _gaussian_1d(size: int, sigma: float) -> torch.Tensor:
+    """The normalised 1-D Gaussian MONAI builds its SSIM window from (its outer product in 3D)."""
+    offsets = torch.arange((1 - size) / 2, (1 + size) / 2, 1.0)
+    weights = torch.exp(-((offsets / sigma) ** 2) / 2)
+    return weights / weights.sum()
+
+
+def _gaussian_filter(volumes: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """'Valid' Gaussian filtering of every channel of [B, C, D, H, W] → [B, C, D-k+1, H-k+1, W-k+1], one axis at
+    a time (the 3-D Gaussian window is the product of three 1-D ones)."""
+    channels = volumes.shape[1]
+    taps = _gaussian_1d(size, sigma).to(volumes)
+    for axis in range(3):
+        shape = [1, 1, 1]
+        shape[axis] = size
+        kernel = taps.view(1, 1, *shape).expand(channels, 1, *shape)
+        volumes = torch.nn.functional.conv3d(volumes, kernel, groups=channels)
+    return volumes
+
+
+def ssim_map(pred: torch.Tensor, target: torch.Tensor, *, data_range: float, size: int = SSIM_KERNEL_SIZE,
+             sigma: float = SSIM_KERNEL_SIGMA, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+    """MONAI's SSIM map (`compute_ssim_and_cs`) of [B, C, D, H, W] volumes → [B, C, D-k+1, H-k+1, W-k+1]."""
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    moments = _gaussian_filter(torch.cat([pred, target, pred * pred, target * target, pred * target], dim=1), size, sigma)
+    mu_x, mu_y, mu_xx, mu_yy, mu_xy = moments.chunk(5, dim=1)
+    sigma_x, sigma_y, sigma_xy = mu_xx - mu_x * mu_x, mu_yy - mu_y * mu_y, mu_xy - mu_x * mu_y
+    contrast = (2 * sigma_xy + c2) / (sigma_x + sigma_y + c2)
+    return (2 * mu_x * mu_y + c1) / (mu_x * mu_x + mu_y * mu_y + c1) * contrast
+
+
 def ssim(pred, target, *, mask=None, window: tuple[float, float] = Z_SCORE_WINDOW) -> torch.Tensor:
     """3D SSIM [B] (Gaussian window 11, σ 1.5). With `mask`, the SSIM map is averaged over the voxels
     whose window centre lies in the mask (the map is 'valid' convolution: k // 2 smaller per side)."""
     pred, target = _volumes(pred, target)
     low, high = window
-    pred, target = pred - low, target - low
     if min(pred.shape[2:]) < SSIM_KERNEL_SIZE:
         raise ValueError(f"SSIM needs volumes of ≥ {SSIM_KERNEL_SIZE} voxels per side, got {tuple(pred.shape[2:])}")
+    values = ssim_map(pred - low, target - low, data_range=high - low)  # B, C, D - k + 1, H - k + 1, W - k + 1
     if mask is None:
-        metric = SSIMMetric(
-            spatial_dims=3,
-            data_range=high - low,
-            win_size=SSIM_KERNEL_SIZE,
-            kernel_sigma=SSIM_KERNEL_SIGMA,
-            reduction="none",
-        )
-        return metric(pred, target).view(-1)
-    mask = _mask(mask, pred)
-    ssim_map, _ = compute_ssim_and_cs(
-        pred,
-        target,
-        spatial_dims=3,
-        kernel_size=(SSIM_KERNEL_SIZE,) * 3,
-        kernel_sigma=(SSIM_KERNEL_SIGMA,) * 3,
-        data_range=high - low,
-    )  # B, C, D - k + 1, H - k + 1, W - k + 1
+        return values.flatten(1).mean(1)
     r = SSIM_KERNEL_SIZE // 2
-    centres = mask[:, :, r:-r, r:-r, r:-r].float()
-    return (ssim_map * centres).flatten(1).sum(1) / centres.flatten(1).sum(1).clamp(min=1)
+    centres = _mask(mask, pred)[:, :, r:-r, r:-r, r:-r].float()
+    return (values * centres).flatten(1).sum(1) / centres.flatten(1).sum(1).clamp(min=1)
 
 
 @dataclass(frozen=True)

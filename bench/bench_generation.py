@@ -8,9 +8,10 @@ control), FD and MMD against real-vs-real at equal sizes, the guidance sweep, an
 - FD generated-vs-real within 2× of real-vs-real (equal sizes);
 - forecast regional volume-change error ≥ 30 % below no-change.
 
-Prints one summary line; writes bench/results/generation.json (with the machine's load: it is shared).
+Prints one summary line; writes bench/results/generation.json, or generation-NAME.json with `--name` (the
+longer run of `runs-config/long.yaml` is `--name long`), with the machine's load: it is shared.
 
-    python bench/bench_generation.py [--run runs/demo] [--n 8] [--steps 8] [--guidance 1.0,1.5,3.0]
+    python bench/bench_generation.py [--run runs/demo] [--n 8] [--steps 8] [--guidance 1.0,1.5,3.0] [--name NAME]
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--guidance", default="1.0,1.5,3.0")
     parser.add_argument("--no-forecast", dest="forecast", action="store_false")
+    parser.add_argument("--name", default="", help="results file generation-NAME.json (default: generation.json)")
     args = parser.parse_args()
     run = Path(args.run)
     sites = [Path(p) for p in args.sites] if args.sites else sorted((run / "cohort" / "sites").glob("*.yaml"))
@@ -114,7 +116,8 @@ def main() -> int:
         "machine": machine_info(load),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "generation.json").write_text(json.dumps(record, indent=1, default=str))
+    (RESULTS / (f"generation-{args.name}.json" if args.name else "generation.json")).write_text(
+        json.dumps(record, indent=1, default=str))
     print(f"generation ({args.n} per set, {args.steps} steps, {seconds:.0f} s): {record['summary']}")
     return 0
 

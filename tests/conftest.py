@@ -39,14 +39,26 @@ def synthetic_cohort(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
       exist; participants.tsv (sex, age, diagnosis, mmse with n/a), sub-*/sub-*_sessions.tsv;
     - ground truth per scan in <site>/derivatives/braing3n-truth/truth.tsv (volumes in ml) and label
       maps sub-*/ses-*/anat/*_desc-truth_dseg.nii.gz.
-    Images are skull-stripped (background exactly 0). Treat the folder as read-only: it is shared.
+    Images are skull-stripped (background exactly 0). Treat the folder as read-only: it is shared, also by
+    the pytest-xdist workers of one session: the first worker writes it under a file lock (~40 s on CI), the
+    others wait for it and read the same folder.
     """
+    import json
+
+    from filelock import FileLock
+
     from braing3n_core.data.cohort import CohortSpec, make_cohort
 
-    out = tmp_path_factory.mktemp("synthetic_cohort")
-    # One process: forking a test process that may already run torch threads is not worth the risk.
-    spec = CohortSpec(n_sites=2, subjects_per_site=6, seed=0, voxel_mm=4.0, workers=1, progress=False)
-    return make_cohort(spec, out_dir=out)
+    session = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        session = session.parent  # the folder all workers of this session share
+    out, done = session / "synthetic_cohort", session / "synthetic_cohort.json"
+    with FileLock(str(session / "synthetic_cohort.lock")):
+        if not done.is_file():
+            # One process: forking a test process that may already run torch threads is not worth the risk.
+            spec = CohortSpec(n_sites=2, subjects_per_site=6, seed=0, voxel_mm=4.0, workers=1, progress=False)
+            done.write_text(json.dumps([str(p) for p in make_cohort(spec, out_dir=out)]))
+    return [Path(p) for p in json.loads(done.read_text())]
 
 
 def write_site_yamls(cohort: list[Path], folder: Path, privacy: dict[str, dict] | None = None,

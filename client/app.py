@@ -38,6 +38,7 @@ from braing3n_core.federation.arrays import Arrays, ArraysView, load_arrays
 from braing3n_core.federation.probes import (
     heads_from_arrays,
     label_census,
+    ridge_census,
     score_heads,
     site_probe_data,
     tasks_from_json,
@@ -230,7 +231,7 @@ def _probe_census(msg: Message, query: Query, config: ConfigRecord, runtime: Sit
         raise SiteDeclined(f"site {runtime.site_id}: no usable train/val scans for the probes")
     stats = FeatureStats.from_features(data.fit_features)
     census = ProbeCensus(site_id=runtime.site_id, census=label_census(data))
-    return _reply(msg, census, stats.to_arrays(), {NUM_EXAMPLES: float(stats.count)})
+    return _reply(msg, census, stats.to_arrays() | ridge_census(data), {NUM_EXAMPLES: float(stats.count)})
 
 
 def _privacy_audit(msg: Message, query: Query, config: ConfigRecord, runtime: SiteRuntime) -> Message:

@@ -202,6 +202,9 @@ def test_probes_run_federated_and_no_raw_data_leaves_a_site(resumed_run) -> None
     width = load_encoder(run_dir / "checkpoints/mae/final.json").config.width
     heads = {f"{name}.{p}" for name in tasks for p in
              ("linear.weight", "linear.bias", "feature_mean", "feature_scale", "target_mean", "target_scale", "class_weights")}
+    moments = {f"ridge.{label}.{side}.{m}": [shape, "float64"] for label in ("age", "mmse") for side in ("train", "val")
+               for m, shape in (("count", [1]), ("sum_x", [width]), ("gram", [width, width]), ("sum_xy", [width]),
+                                ("sum_y", [2]))}
     for message in (m for m in messages(run_dir) if m["direction"] == "in" and m["stage"] == "probes" and "records" in m):
         for name, record in message["records"].items():
             if record["type"] != "arrays":
@@ -209,16 +212,21 @@ def test_probes_run_federated_and_no_raw_data_leaves_a_site(resumed_run) -> None
                 continue
             keys = set(record["arrays"])
             # Heads (K x E weights, E-sized statistics) or summed feature statistics: never [n_scans, ...].
-            assert keys <= heads or keys == {"count", "total", "total_sq"}, keys
+            assert keys <= heads or keys == {"count", "total", "total_sq"} | set(moments), keys
             for key, (shape, dtype) in record["arrays"].items():
-                assert len(shape) <= 2 and (not shape or shape[-1] in (1, width) or key.endswith(("linear.bias", "class_weights", "target_mean", "target_scale", "count"))), (key, shape)
-                if len(shape) == 2:
+                assert len(shape) <= 2 and (not shape or shape[-1] in (1, width) or key.endswith(("linear.bias", "class_weights", "target_mean", "target_scale", "count", "sum_y"))), (key, shape)
+                if len(shape) == 2 and not key.endswith(".gram"):
                     assert shape[0] == len(tasks[key.split(".")[0]]["classes"]) or shape[0] == 1, (key, shape)
     censuses = [m for m in messages(run_dir) if m["direction"] == "in" and "census" in m.get("records", {}).get("site", {}).get("keys", [])]
     assert {m["site"] for m in censuses} == {"site-a", "site-b"}
-    for census in censuses:  # per-site sums over E features, never a row per scan
+    for census in censuses:  # per-site sums over E features (and E x E second moments), never a row per scan
         assert census["records"]["arrays"]["arrays"] == {"count": [[1], "float64"], "total": [[width], "float64"],
-                                                         "total_sq": [[width], "float64"]}
+                                                         "total_sq": [[width], "float64"], **moments}
+    # The age head is the closed-form ridge solved from those moments; only classification heads train in rounds.
+    assert set(probes["ridge"]) == {"age", "mmse"} & set(tasks) and probes["ridge"]["age"]["alpha"] > 0
+    trained = [m["records"]["arrays"]["arrays"] for m in messages(run_dir) if m["direction"] == "in"
+               and m["stage"] == "probes" and m["type"] == "train" and "arrays" in m.get("records", {})]
+    assert trained and all(not key.startswith(("age.", "mmse.")) for arrays in trained for key in arrays)
 
 
 FAULTS = [

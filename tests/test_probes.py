@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
+from sklearn.linear_model import Ridge
+from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from braing3n_core.evaluation.heads import FeatureStats, LinearHead
+from braing3n_core.evaluation.heads import FeatureStats, LinearHead, RidgeMoments, fit_ridge
 from braing3n_core.evaluation.probe_report import render_report
 from braing3n_core.evaluation.probe_splits import SubjectSplit, outer_folds, subject_split, task_split
 from braing3n_core.evaluation.probe_tasks import (
@@ -278,6 +280,54 @@ def test_linear_head_trains_by_sgd_and_is_scored_by_the_shared_function(cohort) 
         metrics = evaluate_predictions(task, y_test, scores)
         key = "probe/sex_auroc" if task.name == "sex" else "probe/age_r2"
         assert metrics[key] > threshold, metrics
+
+
+def _site_moments(features: np.ndarray, ages: np.ndarray, sites: np.ndarray) -> RidgeMoments:
+    """Each site's moments, through their transport form, summed as the server sums them."""
+    parts = [RidgeMoments.from_rows(features[sites == s], ages[sites == s]) for s in sorted(set(sites))]
+    total = RidgeMoments.empty(features.shape[1])
+    for part in parts:
+        total = total + RidgeMoments.from_arrays(part.to_arrays("ridge.age.train"), "ridge.age.train")
+    return total
+
+
+def test_federated_ridge_is_the_ridge_of_all_sites_rows_pooled(cohort) -> None:
+    features, table = cohort
+    task = ProbeTask("age", "age", TaskKind.REGRESSION)
+    _, ages = task.targets(table)
+    sites = np.array([s.site_id for s in table.samples])
+    # Sites see different age ranges (the non-IID case where FedAvg of local SGD drifts): shift one site's features.
+    features = features + (sites == "site-0")[:, None] * 3.0
+    stats, target = FeatureStats.from_features(features), FeatureStats.from_features(ages)
+    for alpha in (0.1, 10.0, 1000.0):
+        fit = fit_ridge(_site_moments(features, ages, sites), RidgeMoments.empty(N_FEATURES), stats, target, [alpha])
+        head = LinearHead(task, stats, target_stats=target).set_ridge(fit)
+        pooled = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(features, (ages - target.mean) / target.scale)
+        expected = pooled.predict(features) * target.scale + target.mean
+        np.testing.assert_allclose(head.predict_scores(features), expected, atol=2e-3)  # float32 head
+        assert fit.alpha == alpha and np.isnan(fit.validation_rmse[alpha])  # no val rows: nothing to choose on
+
+
+def test_federated_ridge_chooses_alpha_on_the_validation_rows_exactly(cohort) -> None:
+    features, table = cohort
+    task = ProbeTask("age", "age", TaskKind.REGRESSION)
+    _, ages = task.targets(table)
+    sites = np.array([s.site_id for s in table.samples])
+    is_val = np.array([int(s.subject[-3:]) % 4 == 0 for s in table.samples])  # a quarter of the subjects
+    noisy = features + np.random.default_rng(0).normal(scale=4.0, size=features.shape)  # regularisation matters
+    stats, target = FeatureStats.from_features(noisy), FeatureStats.from_features(ages)
+    alphas = (0.01, 1.0, 100.0, 1e4, 1e6)
+    fit = fit_ridge(_site_moments(noisy[~is_val], ages[~is_val], sites[~is_val]),
+                    _site_moments(noisy[is_val], ages[is_val], sites[is_val]), stats, target, alphas)
+    x = stats.standardize(noisy)
+    for alpha in alphas:  # the curve is the validation RMSE of a ridge fitted on the train rows
+        model = Ridge(alpha=alpha).fit(x[~is_val], ages[~is_val])
+        rmse = np.sqrt(np.mean((model.predict(x[is_val]) - ages[is_val]) ** 2))
+        assert fit.validation_rmse[alpha] == pytest.approx(rmse, rel=1e-6), alpha
+    assert fit.alpha == min(alphas, key=fit.validation_rmse.get)
+    assert fit.validation_rmse[fit.alpha] < fit.validation_rmse[1e6]  # beats the nearly-constant predictor
+    refit = Ridge(alpha=fit.alpha).fit(x, (ages - target.mean[0]) / target.scale[0])  # then refitted on train + val
+    np.testing.assert_allclose(fit.weight, refit.coef_, rtol=1e-6, atol=1e-9)
 
 
 def test_evaluate_predictions_checks_its_inputs() -> None:

@@ -1,12 +1,17 @@
-"""Federated probe heads: summed feature statistics and the linear model a site trains by SGD.
+"""Federated probe heads: summed feature statistics, the linear model, and the closed-form ridge.
 
 `FeatureStats` (n, Σx, Σx²) add up across sites into the exact pooled mean and std, so no site shares
 features; `LinearHead` is the same linear probe as the centralized one (logistic or ridge), in torch,
-standardised with those federated statistics.
+standardised with those federated statistics. Logistic heads are trained by federated SGD; a ridge head
+has a closed form in the summed second moments (`RidgeMoments`: n, Σx, XᵀX, Xᵀy, Σy, Σy²), so
+`fit_ridge` solves it exactly — the very ridge of all sites' rows pooled, which FedAvg of local SGD is
+not: sites whose age ranges differ pull their local solutions apart (measured: the SGD age head was worse
+than predicting the mean while the pooled ridge beat it, on the same features).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -76,6 +81,108 @@ class FeatureStats:
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> FeatureStats:
         return cls(int(np.asarray(arrays["count"]).item()), np.asarray(arrays["total"]), np.asarray(arrays["total_sq"]))
+
+
+@dataclass(frozen=True)
+class RidgeMoments:
+    """Second moments of one regression task's rows, in float64: what a ridge fit needs, summable across sites.
+
+    An aggregate over the site's labelled rows ([F, F] for F features); like `FeatureStats`, it is
+    released outside DP-SGD's accounting (`privacy/dp.py` lists the probe census among such aggregates).
+    """
+
+    count: int
+    sum_x: np.ndarray  # [F]
+    gram: np.ndarray  # [F, F]: Σ x xᵀ
+    sum_xy: np.ndarray  # [F]: Σ x y
+    sum_y: float
+    sum_yy: float
+
+    @classmethod
+    def from_rows(cls, features: np.ndarray, targets: np.ndarray) -> RidgeMoments:
+        x = np.asarray(features, dtype=np.float64)
+        x = x[:, None] if x.ndim == 1 else x
+        y = np.asarray(targets, dtype=np.float64).reshape(-1)
+        if x.ndim != 2 or len(x) != len(y) or not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+            raise ValueError(f"ridge moments need finite features [n, F] and n targets, got {x.shape} and {y.shape}")
+        return cls(len(y), x.sum(axis=0), x.T @ x, x.T @ y, float(y.sum()), float(y @ y))
+
+    @classmethod
+    def empty(cls, num_features: int) -> RidgeMoments:
+        return cls(0, np.zeros(num_features), np.zeros((num_features, num_features)), np.zeros(num_features), 0.0, 0.0)
+
+    def __add__(self, other: RidgeMoments) -> RidgeMoments:
+        if self.gram.shape != other.gram.shape:
+            raise ValueError(f"cannot combine ridge moments of shapes {self.gram.shape} and {other.gram.shape}")
+        return RidgeMoments(self.count + other.count, self.sum_x + other.sum_x, self.gram + other.gram,
+                            self.sum_xy + other.sum_xy, self.sum_y + other.sum_y, self.sum_yy + other.sum_yy)
+
+    def standardized(self, features: FeatureStats, target: FeatureStats) -> RidgeMoments:
+        """The same moments of x̃ = (x − μ)/s and ỹ = (y − m)/t, the coordinates `LinearHead` works in."""
+        mu, s, m, t = features.mean, features.scale, float(target.mean[0]), float(target.scale[0])
+        n = self.count
+        gram = self.gram - np.outer(self.sum_x, mu) - np.outer(mu, self.sum_x) + n * np.outer(mu, mu)
+        sum_xy = self.sum_xy - m * self.sum_x - mu * self.sum_y + n * mu * m
+        return RidgeMoments(n, (self.sum_x - n * mu) / s, gram / np.outer(s, s), sum_xy / (s * t),
+                            (self.sum_y - n * m) / t, (self.sum_yy - 2 * m * self.sum_y + n * m * m) / (t * t))
+
+    def solve(self, alpha: float) -> tuple[np.ndarray, float]:
+        """argmin_w,b Σ(y − xᵀw − b)² + α‖w‖² (intercept not penalised, as sklearn's `Ridge`)."""
+        if self.count < 2:
+            raise ValueError(f"a ridge fit needs ≥ 2 rows, has {self.count}")
+        x_mean, y_mean = self.sum_x / self.count, self.sum_y / self.count
+        covariance = self.gram - self.count * np.outer(x_mean, x_mean)
+        cross = self.sum_xy - self.count * x_mean * y_mean
+        weight = np.linalg.solve(covariance + alpha * np.eye(len(x_mean)), cross)
+        return weight, float(y_mean - x_mean @ weight)
+
+    def squared_error(self, weight: np.ndarray, bias: float) -> float:
+        """Σ(y − xᵀw − b)² over these rows, exactly, from the moments alone."""
+        return float(self.sum_yy - 2 * weight @ self.sum_xy - 2 * bias * self.sum_y + weight @ self.gram @ weight
+                     + 2 * bias * weight @ self.sum_x + self.count * bias * bias)
+
+    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}.count": np.array([float(self.count)]), f"{prefix}.sum_x": self.sum_x,
+                f"{prefix}.gram": self.gram, f"{prefix}.sum_xy": self.sum_xy,
+                f"{prefix}.sum_y": np.array([self.sum_y, self.sum_yy])}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], prefix: str) -> RidgeMoments:
+        sum_y, sum_yy = (float(v) for v in np.asarray(arrays[f"{prefix}.sum_y"]))
+        return cls(int(np.asarray(arrays[f"{prefix}.count"]).item()), np.asarray(arrays[f"{prefix}.sum_x"]),
+                   np.asarray(arrays[f"{prefix}.gram"]), np.asarray(arrays[f"{prefix}.sum_xy"]), sum_y, sum_yy)
+
+
+@dataclass(frozen=True)
+class RidgeFit:
+    """A federated ridge head: α chosen on the validation rows' exact error, then refitted on train + val."""
+
+    alpha: float
+    weight: np.ndarray  # [F], standardised coordinates
+    bias: float
+    validation_rmse: dict[float, float]  # α → validation RMSE in label units (NaN: no validation rows)
+
+
+def fit_ridge(
+    train: RidgeMoments, val: RidgeMoments, features: FeatureStats, target: FeatureStats, alphas: Iterable[float]
+) -> RidgeFit:
+    """Choose α on `val` (RMSE of the fit on `train`), refit on train + val; all from summed moments.
+
+    Without ≥ 2 validation rows (or ≥ 2 train rows to fit on), α is the middle of the grid.
+    """
+    alphas = [float(a) for a in alphas]
+    train_s, val_s = train.standardized(features, target), val.standardized(features, target)
+    scale = float(target.scale[0])
+    curve = {a: math.nan for a in alphas}
+    if val.count >= 2 and train.count >= 2:
+        for alpha in alphas:
+            weight, bias = train_s.solve(alpha)
+            curve[alpha] = math.sqrt(max(val_s.squared_error(weight, bias), 0.0) / val.count) * scale
+        alpha = min(alphas, key=lambda a: curve[a])
+    else:
+        alpha = alphas[len(alphas) // 2]
+    weight, bias = (train_s + val_s).solve(alpha)
+    return RidgeFit(alpha, weight, bias, curve)
 
 
 class LinearHead(nn.Module):
@@ -157,6 +264,15 @@ class LinearHead(nn.Module):
             optimiser.step()
             losses.append(float(loss.detach()))
         return losses
+
+    @torch.no_grad()
+    def set_ridge(self, fit: RidgeFit) -> LinearHead:
+        """Take a closed-form ridge solution (standardised coordinates) as this regression head's weights."""
+        if self.task.kind is not TaskKind.REGRESSION:
+            raise ValueError(f"probe {self.task.name!r}: a ridge solution fits a regression head only")
+        self.linear.weight.copy_(torch.as_tensor(fit.weight, dtype=torch.float32).reshape(1, -1))
+        self.linear.bias.fill_(fit.bias)
+        return self
 
     @torch.no_grad()
     def predict_scores(self, features: np.ndarray) -> np.ndarray:

@@ -9,7 +9,8 @@ here, on plain numpy arrays and torch modules, so it is unit-testable without a 
   `stages.train_steps` / `stages.evaluate` the centralized trainer runs;
 - `check_reply_arrays`: the server's checks on a reply (keys, shapes, dtypes, finiteness, update norm);
 - the federated linear-probe protocol: per-site pooled features and a label *census* (counts and sums
-  only), task selection from the summed census, per-task head training and FedAvg, held-out scoring.
+  only), task selection from the summed census, closed-form ridge heads for regression tasks from summed
+  second moments (`ridge_census`), SGD + FedAvg for classification heads, held-out scoring.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from braing3n_core.data.bids import ScanRecord
-from braing3n_core.evaluation.heads import FeatureStats, LinearHead
+from braing3n_core.evaluation.heads import FeatureStats, LinearHead, RidgeFit, RidgeMoments, fit_ridge
 from braing3n_core.evaluation.probe_tasks import (
     ProbeRequirements,
     ProbeSample,
@@ -36,6 +37,7 @@ from braing3n_core.evaluation.probe_tasks import (
     evaluate_predictions,
     probe_metric_name,
 )
+from braing3n_core.evaluation.probes import RIDGE_ALPHA_GRID
 from braing3n_core.federation.arrays import Arrays, load_arrays, module_arrays
 from braing3n_core.runtime import round_seed
 from braing3n_core.training.examples import SiteInputs
@@ -48,12 +50,17 @@ NUMERIC_COLUMNS: tuple[str, ...] = ("age", "mmse")
 
 @dataclass(frozen=True)
 class SiteProbeData:
-    """One site's probe inputs: pooled features [n, E] (mean of cached tokens) and labels, per side."""
+    """One site's probe inputs: pooled features [n, E] (mean of cached tokens) and labels, per side.
+
+    The fit side is the site's train + val scans; `fit_is_val` [n_fit] marks the val ones, on which the
+    ridge heads' regularisation is chosen.
+    """
 
     fit_features: np.ndarray
     fit_table: ProbeTable
     test_features: np.ndarray
     test_table: ProbeTable
+    fit_is_val: np.ndarray
 
 
 def probe_sample(record: ScanRecord) -> ProbeSample:
@@ -71,9 +78,35 @@ def site_probe_data(site: SiteInputs) -> SiteProbeData:
         features = np.stack([site.tokens.tokens(r).mean(0).numpy() for r in usable]) if usable else np.zeros((0, width))
         return features.astype(np.float64), ProbeTable(tuple(probe_sample(r) for r in usable))
 
-    fit_x, fit_t = side(site.data.splits["train"] + site.data.splits["val"])
+    train_x, train_t = side(site.data.splits["train"])
+    val_x, val_t = side(site.data.splits["val"])
     test_x, test_t = side(site.data.splits["test"])
-    return SiteProbeData(fit_x, fit_t, test_x, test_t)
+    fit_is_val = np.concatenate([np.zeros(len(train_t), dtype=bool), np.ones(len(val_t), dtype=bool)])
+    fit_t = ProbeTable(train_t.samples + val_t.samples)
+    return SiteProbeData(np.concatenate([train_x, val_x]), fit_t, test_x, test_t, fit_is_val)
+
+
+RIDGE_SIDES: tuple[str, ...] = ("train", "val")
+
+
+def ridge_census(data: SiteProbeData) -> dict[str, np.ndarray]:
+    """Per numeric label and fit side, the `RidgeMoments` of the site's labelled rows (keys
+    `ridge.<column>.<side>.<moment>`): with them the server solves every regression head exactly."""
+    arrays: dict[str, np.ndarray] = {}
+    values_by_column = {column: data.fit_table.column(column) for column in NUMERIC_COLUMNS}
+    for column, values in values_by_column.items():
+        labelled = np.array([v is not None for v in values], dtype=bool)
+        for side, rows in zip(RIDGE_SIDES, (labelled & ~data.fit_is_val, labelled & data.fit_is_val)):
+            moments = RidgeMoments.from_rows(data.fit_features[rows], values[rows].astype(np.float64))
+            arrays |= moments.to_arrays(f"ridge.{column}.{side}")
+    return arrays
+
+
+def _summed_moments(parts: Sequence[Mapping[str, np.ndarray]], column: str, side: str, width: int) -> RidgeMoments:
+    total = RidgeMoments.empty(width)
+    for arrays in parts:
+        total = total + RidgeMoments.from_arrays(arrays, f"ridge.{column}.{side}")
+    return total
 
 
 def label_census(data: SiteProbeData) -> dict[str, Any]:
@@ -125,10 +158,14 @@ class ProbePlan:
     feature_stats: FeatureStats
     target_stats: dict[str, FeatureStats] = field(default_factory=dict)  # regression tasks
     class_counts: dict[str, np.ndarray] = field(default_factory=dict)  # classification tasks (fit side)
+    ridge: dict[str, RidgeFit] = field(default_factory=dict)  # regression tasks: their closed-form heads
 
     def heads(self) -> dict[str, LinearHead]:
-        return {t.name: LinearHead(t, self.feature_stats, target_stats=self.target_stats.get(t.name),
-                                   class_counts=self.class_counts.get(t.name)) for t in self.tasks}
+        heads = {t.name: LinearHead(t, self.feature_stats, target_stats=self.target_stats.get(t.name),
+                                    class_counts=self.class_counts.get(t.name)) for t in self.tasks}
+        for name, fit in self.ridge.items():
+            heads[name].set_ridge(fit)
+        return heads
 
     def prior(self, task: ProbeTask) -> list[float]:
         """Features-blind prediction: the pooled train mean, or the pooled train class frequencies."""
@@ -156,9 +193,10 @@ def tasks_from_json(text: str) -> list[tuple[ProbeTask, list[float]]]:
 
 def plan_probes(
     censuses: Sequence[Mapping[str, Any]], feature_stats: Sequence[FeatureStats],
-    requirements: ProbeRequirements = ProbeRequirements(),
+    ridge_moments: Sequence[Mapping[str, np.ndarray]], requirements: ProbeRequirements = ProbeRequirements(),
 ) -> ProbePlan:
-    """Choose tasks from the summed census with the same thresholds as `probes.select_tasks`."""
+    """Choose tasks from the summed census with the same thresholds as `probes.select_tasks`, and solve
+    each regression head from the sites' summed `ridge_census` (α from the centralized probe's grid)."""
     census = _merge_census(censuses)
     fit, test = census["fit"], census["test"]
     fixed, skipped = candidate_tasks(ProbeTable(()))  # the label vocabulary's tasks; site/field strength below
@@ -203,7 +241,23 @@ def plan_probes(
         dropped = [c for c in task.classes if c not in kept and per_class[c] > 0]
         tasks.append(ProbeTask(task.name, task.column, task.kind, kept, f"dropped rare classes ({counts})" if dropped else ""))
         class_counts[task.name] = fit_counts
-    return ProbePlan(tasks, skipped, FeatureStats.combine(feature_stats), target_stats, class_counts)
+    combined = FeatureStats.combine(feature_stats)
+    width = combined.total.shape[0]
+    ridge = {task.name: fit_ridge(_summed_moments(ridge_moments, task.column, "train", width),
+                                  _summed_moments(ridge_moments, task.column, "val", width),
+                                  combined, target_stats[task.name], RIDGE_ALPHA_GRID)
+             for task in tasks if task.kind is TaskKind.REGRESSION}
+    return ProbePlan(tasks, skipped, combined, target_stats, class_counts, ridge)
+
+
+def sgd_tasks(tasks: Sequence[ProbeTask]) -> list[ProbeTask]:
+    """The tasks whose heads the probe rounds train (classification); regression heads are closed-form."""
+    return [task for task in tasks if task.kind is TaskKind.CLASSIFICATION]
+
+
+def task_arrays(arrays: Mapping[str, np.ndarray], tasks: Sequence[ProbeTask]) -> Arrays:
+    """The entries of `head_arrays` that belong to these tasks' heads."""
+    return {k: v for k, v in arrays.items() if any(k.startswith(t.name + ".") for t in tasks)}
 
 
 def head_arrays(heads: Mapping[str, LinearHead]) -> Arrays:
@@ -375,4 +429,6 @@ def pooled_probe_metrics(tasks: Sequence[ProbeTask], per_site: Mapping[str, Mapp
 
 
 def plan_to_json(plan: ProbePlan) -> dict[str, Any]:
-    return {"tasks": json.loads(plan.tasks_json()), "skipped": [asdict(s) for s in plan.skipped]}
+    ridge = {name: {"alpha": fit.alpha, "validation_rmse": {f"{a:g}": v for a, v in fit.validation_rmse.items()}}
+             for name, fit in plan.ridge.items()}
+    return {"tasks": json.loads(plan.tasks_json()), "skipped": [asdict(s) for s in plan.skipped], "ridge": ridge}

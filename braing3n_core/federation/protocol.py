@@ -16,7 +16,7 @@ payload class here, one handler in `client/app.py` and one caller in `server/`.
 | query `hello` | `Query` | — | `metrics` (problems), `site` (`Hello`) |
 | query `install_encoder` | `Query` + `InstallEncoder` | `encoder` | `metrics` |
 | query `token_moments` | `Query` + `TokenMomentsQuery` | — | `arrays` (count, Σ, Σ²), `metrics` |
-| query `probe_census` | `Query` | — | `arrays` (feature sums), `metrics`, `site` (`ProbeCensus`) |
+| query `probe_census` | `Query` | — | `arrays` (feature sums, ridge moments), `metrics`, `site` (`ProbeCensus`) |
 | query `privacy_audit` | `Query` + `PrivacyAuditQuery` | `synthetic`, `dit` (optional) | `metrics`, `site` (`AuditReply`) |
 | query `generation_scores` | `Query` + `GenerationScoresQuery` | `features` (generated), `arrays` (probe heads) | `arrays` (moment and kernel sums), `metrics`, `site` (`ScoresReply`) |
 | query `trend_census` | `Query` | — | `metrics`, `site` (`ScoresReply`: sums of annual change per cell) |

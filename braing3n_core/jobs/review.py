@@ -109,7 +109,8 @@ def _aggregates(config: RunConfig) -> list[str]:
     if any(s.name == "dit" for s in config.stages):
         said.append("token sums before the DiT's first round: count, Σ and Σ² per token channel")
     if config.probes.enabled:
-        said.append("linear-probe heads and, once, label counts and summed probe features (count, Σ, Σ²)")
+        said.append("linear-probe heads and, once, label counts, summed probe features (count, Σ, Σ²) and, for the age "
+                    "and MMSE probes, the second moments of the probe features (XᵀX, Xᵀy) of labelled train/val scans")
     if config.audit is not None:
         said.append("a privacy audit of a synthetic set: aggregate distances and one flag per synthetic scan")
     if config.generation_eval is not None:

@@ -3,11 +3,12 @@
 1. `probe_census` query: each site embeds its own scans with the frozen encoder (pooled = mean of its
    cached tokens) and returns only aggregates: feature sums (n, Σx, Σx²) over its train+val subjects
    and label counts/sums (`federated.label_census`), and for each numeric label the second moments of its
-   train and val rows (`federated.ridge_census`).
+   labelled train+val rows per subject-grouped fold (`federated.ridge_census`).
 2. The server picks the tasks the federation can probe (same thresholds as the centralised
    `probes.select_tasks`) and builds one `LinearHead` per task, standardised with the combined sums.
-   Regression heads are solved there in closed form: the ridge of all sites' rows pooled, α chosen on the
-   val rows' exact error (`heads.fit_ridge`), the same α grid as the centralised probe.
+   Regression heads are solved there in closed form: the ridge of all sites' rows pooled, α chosen by
+   5-fold cross-validation computed exactly from the fold sums (`heads.fit_ridge`), the centralised
+   probe's α grid.
 3. `rounds` rounds of FedAvg for the classification heads only: sites run `LinearHead.fit_steps` on their
    own rows; each head is averaged over the sites holding rows of its task, weighted by those rows. Heads
    are checkpointed per round (`checkpoints/probes/round-NNNN`, the plan in the manifest), so probes
@@ -81,7 +82,7 @@ def run_probes(federation: Federation) -> None:
         for skipped in plan["skipped"]:
             say(f"probes: task {skipped['task']} skipped: {skipped['reason']}")
         for name, fit in plan["ridge"].items():
-            say(f"probes: {name}: closed-form ridge, alpha {fit['alpha']:g} chosen on the val rows")
+            say(f"probes: {name}: closed-form ridge, alpha {fit['alpha']:g} by cross-validation")
     else:
         plan, tasks_json, arrays, start = last.meta["plan"], last.meta["tasks_json"], last.model, last.server_round + 1
         say(f"probes: resuming after round {last.server_round}")

@@ -202,7 +202,7 @@ def test_probes_run_federated_and_no_raw_data_leaves_a_site(resumed_run) -> None
     width = load_encoder(run_dir / "checkpoints/mae/final.json").config.width
     heads = {f"{name}.{p}" for name in tasks for p in
              ("linear.weight", "linear.bias", "feature_mean", "feature_scale", "target_mean", "target_scale", "class_weights")}
-    moments = {f"ridge.{label}.{side}.{m}": [shape, "float64"] for label in ("age", "mmse") for side in ("train", "val")
+    moments = {f"ridge.{label}.{side}.{m}": [shape, "float64"] for label in ("age", "mmse") for side in (f"fold{k}" for k in range(5))
                for m, shape in (("count", [1]), ("sum_x", [width]), ("gram", [width, width]), ("sum_xy", [width]),
                                 ("sum_y", [2]))}
     for message in (m for m in messages(run_dir) if m["direction"] == "in" and m["stage"] == "probes" and "records" in m):

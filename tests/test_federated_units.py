@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from braing3n_core.config import ConfigError
 from braing3n_core.evaluation.heads import FeatureStats, RidgeMoments
 from braing3n_core.federation.probes import (
+    RIDGE_FOLDS,
     SiteProbeData,
     head_arrays,
     heads_from_arrays,
@@ -23,6 +24,7 @@ from braing3n_core.federation.probes import (
     pooled_probe_metrics,
     prediction_sums,
     ridge_census,
+    ridge_fold,
 )
 from braing3n_core.federation.replies import check_reply_arrays, update_norm
 from braing3n_core.federation.run_config import FedAvgConfig, FedOptConfig, RunConfig
@@ -195,10 +197,12 @@ def test_probe_plan_from_two_censuses_and_pooled_metrics() -> None:
     stats = [FeatureStats.from_features(x) for x in features]
     moments = []
     for x, ages in zip(features, ([60.0 + i for i in range(20)], [70.0 + i for i in range(20)])):
-        y = np.array(ages)
-        moments.append({**RidgeMoments.from_rows(x[:15], y[:15]).to_arrays("ridge.age.train"),
-                        **RidgeMoments.from_rows(x[15:], y[15:]).to_arrays("ridge.age.val"),
-                        **RidgeMoments.empty(6).to_arrays("ridge.mmse.train"), **RidgeMoments.empty(6).to_arrays("ridge.mmse.val")})
+        arrays = {}
+        for fold in range(RIDGE_FOLDS):  # 4 rows per fold
+            rows = slice(4 * fold, 4 * fold + 4)
+            arrays |= RidgeMoments.from_rows(x[rows], np.array(ages)[rows]).to_arrays(f"ridge.age.fold{fold}")
+            arrays |= RidgeMoments.empty(6).to_arrays(f"ridge.mmse.fold{fold}")
+        moments.append(arrays)
     plan = plan_probes([a, b], stats, moments)
     names = {t.name for t in plan.tasks}
     assert {"age", "diagnosis", "ad_vs_cn"} <= names and "mci_vs_cn" not in names  # MCI: 2 subjects < 4
@@ -208,31 +212,30 @@ def test_probe_plan_from_two_censuses_and_pooled_metrics() -> None:
     assert age_stats.count == 40 and age_stats.mean[0] == pytest.approx(np.mean([60.0 + i for i in range(20)] + [70.0 + i for i in range(20)]))
     heads = heads_from_arrays(plan.tasks, head_arrays(plan.heads()))
     assert set(heads) == names
-    # The age head is solved at planning time (closed-form ridge, α chosen on the 10 val rows); the others start at 0.
-    assert plan.ridge["age"].alpha in plan.ridge["age"].validation_rmse and set(plan.ridge) == {"age"}
+    # The age head is solved at planning time (closed-form ridge, α by 5-fold CV); the others start at 0.
+    assert not np.isnan(plan.ridge["age"].cv_rmse[plan.ridge["age"].alpha]) and set(plan.ridge) == {"age"}
     assert heads["age"].linear.weight.abs().sum() > 0 and heads["diagnosis"].linear.weight.abs().sum() == 0
 
 
-def test_ridge_census_sums_the_labelled_rows_of_each_side_only() -> None:
+def test_ridge_census_sums_the_labelled_rows_of_each_fold_of_subjects() -> None:
     from braing3n_core.evaluation.probe_tasks import ProbeSample, ProbeTable
 
     rng = np.random.default_rng(1)
-    x = rng.normal(size=(6, 4))
-    ages = [61.0, 62.0, 63.0, 64.0, 65.0, 66.0]
-    mmse = [29.0, None, 27.0, None, None, None]  # no val row has an MMSE: that side is empty, not an error
-    table = ProbeTable(tuple(ProbeSample(subject=f"sub-{i}", session="ses-01", site_id="site-a", age=a, sex="F",
+    subjects = [f"sub-{i}" for i in range(40)]
+    x = rng.normal(size=(80, 4))  # two scans per subject
+    rows = [(subjects[i // 2], 20.0 + i, 29.0 if i < 4 else None) for i in range(80)]  # MMSE on 4 scans only
+    table = ProbeTable(tuple(ProbeSample(subject=s, session=f"ses-{i % 2}", site_id="site-a", age=a, sex="F",
                                          diagnosis="CN", modality="T1w", field_strength=3.0, mmse=m)
-                             for i, (a, m) in enumerate(zip(ages, mmse))))
-    is_val = np.array([False, False, False, True, True, True])
-    data = SiteProbeData(x, table, np.zeros((0, 4)), ProbeTable(()), is_val)
-    arrays = ridge_census(data)
-    age_val = RidgeMoments.from_arrays(arrays, "ridge.age.val")
-    assert age_val.count == 3 and age_val.sum_y == pytest.approx(195.0)
-    np.testing.assert_allclose(age_val.gram, x[3:].T @ x[3:])
-    mmse_train = RidgeMoments.from_arrays(arrays, "ridge.mmse.train")
-    assert mmse_train.count == 2 and mmse_train.sum_yy == pytest.approx(29.0**2 + 27.0**2)
-    np.testing.assert_allclose(mmse_train.sum_xy, 29.0 * x[0] + 27.0 * x[2])
-    assert RidgeMoments.from_arrays(arrays, "ridge.mmse.val").count == 0
+                             for i, (s, a, m) in enumerate(rows)))
+    arrays = ridge_census(SiteProbeData(x, table, np.zeros((0, 4)), ProbeTable(())))
+    folds = np.array([ridge_fold(f"site-a/{s}") for s, _, _ in rows])
+    assert len(set(folds[::2])) == RIDGE_FOLDS and np.array_equal(folds[::2], folds[1::2])  # a subject in one fold
+    for fold in range(RIDGE_FOLDS):
+        age = RidgeMoments.from_arrays(arrays, f"ridge.age.fold{fold}")
+        mine = folds == fold
+        assert age.count == mine.sum() and age.sum_y == pytest.approx(sum(a for (_, a, _), m in zip(rows, mine) if m))
+        np.testing.assert_allclose(age.gram, x[mine].T @ x[mine])
+    assert sum(RidgeMoments.from_arrays(arrays, f"ridge.mmse.fold{k}").count for k in range(RIDGE_FOLDS)) == 4
     assert all(v.ndim <= 2 and v.shape[0] in (1, 2, 4) for v in arrays.values())  # sums, never a row per scan
 
 

@@ -34,7 +34,7 @@ from braing3n_core.federation.probes import heads_from_arrays, tasks_from_json
 from braing3n_core.federation.run_folder import RunFolder
 from braing3n_core.generation.condition_table import ConditionRow, balanced_conditions
 from braing3n_core.generation.evaluation import SPACES, requested_table, swap_conditions
-from braing3n_core.generation.forecast_eval import METHODS, longitudinal_pairs, trend_census
+from braing3n_core.generation.forecast_eval import METHODS, TrendModel, longitudinal_pairs, trend_census
 from braing3n_core.labels import Modality
 from braing3n_core.presets import get_preset
 from braing3n_core.site_config import SiteConfig
@@ -128,6 +128,23 @@ def test_trend_census_counts_training_pairs_and_ignores_held_out_subjects(site_a
     # … and a held-out subject moved into training would change it (the test can fail).
     leaked = dataclasses.replace(site_a.data, splits={**site_a.data.splits, "train": site_a.data.splits["train"] + held})
     assert trend_census(SiteInputs(leaked))["n_pairs"] > census["n_pairs"]
+
+
+def test_trend_is_the_least_squares_slope_and_sparse_cells_fall_back() -> None:
+    def cell(pairs: list[tuple[float, float]]) -> dict:  # (change in ml of every region, years)
+        return {"n": len(pairs), "years_sq": sum(t * t for _, t in pairs),
+                "change_years": {r: sum(d * t for d, t in pairs) for r in ("brain", "gm", "wm", "csf")}}
+
+    # Two sites' sums add up: a 0.2-year pair with a noisy +5 ml weighs (0.2/3)² of a 3-year pair.
+    site_1 = {"cells": {"AD|70-80": cell([(-12.0, 3.0), (5.0, 0.2)])}}
+    site_2 = {"cells": {"AD|70-80": cell([(-8.0, 2.0)]), "CN|-60": cell([(40.0, 0.5)])}}
+    model = TrendModel.fit([site_1, site_2])
+    slope = (-12.0 * 3.0 + 5.0 * 0.2 - 8.0 * 2.0) / (9.0 + 0.04 + 4.0)
+    assert model.rate("AD", 75.0)["brain"] == pytest.approx(slope)  # not the mean of ΔV/t, which is +5.7
+    # The one-pair CN cell and the CN diagnosis (1 pair) fall back to all 4 pairs.
+    everything = (-12.0 * 3.0 + 5.0 * 0.2 - 8.0 * 2.0 + 40.0 * 0.5) / (9.0 + 0.04 + 4.0 + 0.25)
+    assert "CN|-60" not in model.rates and model.rate("CN", 50.0)["gm"] == pytest.approx(everything)
+    assert TrendModel.from_json(model.to_json()) == model
 
 
 # --- the federated evaluation ------------------------------------------------------------------------------------------

@@ -287,7 +287,7 @@ def _site_moments(features: np.ndarray, ages: np.ndarray, sites: np.ndarray) -> 
     parts = [RidgeMoments.from_rows(features[sites == s], ages[sites == s]) for s in sorted(set(sites))]
     total = RidgeMoments.empty(features.shape[1])
     for part in parts:
-        total = total + RidgeMoments.from_arrays(part.to_arrays("ridge.age.train"), "ridge.age.train")
+        total = total + RidgeMoments.from_arrays(part.to_arrays("ridge.age.fold0"), "ridge.age.fold0")
     return total
 
 
@@ -300,33 +300,35 @@ def test_federated_ridge_is_the_ridge_of_all_sites_rows_pooled(cohort) -> None:
     features = features + (sites == "site-0")[:, None] * 3.0
     stats, target = FeatureStats.from_features(features), FeatureStats.from_features(ages)
     for alpha in (0.1, 10.0, 1000.0):
-        fit = fit_ridge(_site_moments(features, ages, sites), RidgeMoments.empty(N_FEATURES), stats, target, [alpha])
+        fit = fit_ridge([_site_moments(features, ages, sites)], stats, target, [alpha])
         head = LinearHead(task, stats, target_stats=target).set_ridge(fit)
         pooled = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(features, (ages - target.mean) / target.scale)
         expected = pooled.predict(features) * target.scale + target.mean
         np.testing.assert_allclose(head.predict_scores(features), expected, atol=2e-3)  # float32 head
-        assert fit.alpha == alpha and np.isnan(fit.validation_rmse[alpha])  # no val rows: nothing to choose on
+        assert fit.alpha == alpha and np.isnan(fit.cv_rmse[alpha])  # one fold: nothing to validate on
 
 
-def test_federated_ridge_chooses_alpha_on_the_validation_rows_exactly(cohort) -> None:
+def test_federated_ridge_cross_validates_alpha_exactly(cohort) -> None:
     features, table = cohort
     task = ProbeTask("age", "age", TaskKind.REGRESSION)
     _, ages = task.targets(table)
     sites = np.array([s.site_id for s in table.samples])
-    is_val = np.array([int(s.subject[-3:]) % 4 == 0 for s in table.samples])  # a quarter of the subjects
+    fold_of = np.array([int(s.subject[-3:]) % 4 for s in table.samples])  # 4 subject-grouped folds
     noisy = features + np.random.default_rng(0).normal(scale=4.0, size=features.shape)  # regularisation matters
     stats, target = FeatureStats.from_features(noisy), FeatureStats.from_features(ages)
     alphas = (0.01, 1.0, 100.0, 1e4, 1e6)
-    fit = fit_ridge(_site_moments(noisy[~is_val], ages[~is_val], sites[~is_val]),
-                    _site_moments(noisy[is_val], ages[is_val], sites[is_val]), stats, target, alphas)
+    folds = [_site_moments(noisy[fold_of == k], ages[fold_of == k], sites[fold_of == k]) for k in range(4)]
+    fit = fit_ridge(folds, stats, target, alphas)
     x = stats.standardize(noisy)
-    for alpha in alphas:  # the curve is the validation RMSE of a ridge fitted on the train rows
-        model = Ridge(alpha=alpha).fit(x[~is_val], ages[~is_val])
-        rmse = np.sqrt(np.mean((model.predict(x[is_val]) - ages[is_val]) ** 2))
-        assert fit.validation_rmse[alpha] == pytest.approx(rmse, rel=1e-6), alpha
-    assert fit.alpha == min(alphas, key=fit.validation_rmse.get)
-    assert fit.validation_rmse[fit.alpha] < fit.validation_rmse[1e6]  # beats the nearly-constant predictor
-    refit = Ridge(alpha=fit.alpha).fit(x, (ages - target.mean[0]) / target.scale[0])  # then refitted on train + val
+    for alpha in alphas:  # pooled out-of-fold RMSE of ridges fitted on the other folds, as sklearn computes it
+        predictions = np.zeros(len(ages))
+        for k in range(4):
+            model = Ridge(alpha=alpha).fit(x[fold_of != k], ages[fold_of != k])
+            predictions[fold_of == k] = model.predict(x[fold_of == k])
+        assert fit.cv_rmse[alpha] == pytest.approx(np.sqrt(np.mean((predictions - ages) ** 2)), rel=1e-6), alpha
+    assert fit.alpha == min(alphas, key=fit.cv_rmse.get)
+    assert fit.cv_rmse[fit.alpha] < fit.cv_rmse[1e6]  # beats the nearly-constant predictor
+    refit = Ridge(alpha=fit.alpha).fit(x, (ages - target.mean[0]) / target.scale[0])  # then refitted on every row
     np.testing.assert_allclose(fit.weight, refit.coef_, rtol=1e-6, atol=1e-9)
 
 

@@ -4,7 +4,7 @@
 features; `LinearHead` is the same linear probe as the centralized one (logistic or ridge), in torch,
 standardised with those federated statistics. Logistic heads are trained by federated SGD; a ridge head
 has a closed form in the summed second moments (`RidgeMoments`: n, Σx, XᵀX, Xᵀy, Σy, Σy²), so
-`fit_ridge` solves it exactly — the very ridge of all sites' rows pooled, which FedAvg of local SGD is
+`fit_ridge` cross-validates α and solves it exactly — the very ridge of all sites' rows pooled, which FedAvg of local SGD is
 not: sites whose age ranges differ pull their local solutions apart (measured: the SGD age head was worse
 than predicting the mean while the pooled ridge beat it, on the same features).
 """
@@ -12,7 +12,7 @@ than predicting the mean while the pooled ridge beat it, on the same features).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,6 +117,10 @@ class RidgeMoments:
         return RidgeMoments(self.count + other.count, self.sum_x + other.sum_x, self.gram + other.gram,
                             self.sum_xy + other.sum_xy, self.sum_y + other.sum_y, self.sum_yy + other.sum_yy)
 
+    def __sub__(self, other: RidgeMoments) -> RidgeMoments:
+        """The moments of the rows of `self` that are not in `other` (a cross-validation fold's complement)."""
+        return self + RidgeMoments(-other.count, -other.sum_x, -other.gram, -other.sum_xy, -other.sum_y, -other.sum_yy)
+
     def standardized(self, features: FeatureStats, target: FeatureStats) -> RidgeMoments:
         """The same moments of x̃ = (x − μ)/s and ỹ = (y − m)/t, the coordinates `LinearHead` works in."""
         mu, s, m, t = features.mean, features.scale, float(target.mean[0]), float(target.scale[0])
@@ -155,33 +159,40 @@ class RidgeMoments:
 
 @dataclass(frozen=True)
 class RidgeFit:
-    """A federated ridge head: α chosen on the validation rows' exact error, then refitted on train + val."""
+    """A federated ridge head: α chosen by cross-validation over summed fold moments, then refitted on all rows."""
 
     alpha: float
     weight: np.ndarray  # [F], standardised coordinates
     bias: float
-    validation_rmse: dict[float, float]  # α → validation RMSE in label units (NaN: no validation rows)
+    cv_rmse: dict[float, float]  # α → cross-validated RMSE in label units (NaN: no fold to validate on)
 
 
-def fit_ridge(
-    train: RidgeMoments, val: RidgeMoments, features: FeatureStats, target: FeatureStats, alphas: Iterable[float]
-) -> RidgeFit:
-    """Choose α on `val` (RMSE of the fit on `train`), refit on train + val; all from summed moments.
+def fit_ridge(folds: Sequence[RidgeMoments], features: FeatureStats, target: FeatureStats, alphas: Iterable[float]) -> RidgeFit:
+    """K-fold cross-validation from moments alone: for each α, fit on all folds but k, score fold k exactly
+    (`squared_error`), pool the squared errors; refit the α of least CV error on every row.
 
-    Without ≥ 2 validation rows (or ≥ 2 train rows to fit on), α is the middle of the grid.
+    This is the centralized probe's inner grid search, fold for fold, on summed statistics. Without a fold
+    that can be validated (≥ 1 row, and ≥ 2 rows outside it), α is the middle of the grid.
     """
     alphas = [float(a) for a in alphas]
-    train_s, val_s = train.standardized(features, target), val.standardized(features, target)
-    scale = float(target.scale[0])
+    parts = [fold.standardized(features, target) for fold in folds]
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    usable = [part for part in parts if part.count >= 1 and total.count - part.count >= 2]
     curve = {a: math.nan for a in alphas}
-    if val.count >= 2 and train.count >= 2:
+    if usable:
+        rows = sum(part.count for part in usable)
         for alpha in alphas:
-            weight, bias = train_s.solve(alpha)
-            curve[alpha] = math.sqrt(max(val_s.squared_error(weight, bias), 0.0) / val.count) * scale
+            error = 0.0
+            for part in usable:
+                weight, bias = (total - part).solve(alpha)
+                error += max(part.squared_error(weight, bias), 0.0)
+            curve[alpha] = math.sqrt(error / rows) * float(target.scale[0])
         alpha = min(alphas, key=lambda a: curve[a])
     else:
         alpha = alphas[len(alphas) // 2]
-    weight, bias = (train_s + val_s).solve(alpha)
+    weight, bias = total.solve(alpha)
     return RidgeFit(alpha, weight, bias, curve)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -50,17 +51,12 @@ NUMERIC_COLUMNS: tuple[str, ...] = ("age", "mmse")
 
 @dataclass(frozen=True)
 class SiteProbeData:
-    """One site's probe inputs: pooled features [n, E] (mean of cached tokens) and labels, per side.
-
-    The fit side is the site's train + val scans; `fit_is_val` [n_fit] marks the val ones, on which the
-    ridge heads' regularisation is chosen.
-    """
+    """One site's probe inputs: pooled features [n, E] (mean of cached tokens) and labels, per side."""
 
     fit_features: np.ndarray
     fit_table: ProbeTable
     test_features: np.ndarray
     test_table: ProbeTable
-    fit_is_val: np.ndarray
 
 
 def probe_sample(record: ScanRecord) -> ProbeSample:
@@ -78,35 +74,42 @@ def site_probe_data(site: SiteInputs) -> SiteProbeData:
         features = np.stack([site.tokens.tokens(r).mean(0).numpy() for r in usable]) if usable else np.zeros((0, width))
         return features.astype(np.float64), ProbeTable(tuple(probe_sample(r) for r in usable))
 
-    train_x, train_t = side(site.data.splits["train"])
-    val_x, val_t = side(site.data.splits["val"])
+    fit_x, fit_t = side(site.data.splits["train"] + site.data.splits["val"])
     test_x, test_t = side(site.data.splits["test"])
-    fit_is_val = np.concatenate([np.zeros(len(train_t), dtype=bool), np.ones(len(val_t), dtype=bool)])
-    fit_t = ProbeTable(train_t.samples + val_t.samples)
-    return SiteProbeData(np.concatenate([train_x, val_x]), fit_t, test_x, test_t, fit_is_val)
+    return SiteProbeData(fit_x, fit_t, test_x, test_t)
 
 
-RIDGE_SIDES: tuple[str, ...] = ("train", "val")
+RIDGE_FOLDS = 5  # as the centralized probe's inner cross-validation
+
+
+def ridge_fold(subject: str) -> int:
+    """A subject's cross-validation fold, the same at every site and in every run (no coordination needed)."""
+    return zlib.crc32(subject.encode("utf-8")) % RIDGE_FOLDS
 
 
 def ridge_census(data: SiteProbeData) -> dict[str, np.ndarray]:
-    """Per numeric label and fit side, the `RidgeMoments` of the site's labelled rows (keys
-    `ridge.<column>.<side>.<moment>`): with them the server solves every regression head exactly."""
+    """Per numeric label and subject-grouped fold, the `RidgeMoments` of the site's labelled fit rows (keys
+    `ridge.<column>.fold<k>.<moment>`): with them the server cross-validates and solves the regression heads."""
     arrays: dict[str, np.ndarray] = {}
-    values_by_column = {column: data.fit_table.column(column) for column in NUMERIC_COLUMNS}
-    for column, values in values_by_column.items():
+    folds = np.array([ridge_fold(subject) for subject in data.fit_table.subjects], dtype=np.int64)
+    for column in NUMERIC_COLUMNS:
+        values = data.fit_table.column(column)
         labelled = np.array([v is not None for v in values], dtype=bool)
-        for side, rows in zip(RIDGE_SIDES, (labelled & ~data.fit_is_val, labelled & data.fit_is_val)):
+        for fold in range(RIDGE_FOLDS):
+            rows = labelled & (folds == fold)
             moments = RidgeMoments.from_rows(data.fit_features[rows], values[rows].astype(np.float64))
-            arrays |= moments.to_arrays(f"ridge.{column}.{side}")
+            arrays |= moments.to_arrays(f"ridge.{column}.fold{fold}")
     return arrays
 
 
-def _summed_moments(parts: Sequence[Mapping[str, np.ndarray]], column: str, side: str, width: int) -> RidgeMoments:
-    total = RidgeMoments.empty(width)
-    for arrays in parts:
-        total = total + RidgeMoments.from_arrays(arrays, f"ridge.{column}.{side}")
-    return total
+def _summed_folds(parts: Sequence[Mapping[str, np.ndarray]], column: str, width: int) -> list[RidgeMoments]:
+    folds = []
+    for fold in range(RIDGE_FOLDS):
+        total = RidgeMoments.empty(width)
+        for arrays in parts:
+            total = total + RidgeMoments.from_arrays(arrays, f"ridge.{column}.fold{fold}")
+        folds.append(total)
+    return folds
 
 
 def label_census(data: SiteProbeData) -> dict[str, Any]:
@@ -243,9 +246,8 @@ def plan_probes(
         class_counts[task.name] = fit_counts
     combined = FeatureStats.combine(feature_stats)
     width = combined.total.shape[0]
-    ridge = {task.name: fit_ridge(_summed_moments(ridge_moments, task.column, "train", width),
-                                  _summed_moments(ridge_moments, task.column, "val", width),
-                                  combined, target_stats[task.name], RIDGE_ALPHA_GRID)
+    ridge = {task.name: fit_ridge(_summed_folds(ridge_moments, task.column, width), combined, target_stats[task.name],
+                                  RIDGE_ALPHA_GRID)
              for task in tasks if task.kind is TaskKind.REGRESSION}
     return ProbePlan(tasks, skipped, combined, target_stats, class_counts, ridge)
 
@@ -429,6 +431,6 @@ def pooled_probe_metrics(tasks: Sequence[ProbeTask], per_site: Mapping[str, Mapp
 
 
 def plan_to_json(plan: ProbePlan) -> dict[str, Any]:
-    ridge = {name: {"alpha": fit.alpha, "validation_rmse": {f"{a:g}": v for a, v in fit.validation_rmse.items()}}
+    ridge = {name: {"alpha": fit.alpha, "cv_rmse": {f"{a:g}": v for a, v in fit.cv_rmse.items()}}
              for name, fit in plan.ridge.items()}
     return {"tasks": json.loads(plan.tasks_json()), "skipped": [asdict(s) for s in plan.skipped], "ridge": ridge}

@@ -110,7 +110,7 @@ def _aggregates(config: RunConfig) -> list[str]:
         said.append("token sums before the DiT's first round: count, Σ and Σ² per token channel")
     if config.probes.enabled:
         said.append("linear-probe heads and, once, label counts, summed probe features (count, Σ, Σ²) and, for the age "
-                    "and MMSE probes, the second moments of the probe features (XᵀX, Xᵀy) of labelled train/val scans")
+                    "and MMSE probes, the second moments of the probe features (XᵀX, Xᵀy) of labelled train/val scans, per fold of subjects")
     if config.audit is not None:
         said.append("a privacy audit of a synthetic set: aggregate distances and one flag per synthetic scan")
     if config.generation_eval is not None:

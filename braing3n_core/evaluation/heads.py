@@ -179,15 +179,12 @@ def fit_ridge(folds: Sequence[RidgeMoments], features: FeatureStats, target: Fea
     total = parts[0]
     for part in parts[1:]:
         total = total + part
-    usable = [part for part in parts if part.count >= 1 and total.count - part.count >= 2]
+    splits = [(total - part, part) for part in parts if part.count >= 1 and total.count - part.count >= 2]
     curve = {a: math.nan for a in alphas}
-    if usable:
-        rows = sum(part.count for part in usable)
+    if splits:
+        rows = sum(held.count for _, held in splits)
         for alpha in alphas:
-            error = 0.0
-            for part in usable:
-                weight, bias = (total - part).solve(alpha)
-                error += max(part.squared_error(weight, bias), 0.0)
+            error = sum(max(held.squared_error(*rest.solve(alpha)), 0.0) for rest, held in splits)
             curve[alpha] = math.sqrt(error / rows) * float(target.scale[0])
         alpha = min(alphas, key=lambda a: curve[a])
     else:

@@ -86,8 +86,7 @@ def run_probes(federation: Federation) -> None:
     else:
         plan, tasks_json, arrays, start = last.meta["plan"], last.meta["tasks_json"], last.model, last.server_round + 1
         say(f"probes: resuming after round {last.server_round}")
-    pairs = tasks_from_json(tasks_json)
-    tasks = [task for task, _ in pairs]
+    tasks = [task for task, _ in tasks_from_json(tasks_json)]
     if not tasks:
         raise FederationError(f"probes: no task can be probed on this federation ({plan['skipped']})")
     trained = sgd_tasks(tasks)

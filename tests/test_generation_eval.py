@@ -29,7 +29,7 @@ from braing3n_core.evaluation.pooled import (
     frechet_from_moments,
     mmd_from_sums,
 )
-from braing3n_core.evaluation.tissue import tissue_volumes
+from braing3n_core.evaluation.tissue import tissue_change, tissue_volumes
 from braing3n_core.federation.probes import heads_from_arrays, tasks_from_json
 from braing3n_core.federation.run_folder import RunFolder
 from braing3n_core.generation.condition_table import ConditionRow, balanced_conditions
@@ -93,6 +93,46 @@ def test_tissue_volumes_recover_a_phantom_in_every_contrast(modality: Modality, 
     for region in ("wm", "gm", "csf"):
         assert found[region] == pytest.approx(truth[region] * 0.064, rel=0.01)
     assert found["brain"] == pytest.approx(found["gm"] + found["wm"])
+
+
+def _atrophy_phantom(gm_radius: float, intensities: dict[str, float], seed: int,
+                     drift: tuple[float, float, float] | None = None) -> tuple[np.ndarray, dict[str, float]]:
+    """Nested spheres with partial-volume boundaries (one voxel wide), the grey-matter shell's outer radius
+    `gm_radius`; `drift` = (gain, gain slope along the first axis, offset) applied to the intensities, a
+    follow-up session's z-score shift and bias-field change. Returns the volume and each class's true voxels."""
+    grid = np.indices((40, 48, 40)).astype(float)
+    radius = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, (20, 24, 20), strict=True)))
+
+    def inside(r: float) -> np.ndarray:
+        return np.clip(r - radius + 0.5, 0.0, 1.0)
+
+    fractions = {"wm": inside(8.0), "gm": inside(gm_radius) - inside(8.0), "csf": inside(15.0) - inside(gm_radius)}
+    mask = radius < 15.0
+    volume = sum(fractions[k] * intensities[k] for k in fractions) + np.random.default_rng(seed).normal(0, 0.1, mask.shape)
+    if drift is not None:
+        gain, slope, offset = drift
+        volume = (gain + slope * np.linspace(-1.0, 1.0, 40)[:, None, None]) * volume + offset
+    return np.where(mask, volume, 0.0), {k: float(f[mask].sum()) for k, f in fractions.items()}
+
+
+@pytest.mark.parametrize("modality, intensities", [
+    (Modality.T1W, {"csf": -2.0, "gm": 0.0, "wm": 1.2}),
+    (Modality.T2W, {"wm": -1.2, "gm": 0.0, "csf": 2.0}),
+    (Modality.FLAIR, {"csf": -2.0, "wm": -0.3, "gm": 0.8}),
+])
+def test_tissue_change_measures_atrophy_through_a_session_intensity_drift(modality: Modality,
+                                                                          intensities: dict[str, float]) -> None:
+    baseline, before = _atrophy_phantom(12.0, intensities, seed=0)
+    follow_up, after = _atrophy_phantom(11.5, intensities, seed=1, drift=(1.08, 0.06, 0.15))  # grey matter → CSF
+    true_loss = before["gm"] - after["gm"]  # ≈ 870 voxels
+    measured = tissue_change(baseline, follow_up, modality, voxel_ml=1.0)
+    assert measured["brain"] == pytest.approx(-true_loss, rel=0.12)
+    assert measured["csf"] == pytest.approx(true_loss, rel=0.12)
+    assert measured["brain"] == pytest.approx(measured["gm"] + measured["wm"])
+    assert all(value == pytest.approx(0.0, abs=1e-6) for value in tissue_change(baseline, baseline, modality, 1.0).values())
+    if modality is Modality.T1W:  # classifying each scan on its own is fooled by the drift (why the pair is matched)
+        separate = tissue_volumes(follow_up, modality, 1.0, mask=baseline != 0)["gm"] - tissue_volumes(baseline, modality, 1.0)["gm"]
+        assert abs(separate + true_loss) > 3 * abs(measured["gm"] + true_loss)
 
 
 # --- conditions and the adherence measurement --------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Regional volumes of a preprocessed scan by intensity clustering: the same function for real scans and
-for forecasts, so a forecast's predicted atrophy and the real one are measured alike.
+"""Regional volumes of a preprocessed scan by intensity clustering, and the change between two scans of one
+subject: the same functions for real scans and for forecasts, so a forecast's predicted atrophy and the
+real one are measured alike.
 
 Method (deliberately simple and documented, not a segmentation model): inside the brain mask (the
 preprocessed volume's non-zero voxels; preprocessing zeroes the background), the z-scored intensities are
@@ -17,6 +18,25 @@ Volumes are voxel counts × voxel volume (ml). `brain` is the parenchyma (grey +
 ventricles and the sulcal CSF inside the mask: atrophy moves voxels from `brain` to `csf`. A decoded
 volume has no exact-zero background, so a forecast is classified inside the mask of the scan it was
 forecast from (`mask=`); its voxels are still clustered by its own intensities, like any scan's.
+
+**Change between two scans** (`tissue_change`, what the forecast evaluation measures). Classifying each scan
+on its own and subtracting (`tissue_volumes` twice) is noisy: each scan's z-score and k-means centres move
+with its own atrophy, which cancels about half of it, and a hard threshold counts a voxel only once its
+intensity crosses it. Measured on the synthetic cohort's 24 dementia-spectrum pairs (`small`, T1w), whose
+generator knows the true change: mean |error| 11.7 ml per region that way, 8.8 ml with the paired method,
+for a mean true change of 7.2 ml. (On its 6 glioma pairs both miss, 42 and 50 ml: the truth counts tumour
+and oedema as none of the three tissues, an intensity classifier as one of them.) The paired method, as longitudinal pipelines do (differential bias
+correction before a boundary-shift measure):
+1. classes and centres from the baseline (the k-means above), inside the baseline's brain mask;
+2. the other scan's intensities mapped onto the baseline's scale, `v_base ≈ g(x)·v_other + o(x)` with gain
+   g and offset o linear in the voxel's position (a session's z-score shift and bias-field drift), fitted
+   by trimmed least squares on the baseline's pure white-matter and CSF voxels only — the tissues atrophy
+   does not turn into something else, so the fit cannot absorb the change it is meant to measure;
+3. partial volume: a voxel's intensity splits linearly between the two neighbouring class centres, so a
+   voxel that loses a little grey matter counts a little.
+It still sees about half of the true atrophy (a voxel mixing all three tissues that loses grey matter to
+CSF reads as a grey/white shift on one intensity axis), so its changes are an attenuated but far less
+noisy measure, and the same one for every method it compares.
 """
 
 from __future__ import annotations
@@ -35,6 +55,9 @@ _ORDER: Mapping[Modality, tuple[str, str, str]] = {
     Modality.FLAIR: ("csf", "wm", "gm"),
 }
 _ITERATIONS = 50
+_PURE_FRACTION = 0.9  # a baseline voxel anchors the intensity matching when ≥ 90 % one class (WM or CSF)
+_TRIM_SIGMAS = 2.5  # matching residuals beyond this many robust SDs (a lesion, a change) are refitted without
+_TRIM_PASSES = 4
 
 
 def brain_mask(volume: np.ndarray) -> np.ndarray:
@@ -71,4 +94,63 @@ def tissue_volumes(volume: np.ndarray, modality: Modality | str, voxel_ml: float
     names = _ORDER[Modality(modality)]
     counts = np.bincount(labels, minlength=3)
     out = {names[k]: float(counts[k]) * voxel_ml for k in range(3)}
+    return {"brain": out["gm"] + out["wm"], **out}
+
+
+def partial_volume_fractions(values: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """[V, 3] fraction of each class per value: linear between the two neighbouring centres, 1 beyond the
+    outer ones (`centres` increasing)."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    fractions = np.zeros((values.size, 3))
+    fractions[values <= centres[0], 0] = 1.0
+    fractions[values >= centres[2], 2] = 1.0
+    for k in (0, 1):
+        between = (values > centres[k]) & (values < centres[k + 1])
+        t = (values[between] - centres[k]) / (centres[k + 1] - centres[k])
+        fractions[between, k] = 1.0 - t
+        fractions[between, k + 1] = t
+    return fractions
+
+
+def _linear_field_terms(shape: tuple[int, ...], mask: np.ndarray) -> np.ndarray:
+    """[V, 4] (1, x, y, z) of each masked voxel, coordinates scaled to [-1, 1] over the volume."""
+    axes = [np.linspace(-1.0, 1.0, n) for n in shape]
+    coords = np.meshgrid(*axes, indexing="ij")
+    return np.stack([np.ones(int(mask.sum())), *(c[mask] for c in coords)], axis=1)
+
+
+def match_intensities(reference: np.ndarray, other: np.ndarray, terms: np.ndarray, anchors: np.ndarray) -> np.ndarray:
+    """`other` mapped onto `reference`'s intensity scale by `g(x)·other + o(x)` (g, o linear in `terms`),
+    fitted by trimmed least squares on the `anchors` voxels (all of them when fewer than 2 × the unknowns)."""
+    design = np.concatenate([terms * other[:, None], terms], axis=1)  # [V, 2T]
+    anchors = anchors if anchors.sum() >= 2 * design.shape[1] else np.ones_like(anchors)
+    keep = anchors
+    for _ in range(_TRIM_PASSES):
+        coefficients, *_ = np.linalg.lstsq(design[keep], reference[keep], rcond=None)
+        residual = reference - design @ coefficients
+        spread = 1.4826 * np.median(np.abs(residual[keep]))  # robust SD
+        if spread == 0:
+            break
+        keep = anchors & (np.abs(residual) < _TRIM_SIGMAS * spread)
+    return design @ coefficients
+
+
+def tissue_change(baseline: np.ndarray, other: np.ndarray, modality: Modality | str, voxel_ml: float,
+                  mask: np.ndarray | None = None) -> dict[str, float]:
+    """`{brain, gm, wm, csf}` change in ml from `baseline` to `other` [D, H, W], two preprocessed scans of one
+    subject in the same space (a follow-up, or a forecast from the baseline), measured inside `mask`
+    (default: the baseline's non-zero voxels) by the paired method of the module docstring."""
+    baseline = np.asarray(baseline, dtype=np.float64)
+    other = np.asarray(other, dtype=np.float64)
+    if baseline.ndim != 3 or baseline.shape != other.shape:
+        raise ValueError(f"tissue_change takes two [D, H, W] volumes of one shape, got {baseline.shape} and {other.shape}")
+    mask = brain_mask(baseline) if mask is None else np.asarray(mask, dtype=bool)
+    before = baseline[mask]
+    _, centres = intensity_classes(before)
+    names = _ORDER[Modality(modality)]
+    fractions_before = partial_volume_fractions(before, centres)
+    anchors = (fractions_before[:, names.index("wm")] >= _PURE_FRACTION) | (fractions_before[:, names.index("csf")] >= _PURE_FRACTION)
+    after = match_intensities(before, other[mask], _linear_field_terms(baseline.shape, mask), anchors)
+    delta = (partial_volume_fractions(after, centres) - fractions_before).sum(axis=0) * voxel_ml
+    out = {names[k]: float(delta[k]) for k in range(3)}
     return {"brain": out["gm"] + out["wm"], **out}

@@ -5,13 +5,13 @@ the earliest scan is the baseline and the latest the follow-up, `years` apart. F
 
 | method | the follow-up predicted as | its predicted regional change |
 |---|---|---|
-| `forecast` | decode(DiT forecast tokens) | V(forecast) − V(baseline) |
-| `residual` | baseline + decode(forecast tokens) − decode(baseline tokens), inside the baseline's brain | V(residual) − V(baseline) |
+| `forecast` | decode(DiT forecast tokens) | ΔV(baseline → forecast) |
+| `residual` | baseline + decode(forecast tokens) − decode(baseline tokens), inside the baseline's brain | ΔV(baseline → residual) |
 | `no_change` | the baseline itself | 0 |
 | `trend` | — (volumes only) | each region's annual change × years, by diagnosis and age band (least squares through the origin, cells of ≥ `MIN_TREND_PAIRS` pairs), fitted federated on the *training* subjects' real pairs (`trend_census` → `TrendModel`) |
 
-V is `evaluation.tissue.tissue_volumes` (the same intensity clustering for every scan; a predicted scan is
-classified inside the baseline's brain mask). Scores per pair: the regional change error |ΔV̂ − ΔV| in ml
+ΔV is `evaluation.tissue.tissue_change` from the baseline to the scan in question (the same paired intensity
+classification for the real follow-up and every prediction, inside the baseline's brain mask). Scores per pair: the regional change error |ΔV̂ − ΔV| in ml
 against the real follow-up's measured change, and for the volume predictions voxel MAE and SSIM inside
 the follow-up's brain. Where the site holds the synthetic cohort's ground truth
 (`derivatives/braing3n-truth/truth.tsv`), the errors against the true change are reported too, as is the
@@ -39,7 +39,7 @@ from braing3n_core.data.bids import ScanRecord
 from braing3n_core.data.transforms import preprocess_scan
 from braing3n_core.evaluation.metrics import mae, ssim
 from braing3n_core.evaluation.pooled import MIN_ROWS
-from braing3n_core.evaluation.tissue import REGIONS, brain_mask, tissue_volumes
+from braing3n_core.evaluation.tissue import REGIONS, brain_mask, tissue_change
 from braing3n_core.generation.forecasting import forecast
 from braing3n_core.generation.models import GenerationModels
 from braing3n_core.labels import MODALITIES, Modality
@@ -100,8 +100,8 @@ def _volume(record: ScanRecord, site: SiteInputs) -> np.ndarray:
     return preprocess_scan(record.path, site.data.preset, site.data.cache)[0]  # [D, H, W]
 
 
-def regional(volume: np.ndarray, modality: Modality, preset: Preset, mask: np.ndarray | None = None) -> dict[str, float]:
-    return tissue_volumes(volume, modality, voxel_ml(preset), mask)
+def regional_change(baseline: np.ndarray, other: np.ndarray, modality: Modality, preset: Preset) -> dict[str, float]:
+    return tissue_change(baseline, other, modality, voxel_ml(preset), brain_mask(baseline))
 
 
 # --- the linear-trend baseline -------------------------------------------------------------------------------
@@ -115,14 +115,13 @@ def trend_census(site: SiteInputs) -> dict[str, Any]:
     pairs = longitudinal_pairs(records)
     for pair in pairs:
         modality = Modality(pair.baseline.modality)
-        before = regional(_volume(pair.baseline, site), modality, site.data.preset)
-        after = regional(_volume(pair.follow_up, site), modality, site.data.preset)
+        change = regional_change(_volume(pair.baseline, site), _volume(pair.follow_up, site), modality, site.data.preset)
         cell = cells.setdefault(f"{pair.baseline.labels.diagnosis}|{age_band(pair.baseline.labels.age)}",
                                 {"n": 0, "years_sq": 0.0, "change_years": dict.fromkeys(REGIONS, 0.0)})
         cell["n"] += 1
         cell["years_sq"] += pair.years**2
         for region in REGIONS:
-            cell["change_years"][region] += (after[region] - before[region]) * pair.years
+            cell["change_years"][region] += change[region] * pair.years
     return {"cells": cells, "n_pairs": len(pairs), "subjects": len({p.baseline.subject for p in pairs})}
 
 
@@ -226,13 +225,9 @@ def pair_scores(models: GenerationModels, site: SiteInputs, pair: ScanPair, tren
     result = forecast(models, site.data, site.tokens, pair.baseline, pair.years, follow_up=pair.follow_up, steps=steps,
                       guidance_scale=guidance_scale, seed=seed)
     baseline, follow = result.baseline_volume, result.follow_up_volume
-    mask = brain_mask(baseline)
     volumes = {"forecast": result.volume, "residual": result.residual_volume, "no_change": baseline}
-    before = regional(baseline, modality, preset)
-    after = regional(follow, modality, preset)
-    actual = {r: after[r] - before[r] for r in REGIONS}
-    changes = {m: {r: regional(v, modality, preset, mask)[r] - before[r] for r in REGIONS} for m, v in volumes.items()
-               if m != "no_change"}
+    actual = regional_change(baseline, follow, modality, preset)
+    changes = {m: regional_change(baseline, v, modality, preset) for m, v in volumes.items() if m != "no_change"}
     changes["no_change"] = dict.fromkeys(REGIONS, 0.0)
     changes["trend"] = trend.change(pair)
     out: dict[str, Any] = {"change": {m: _errors(changes[m], actual) for m in METHODS},

@@ -586,8 +586,8 @@ def _forecast_html(forecast: Mapping[str, Any], images: _Images, figures: Path) 
     text = ", ".join(f"{m}: {100 * v['value']:+.0f} % [{100 * v['ci_low']:+.0f}, {100 * v['ci_high']:+.0f}]"
                      for m, v in improvement.items())
     parts += [f"<p class=note>{pooled['n_subjects']} held-out subjects with a real follow-up. Errors in ml of the "
-              "predicted change of each region against the real follow-up's measured change (intensity-clustering "
-              "tissue volumes, evaluation/tissue.py); 'vs truth' against the synthetic cohort's true change. "
+              "predicted change of each region against the real follow-up's measured change (paired intensity "
+              "classification from the baseline, evaluation/tissue.py); 'vs truth' against the synthetic cohort's true change. "
               f"Reduction of the mean error relative to no change: {_e(text)}.</p>",
               _table(["method", "brain", "GM", "WM", "CSF", "mean", "mean vs truth", "voxel MAE", "voxel SSIM"], rows)]
     if forecast_figure(pooled, figures / "forecast.png") is not None:

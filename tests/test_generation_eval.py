@@ -29,7 +29,7 @@ from braing3n_core.evaluation.pooled import (
     frechet_from_moments,
     mmd_from_sums,
 )
-from braing3n_core.evaluation.tissue import tissue_change, tissue_volumes
+from braing3n_core.evaluation.tissue import align_by_brain_mask, tissue_change, tissue_volumes
 from braing3n_core.federation.probes import heads_from_arrays, tasks_from_json
 from braing3n_core.federation.run_folder import RunFolder
 from braing3n_core.generation.condition_table import ConditionRow, balanced_conditions
@@ -133,6 +133,17 @@ def test_tissue_change_measures_atrophy_through_a_session_intensity_drift(modali
     if modality is Modality.T1W:  # classifying each scan on its own is fooled by the drift (why the pair is matched)
         separate = tissue_volumes(follow_up, modality, 1.0, mask=baseline != 0)["gm"] - tissue_volumes(baseline, modality, 1.0)["gm"]
         assert abs(separate + true_loss) > 3 * abs(measured["gm"] + true_loss)
+
+
+def test_a_follow_up_cropped_elsewhere_is_moved_back_onto_the_baseline_voxels() -> None:
+    baseline, _ = _atrophy_phantom(12.0, {"csf": -2.0, "gm": 0.0, "wm": 1.2}, seed=0)
+    follow_up, _ = _atrophy_phantom(11.5, {"csf": -2.0, "gm": 0.0, "wm": 1.2}, seed=1)
+    cropped = np.roll(follow_up, (2, -1, 0), axis=(0, 1, 2))  # the phantom's background margin keeps the roll exact
+    moved, shift = align_by_brain_mask(baseline, cropped)
+    assert shift == (-2, 1, 0)
+    np.testing.assert_array_equal(moved, follow_up)
+    misplaced = tissue_change(baseline, cropped, Modality.T1W, 1.0)["brain"]
+    assert abs(tissue_change(baseline, moved, Modality.T1W, 1.0)["brain"] - misplaced) > 100  # why it matters
 
 
 # --- conditions and the adherence measurement --------------------------------------------------------------------

@@ -11,7 +11,8 @@ the earliest scan is the baseline and the latest the follow-up, `years` apart. F
 | `trend` | — (volumes only) | each region's annual change × years, by diagnosis and age band (least squares through the origin, cells of ≥ `MIN_TREND_PAIRS` pairs), fitted federated on the *training* subjects' real pairs (`trend_census` → `TrendModel`) |
 
 ΔV is `evaluation.tissue.tissue_change` from the baseline to the scan in question (the same paired intensity
-classification for the real follow-up and every prediction, inside the baseline's brain mask). Scores per pair: the regional change error |ΔV̂ − ΔV| in ml
+classification for the real follow-up and every prediction, inside the baseline's brain mask; the real
+follow-up is first moved onto the baseline's voxels, where the predictions lie, and is scored there). Scores per pair: the regional change error |ΔV̂ − ΔV| in ml
 against the real follow-up's measured change, and for the volume predictions voxel MAE and SSIM inside
 the follow-up's brain. Where the site holds the synthetic cohort's ground truth
 (`derivatives/braing3n-truth/truth.tsv`), the errors against the true change are reported too, as is the
@@ -39,7 +40,7 @@ from braing3n_core.data.bids import ScanRecord
 from braing3n_core.data.transforms import preprocess_scan
 from braing3n_core.evaluation.metrics import mae, ssim
 from braing3n_core.evaluation.pooled import MIN_ROWS
-from braing3n_core.evaluation.tissue import REGIONS, brain_mask, tissue_change
+from braing3n_core.evaluation.tissue import REGIONS, align_by_brain_mask, brain_mask, tissue_change
 from braing3n_core.generation.forecasting import forecast
 from braing3n_core.generation.models import GenerationModels
 from braing3n_core.labels import MODALITIES, Modality
@@ -101,7 +102,14 @@ def _volume(record: ScanRecord, site: SiteInputs) -> np.ndarray:
 
 
 def regional_change(baseline: np.ndarray, other: np.ndarray, modality: Modality, preset: Preset) -> dict[str, float]:
+    """ΔV from `baseline` to `other`, a scan on the baseline's voxels (a prediction, or an aligned follow-up)."""
     return tissue_change(baseline, other, modality, voxel_ml(preset), brain_mask(baseline))
+
+
+def aligned_follow_up(baseline: np.ndarray, follow_up: np.ndarray) -> np.ndarray:
+    """The real follow-up moved onto the baseline's voxels (`tissue.align_by_brain_mask`), where every
+    prediction made from the baseline already lies."""
+    return align_by_brain_mask(baseline, follow_up)[0]
 
 
 # --- the linear-trend baseline -------------------------------------------------------------------------------
@@ -115,7 +123,9 @@ def trend_census(site: SiteInputs) -> dict[str, Any]:
     pairs = longitudinal_pairs(records)
     for pair in pairs:
         modality = Modality(pair.baseline.modality)
-        change = regional_change(_volume(pair.baseline, site), _volume(pair.follow_up, site), modality, site.data.preset)
+        baseline = _volume(pair.baseline, site)
+        change = regional_change(baseline, aligned_follow_up(baseline, _volume(pair.follow_up, site)), modality,
+                                 site.data.preset)
         cell = cells.setdefault(f"{pair.baseline.labels.diagnosis}|{age_band(pair.baseline.labels.age)}",
                                 {"n": 0, "years_sq": 0.0, "change_years": dict.fromkeys(REGIONS, 0.0)})
         cell["n"] += 1
@@ -224,7 +234,8 @@ def pair_scores(models: GenerationModels, site: SiteInputs, pair: ScanPair, tren
     preset, modality = site.data.preset, Modality(pair.baseline.modality)
     result = forecast(models, site.data, site.tokens, pair.baseline, pair.years, follow_up=pair.follow_up, steps=steps,
                       guidance_scale=guidance_scale, seed=seed)
-    baseline, follow = result.baseline_volume, result.follow_up_volume
+    baseline = result.baseline_volume
+    follow = aligned_follow_up(baseline, result.follow_up_volume)
     volumes = {"forecast": result.volume, "residual": result.residual_volume, "no_change": baseline}
     actual = regional_change(baseline, follow, modality, preset)
     changes = {m: regional_change(baseline, v, modality, preset) for m, v in volumes.items() if m != "no_change"}

@@ -62,6 +62,7 @@ _ITERATIONS = 50
 _PURE_FRACTION = 0.9  # a baseline voxel anchors the intensity matching when ≥ 90 % one class (WM or CSF)
 _TRIM_SIGMAS = 2.5  # matching residuals beyond this many robust SDs (a lesion, a change) are refitted without
 _TRIM_PASSES = 4
+MAX_SHIFT_VOXELS = 8  # per axis, when aligning two sessions (their foreground crops differ by a voxel or two)
 
 
 def brain_mask(volume: np.ndarray) -> np.ndarray:
@@ -123,9 +124,9 @@ def _linear_field_terms(shape: tuple[int, ...], mask: np.ndarray) -> np.ndarray:
     return np.stack([np.ones(int(mask.sum())), *(c[mask] for c in coords)], axis=1)
 
 
-def fit_match(reference: np.ndarray, other: np.ndarray, terms: np.ndarray, anchors: np.ndarray) -> np.ndarray:
-    """Coefficients of `g(x)·other + o(x) ≈ reference` (g, o linear in `terms`), trimmed least squares on
-    the `anchors` voxels (all of them when fewer than 2 × the unknowns)."""
+def match_intensities(reference: np.ndarray, other: np.ndarray, terms: np.ndarray, anchors: np.ndarray) -> np.ndarray:
+    """`other` mapped onto `reference`'s intensity scale by `g(x)·other + o(x)` (g, o linear in `terms`),
+    fitted by trimmed least squares on the `anchors` voxels (all of them when fewer than 2 × the unknowns)."""
     design = np.concatenate([terms * other[:, None], terms], axis=1)  # [V, 2T]
     anchors = anchors if anchors.sum() >= 2 * design.shape[1] else np.ones_like(anchors)
     keep = anchors
@@ -136,14 +137,7 @@ def fit_match(reference: np.ndarray, other: np.ndarray, terms: np.ndarray, ancho
         if spread == 0:
             break
         keep = anchors & (np.abs(residual) < _TRIM_SIGMAS * spread)
-    return coefficients
-
-
-def apply_match(other: np.ndarray, terms: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
-    return np.concatenate([terms * other[:, None], terms], axis=1) @ coefficients
-
-
-MAX_SHIFT_VOXELS = 8
+    return design @ coefficients
 
 
 def align_by_brain_mask(reference: np.ndarray, moving: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -177,8 +171,7 @@ def tissue_change(baseline: np.ndarray, other: np.ndarray, modality: Modality | 
     names = _ORDER[Modality(modality)]
     fractions_before = partial_volume_fractions(before, centres)
     anchors = (fractions_before[:, names.index("wm")] >= _PURE_FRACTION) | (fractions_before[:, names.index("csf")] >= _PURE_FRACTION)
-    terms = _linear_field_terms(baseline.shape, mask)
-    after = apply_match(other[mask], terms, fit_match(before, other[mask], terms, anchors))
+    after = match_intensities(before, other[mask], _linear_field_terms(baseline.shape, mask), anchors)
     delta = (partial_volume_fractions(after, centres) - fractions_before).sum(axis=0) * voxel_ml
     out = {names[k]: float(delta[k]) for k in range(3)}
     return {"brain": out["gm"] + out["wm"], **out}

@@ -139,7 +139,8 @@ def forecast(models: GenerationModels, site: SiteData, tokens: TokenCache, basel
     if follow_up is not None:
         follow_volume = preprocess_scan(follow_up.path, models.preset, site.cache)[0]
         scores = _forecast_scores(volume, residual, baseline_volume, follow_volume)
-    settings = {"steps": steps, "guidance_scale": guidance_scale, "seed": seed, "site": site.config.site_id,
+    settings = {"steps": steps, "guidance_scale": guidance_scale, "time_shift": FORECAST_TIME_SHIFT, "seed": seed,
+                "site": site.config.site_id,
                 "subject": baseline.subject, "session": baseline.session, "modality": Modality(baseline.modality).value,
                 "years": float(years), "conditioned_age": known.age, "encoder_sha256": models.encoder_sha256,
                 "device": str(models.device), "autocast": "bf16" if inference_bf16(models.device) else None}
@@ -198,7 +199,8 @@ def forecast_scan(models: GenerationModels, scan: Path, labels: ScanLabels, moda
                                                          guidance_scale=guidance_scale, seed=seed)
     seconds = time.perf_counter() - started
     baseline = ScanRecord(SCAN_SITE, scan.name, None, modality, scan, labels)
-    settings = {"steps": steps, "guidance_scale": guidance_scale, "seed": seed, "site": None, "scan": str(scan),
+    settings = {"steps": steps, "guidance_scale": guidance_scale, "time_shift": FORECAST_TIME_SHIFT, "seed": seed,
+                "site": None, "scan": str(scan),
                 "modality": modality.value, "years": float(years), "conditioned_age": known.age,
                 "encoder_sha256": models.encoder_sha256, "device": str(models.device),
                 "autocast": "bf16" if inference_bf16(models.device) else None}

@@ -156,22 +156,41 @@ def align_by_brain_mask(reference: np.ndarray, moving: np.ndarray) -> tuple[np.n
     return nd_shift(np.asarray(moving), shift, order=0, mode="constant", cval=0.0), shift
 
 
+class BaselineTissue:
+    """A baseline scan classified once (steps 1–2 of the paired method: centres, partial-volume fractions,
+    the intensity-matching anchors), so that several scans on its voxels — the real follow-up and each
+    prediction — are measured against it without classifying the baseline again."""
+
+    def __init__(self, baseline: np.ndarray, modality: Modality | str, voxel_ml: float,
+                 mask: np.ndarray | None = None) -> None:
+        baseline = np.asarray(baseline, dtype=np.float64)
+        if baseline.ndim != 3:
+            raise ValueError(f"the baseline must be one [D, H, W] volume, got shape {baseline.shape}")
+        self.shape = baseline.shape
+        self.mask = brain_mask(baseline) if mask is None else np.asarray(mask, dtype=bool)
+        self.values = baseline[self.mask]
+        _, self.centres = intensity_classes(self.values)
+        self.names = _ORDER[Modality(modality)]
+        self.fractions = partial_volume_fractions(self.values, self.centres)
+        self.anchors = ((self.fractions[:, self.names.index("wm")] >= _PURE_FRACTION)
+                        | (self.fractions[:, self.names.index("csf")] >= _PURE_FRACTION))
+        self.terms = _linear_field_terms(self.shape, self.mask)
+        self.voxel_ml = voxel_ml
+
+    def change(self, other: np.ndarray) -> dict[str, float]:
+        """`{brain, gm, wm, csf}` change in ml from the baseline to `other` [D, H, W], on the baseline's voxels."""
+        other = np.asarray(other, dtype=np.float64)
+        if other.shape != self.shape:
+            raise ValueError(f"tissue change needs a volume of the baseline's shape {self.shape}, got {other.shape}")
+        after = match_intensities(self.values, other[self.mask], self.terms, self.anchors)
+        delta = (partial_volume_fractions(after, self.centres) - self.fractions).sum(axis=0) * self.voxel_ml
+        out = {self.names[k]: float(delta[k]) for k in range(3)}
+        return {"brain": out["gm"] + out["wm"], **out}
+
+
 def tissue_change(baseline: np.ndarray, other: np.ndarray, modality: Modality | str, voxel_ml: float,
                   mask: np.ndarray | None = None) -> dict[str, float]:
     """`{brain, gm, wm, csf}` change in ml from `baseline` to `other` [D, H, W], two preprocessed scans of one
     subject in the same space (a follow-up, or a forecast from the baseline), measured inside `mask`
     (default: the baseline's non-zero voxels) by the paired method of the module docstring."""
-    baseline = np.asarray(baseline, dtype=np.float64)
-    other = np.asarray(other, dtype=np.float64)
-    if baseline.ndim != 3 or baseline.shape != other.shape:
-        raise ValueError(f"tissue_change takes two [D, H, W] volumes of one shape, got {baseline.shape} and {other.shape}")
-    mask = brain_mask(baseline) if mask is None else np.asarray(mask, dtype=bool)
-    before = baseline[mask]
-    _, centres = intensity_classes(before)
-    names = _ORDER[Modality(modality)]
-    fractions_before = partial_volume_fractions(before, centres)
-    anchors = (fractions_before[:, names.index("wm")] >= _PURE_FRACTION) | (fractions_before[:, names.index("csf")] >= _PURE_FRACTION)
-    after = match_intensities(before, other[mask], _linear_field_terms(baseline.shape, mask), anchors)
-    delta = (partial_volume_fractions(after, centres) - fractions_before).sum(axis=0) * voxel_ml
-    out = {names[k]: float(delta[k]) for k in range(3)}
-    return {"brain": out["gm"] + out["wm"], **out}
+    return BaselineTissue(baseline, modality, voxel_ml, mask).change(other)

@@ -10,7 +10,7 @@ the earliest scan is the baseline and the latest the follow-up, `years` apart. F
 | `no_change` | the baseline itself | 0 |
 | `trend` | — (volumes only) | each region's annual change × years, by diagnosis and age band (least squares through the origin, cells of ≥ `MIN_TREND_PAIRS` pairs), fitted federated on the *training* subjects' real pairs (`trend_census` → `TrendModel`) |
 
-ΔV is `evaluation.tissue.tissue_change` from the baseline to the scan in question (the same paired intensity
+ΔV is the paired change of `evaluation.tissue` (`BaselineTissue.change`) from the baseline to the scan in question (the same paired intensity
 classification for the real follow-up and every prediction, inside the baseline's brain mask; the real
 follow-up is first moved onto the baseline's voxels, where the predictions lie, and is scored there). Scores per pair: the regional change error |ΔV̂ − ΔV| in ml
 against the real follow-up's measured change, and for the volume predictions voxel MAE and SSIM inside
@@ -40,7 +40,7 @@ from braing3n_core.data.bids import ScanRecord
 from braing3n_core.data.transforms import preprocess_scan
 from braing3n_core.evaluation.metrics import mae, ssim
 from braing3n_core.evaluation.pooled import MIN_ROWS
-from braing3n_core.evaluation.tissue import REGIONS, align_by_brain_mask, brain_mask, tissue_change
+from braing3n_core.evaluation.tissue import REGIONS, BaselineTissue, align_by_brain_mask
 from braing3n_core.generation.forecasting import forecast
 from braing3n_core.generation.models import GenerationModels
 from braing3n_core.labels import MODALITIES, Modality
@@ -101,9 +101,10 @@ def _volume(record: ScanRecord, site: SiteInputs) -> np.ndarray:
     return preprocess_scan(record.path, site.data.preset, site.data.cache)[0]  # [D, H, W]
 
 
-def regional_change(baseline: np.ndarray, other: np.ndarray, modality: Modality, preset: Preset) -> dict[str, float]:
-    """ΔV from `baseline` to `other`, a scan on the baseline's voxels (a prediction, or an aligned follow-up)."""
-    return tissue_change(baseline, other, modality, voxel_ml(preset), brain_mask(baseline))
+def baseline_tissue(baseline: np.ndarray, modality: Modality, preset: Preset) -> BaselineTissue:
+    """The baseline classified once; `.change(other)` is ΔV to a scan on its voxels (a prediction, or an
+    aligned follow-up)."""
+    return BaselineTissue(baseline, modality, voxel_ml(preset))
 
 
 def aligned_follow_up(baseline: np.ndarray, follow_up: np.ndarray) -> np.ndarray:
@@ -124,8 +125,8 @@ def trend_census(site: SiteInputs) -> dict[str, Any]:
     for pair in pairs:
         modality = Modality(pair.baseline.modality)
         baseline = _volume(pair.baseline, site)
-        change = regional_change(baseline, aligned_follow_up(baseline, _volume(pair.follow_up, site)), modality,
-                                 site.data.preset)
+        change = baseline_tissue(baseline, modality, site.data.preset).change(
+            aligned_follow_up(baseline, _volume(pair.follow_up, site)))
         cell = cells.setdefault(f"{pair.baseline.labels.diagnosis}|{age_band(pair.baseline.labels.age)}",
                                 {"n": 0, "years_sq": 0.0, "change_years": dict.fromkeys(REGIONS, 0.0)})
         cell["n"] += 1
@@ -237,8 +238,9 @@ def pair_scores(models: GenerationModels, site: SiteInputs, pair: ScanPair, tren
     baseline = result.baseline_volume
     follow = aligned_follow_up(baseline, result.follow_up_volume)
     volumes = {"forecast": result.volume, "residual": result.residual_volume, "no_change": baseline}
-    actual = regional_change(baseline, follow, modality, preset)
-    changes = {m: regional_change(baseline, v, modality, preset) for m, v in volumes.items() if m != "no_change"}
+    tissue = baseline_tissue(baseline, modality, preset)  # classified once for the follow-up and each prediction
+    actual = tissue.change(follow)
+    changes = {m: tissue.change(v) for m, v in volumes.items() if m != "no_change"}
     changes["no_change"] = dict.fromkeys(REGIONS, 0.0)
     changes["trend"] = trend.change(pair)
     out: dict[str, Any] = {"change": {m: _errors(changes[m], actual) for m in METHODS},

@@ -20,6 +20,7 @@ import yaml
 
 from braing3n_core.checkpoint import load_checkpoint
 from braing3n_core.cli import main
+from braing3n_core.data.alignment import align_by_brain_mask
 from braing3n_core.data.datasets import load_site
 from braing3n_core.evaluation.metrics import MMDKernel, condition_adherence, frechet_distance, mmd
 from braing3n_core.evaluation.pooled import (
@@ -29,7 +30,7 @@ from braing3n_core.evaluation.pooled import (
     frechet_from_moments,
     mmd_from_sums,
 )
-from braing3n_core.evaluation.tissue import align_by_brain_mask, tissue_change, tissue_volumes
+from braing3n_core.evaluation.tissue import tissue_change, tissue_volumes
 from braing3n_core.federation.probes import heads_from_arrays, tasks_from_json
 from braing3n_core.federation.run_folder import RunFolder
 from braing3n_core.generation.condition_table import ConditionRow, balanced_conditions

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
+from braing3n_core.data.alignment import align_by_brain_mask
 from braing3n_core.data.datasets import load_site
 from braing3n_core.data.tokens import TokenCache, encoder_sha256
+from braing3n_core.data.transforms import preprocess_scan
 from braing3n_core.presets import get_preset
 from braing3n_core.site_config import SiteConfig
 from braing3n_core.training.centralized import TrainOptions, train_centralized
@@ -136,3 +141,32 @@ def test_a_round_that_drew_nobody_reports_the_same_metric_names(name: str) -> No
                  "volume": torch.rand(2, 1, *preset.shape, generator=generator)}
         trained = train_steps(stage, model, iter([batch]), optimizer, 1, lambda _: 0.0, torch.device("cpu"))
         assert set(trained.metrics()) == set(empty.metrics()) and all(map(math.isfinite, trained.extra.values()))
+
+
+def test_a_pairs_target_tokens_are_the_follow_up_on_the_baselines_voxels(trained_run: Path, site_configs,
+                                                                          tmp_path: Path) -> None:
+    """Preprocessing crops each session to its own foreground, so a follow-up whose head lost a slab at one
+    edge (a field of view cut short) lands voxels away from its baseline; its target tokens for a forecast
+    from that baseline are those of the follow-up moved back, and a follow-up already in place keeps its own."""
+    encoder = load_encoder(trained_run / "checkpoints/mae/step-000006.json")
+    data = load_site(site_configs[0], TINY)
+    cache = TokenCache(tmp_path / "tokens", encoder, TINY, data.cache)
+    baseline = data.splits["train"][0]
+    image = nib.load(baseline.path)
+    voxels = np.asarray(image.dataobj).copy()
+    head = np.argwhere(voxels > np.percentile(voxels, 60))
+    cut = int(head[:, 2].max() - 0.25 * (head[:, 2].max() - head[:, 2].min()))
+    voxels[:, :, cut:] = 0  # the vertex cut short: the foreground box shrinks on one side
+    cut_path = tmp_path / baseline.path.name
+    nib.save(nib.Nifti1Image(voxels, image.affine, image.header), cut_path)
+    follow_up = dataclasses.replace(baseline, session="ses-cut", path=cut_path)
+
+    reference = preprocess_scan(baseline.path, TINY, data.cache)[0]
+    aligned, shift = align_by_brain_mask(reference, preprocess_scan(cut_path, TINY, data.cache)[0])
+    assert shift != (0, 0, 0)
+    pair = cache.pair_tokens(follow_up, baseline)
+    with torch.no_grad():
+        expected = encoder.encode(torch.from_numpy(np.ascontiguousarray(aligned))[None, None])[0][0]
+    assert torch.allclose(pair, expected, atol=1e-5)
+    assert not torch.allclose(pair, cache.tokens(follow_up), atol=1e-3)
+    assert torch.equal(cache.pair_tokens(baseline, baseline), cache.tokens(baseline))  # nothing to move

@@ -12,6 +12,7 @@ import torch
 from rich.progress import Progress
 
 from braing3n_core.checkpoint import tensors_sha256
+from braing3n_core.data.alignment import align_by_brain_mask
 from braing3n_core.data.bids import ScanRecord
 from braing3n_core.data.cache import ArrayCache
 from braing3n_core.data.inspection import Problem
@@ -123,6 +124,47 @@ class TokenCache:
                 bar.advance(task, len(missing[start : start + self.batch_size]))
         failed = {p.path for p in self.failures}
         return [r for r in records if r.path not in failed and self.key(r) in self.store]
+
+    def pair_key(self, record: ScanRecord, baseline: ScanRecord) -> str:
+        return f"{self.key(record)}-on-{self.key(baseline).rsplit('-', 1)[-1][:16]}"
+
+    def pair_tokens(self, record: ScanRecord, baseline: ScanRecord) -> torch.Tensor:
+        """[N, E] tokens of `record` moved onto `baseline`'s voxels first (`alignment.align_by_brain_mask`):
+        a follow-up's tokens as a forecast from that baseline must produce them. Preprocessing crops each
+        session to its own foreground, so without this a forecast's target would include an arbitrary
+        voxel shift. Computed (one encode when the two are not already aligned) and cached on first use."""
+        cached = self.store.get(self.pair_key(record, baseline))
+        if cached is None:
+            self.ensure_pairs([(record, baseline)])
+            cached = self.store.get(self.pair_key(record, baseline))
+        if cached is None:
+            raise PreprocessingError(record.path, f"no tokens on the voxels of {baseline.path.name}: a scan could not be preprocessed")
+        return torch.from_numpy(cached)
+
+    def ensure_pairs(self, pairs: Sequence[tuple[ScanRecord, ScanRecord]]) -> None:
+        """`pair_tokens` of every (record, baseline) not cached yet; a pair whose scans cannot be
+        preprocessed is recorded in `failures` and left out (never fatal)."""
+        for record, baseline in pairs:
+            key = self.pair_key(record, baseline)
+            if key in self.store:
+                continue
+            if self._encoder is None and self._load is None:
+                raise PreprocessingError(record.path, "no cached pair tokens, and this read-only copy of the token "
+                                         "cache (a data-parallel worker's) cannot encode")
+            try:
+                reference = preprocess_scan(baseline.path, self.preset, self.volume_cache)[0]
+                moving = preprocess_scan(record.path, self.preset, self.volume_cache)
+            except (PreprocessingError, OSError) as error:
+                reason = error.reason if isinstance(error, PreprocessingError) else str(error)
+                self.failures.append(Problem(record.path, f"no pair tokens, pair skipped: {reason}", True))
+                continue
+            aligned, shift = align_by_brain_mask(reference, moving[0])
+            if shift == (0, 0, 0) and self.key(record) in self.store:
+                value = self.store.get(self.key(record))
+            else:
+                value = encode_volumes(self.encoder, torch.from_numpy(np.ascontiguousarray(aligned))[None, None],
+                                       self.device)[0].numpy()
+            self.store.put(key, value)
 
     @torch.no_grad()
     def _encode_batch(self, records: Iterable[ScanRecord]) -> None:

@@ -24,8 +24,8 @@ on its own and subtracting (`tissue_volumes` twice) is noisy: each scan's z-scor
 with its own atrophy, and a hard threshold counts a voxel only once its intensity crosses it. The paired
 method does what longitudinal pipelines do (registration and differential bias correction before a
 boundary-shift measure):
-0. (the caller) the follow-up is moved onto the baseline's voxels by `align_by_brain_mask`: preprocessing
-   crops each scan to its own foreground, so two sessions of one subject are a voxel or two apart;
+0. (the caller) the follow-up is moved onto the baseline's voxels by `data.alignment.align_by_brain_mask`:
+   preprocessing crops each scan to its own foreground, so two sessions of one subject are a voxel or two apart;
 1. classes and centres from the baseline (the k-means above), inside the baseline's brain mask;
 2. the other scan's intensities mapped onto the baseline's scale, `v_base ≈ g(x)·v_other + o(x)` with gain
    g and offset o linear in the voxel's position (a session's z-score shift and bias-field drift), fitted
@@ -47,8 +47,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from scipy.ndimage import shift as nd_shift
 
+from braing3n_core.data.alignment import brain_mask
 from braing3n_core.labels import Modality
 
 REGIONS: tuple[str, ...] = ("brain", "gm", "wm", "csf")
@@ -62,12 +62,6 @@ _ITERATIONS = 50
 _PURE_FRACTION = 0.9  # a baseline voxel anchors the intensity matching when ≥ 90 % one class (WM or CSF)
 _TRIM_SIGMAS = 2.5  # matching residuals beyond this many robust SDs (a lesion, a change) are refitted without
 _TRIM_PASSES = 4
-MAX_SHIFT_VOXELS = 8  # per axis, when aligning two sessions (their foreground crops differ by a voxel or two)
-
-
-def brain_mask(volume: np.ndarray) -> np.ndarray:
-    """The preprocessed scan's brain: its non-zero voxels (background is exactly 0 after preprocessing)."""
-    return np.asarray(volume) != 0
 
 
 def intensity_classes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -138,22 +132,6 @@ def match_intensities(reference: np.ndarray, other: np.ndarray, terms: np.ndarra
             break
         keep = anchors & (np.abs(residual) < _TRIM_SIGMAS * spread)
     return design @ coefficients
-
-
-def align_by_brain_mask(reference: np.ndarray, moving: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """`moving` [D, H, W] translated by the whole-voxel shift (≤ `MAX_SHIFT_VOXELS` per axis) that best
-    overlaps its brain mask with `reference`'s, and the shift. Two preprocessed scans of one subject differ by
-    such a shift: preprocessing crops each scan to its own foreground."""
-    fixed = brain_mask(reference).astype(np.float64)
-    moved = brain_mask(moving).astype(np.float64)
-    overlap = np.fft.irfftn(np.fft.rfftn(fixed) * np.conj(np.fft.rfftn(moved)), s=fixed.shape, axes=(0, 1, 2))  # circular
-    limit = MAX_SHIFT_VOXELS
-    window = np.full(fixed.shape, -np.inf)
-    index = tuple(np.r_[0:limit + 1, n - limit:n] for n in fixed.shape)
-    window[np.ix_(*index)] = overlap[np.ix_(*index)]
-    peak = np.unravel_index(int(np.argmax(window)), fixed.shape)
-    shift = tuple(int(p if p <= n // 2 else p - n) for p, n in zip(peak, fixed.shape, strict=True))
-    return nd_shift(np.asarray(moving), shift, order=0, mode="constant", cval=0.0), shift
 
 
 class BaselineTissue:

@@ -36,11 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from braing3n_core.data.alignment import align_by_brain_mask
 from braing3n_core.data.bids import ScanRecord
 from braing3n_core.data.transforms import preprocess_scan
 from braing3n_core.evaluation.metrics import mae, ssim
 from braing3n_core.evaluation.pooled import MIN_ROWS
-from braing3n_core.evaluation.tissue import REGIONS, BaselineTissue, align_by_brain_mask
+from braing3n_core.evaluation.tissue import REGIONS, BaselineTissue
 from braing3n_core.generation.forecasting import forecast
 from braing3n_core.generation.models import GenerationModels
 from braing3n_core.labels import MODALITIES, Modality
@@ -108,7 +109,7 @@ def baseline_tissue(baseline: np.ndarray, modality: Modality, preset: Preset) ->
 
 
 def aligned_follow_up(baseline: np.ndarray, follow_up: np.ndarray) -> np.ndarray:
-    """The real follow-up moved onto the baseline's voxels (`tissue.align_by_brain_mask`), where every
+    """The real follow-up moved onto the baseline's voxels (`data.alignment.align_by_brain_mask`), where every
     prediction made from the baseline already lies."""
     return align_by_brain_mask(baseline, follow_up)[0]
 

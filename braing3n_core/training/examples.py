@@ -53,7 +53,8 @@ class TokenConditionDataset(Dataset):
     subject and modality for longitudinal forecasting.
 
     `{"tokens": [N, E], "baseline": [N, E] (NaN when none), "interval": [] years (NaN when none),
-    and one [] tensor per conditioning variable}`. The conditions are the follow-up scan's own.
+    and one [] tensor per conditioning variable}`. The conditions are the follow-up scan's own; a pair's
+    target tokens are the follow-up's on the baseline's voxels (`TokenCache.pair_tokens`).
     """
 
     def __init__(self, site: SiteInputs, records: Sequence[ScanRecord]) -> None:
@@ -61,7 +62,10 @@ class TokenConditionDataset(Dataset):
             raise ValueError("the DiT stage needs a token cache (a frozen encoder)")
         self.tokens = site.tokens
         self.records = list(site.tokens.ensure(records))
-        self.pairs = longitudinal_pairs(self.records)
+        pairs = longitudinal_pairs(self.records)
+        self.tokens.ensure_pairs([(self.records[later], self.records[earlier]) for later, earlier in pairs])
+        self.pairs = [(later, earlier) for later, earlier in pairs
+                      if self.tokens.pair_key(self.records[later], self.records[earlier]) in self.tokens.store]
         self.examples: list[tuple[int, int | None]] = [(i, None) for i in range(len(self.records))] + self.pairs
         self.conditions = conditions_from_labels([r.labels for r in self.records], [r.modality for r in self.records])
         self._num_tokens = site.data.preset.num_tokens
@@ -71,12 +75,11 @@ class TokenConditionDataset(Dataset):
 
     def __getitem__(self, index: int) -> Batch:
         target, baseline = self.examples[index]
-        tokens = self.tokens.tokens(self.records[target])
-        item = {"tokens": tokens}
         if baseline is None:
-            item["baseline"] = torch.full_like(tokens, math.nan)
-            item["interval"] = torch.tensor(math.nan)
-        else:
+            tokens = self.tokens.tokens(self.records[target])
+            item = {"tokens": tokens, "baseline": torch.full_like(tokens, math.nan), "interval": torch.tensor(math.nan)}
+        else:  # the follow-up on the baseline's voxels: the forecast is made in the baseline's space
+            item = {"tokens": self.tokens.pair_tokens(self.records[target], self.records[baseline])}
             item["baseline"] = self.tokens.tokens(self.records[baseline])
             item["interval"] = torch.tensor(self.records[target].labels.age - self.records[baseline].labels.age)
         for name, values in self.conditions.tensors().items():

@@ -16,6 +16,9 @@ Choice: rectified flow / flow matching with velocity prediction, sampled with He
 * Time shift (from the representation-autoencoder work on diffusing encoder tokens): a sample with
   more numbers (N·E) keeps more of its signal at a given noise level, so uniform timesteps are shifted
   towards noise, t' = s·t / (1 + (s − 1)·t) with s = √(N·E / 4096), both in training and sampling.
+* A longitudinal pair's flow runs on the follow-up's scaled change from its baseline (`to_diffused`,
+  `DiTConfig.change_scale`), and the sampler adds the baseline back (`from_diffused`): "no change" is the
+  flow's zero, so a forecast moves the baseline only as far as the network has learned it should.
 * Classifier-free guidance: v = v_uncond + w·(v_cond − v_uncond), where "uncond" marks the six
   variables and the interval as missing but keeps the baseline scan (forecasting is always conditioned
   on the subject). Training drops each variable with p = 0.1 and all of them with p = 0.1.
@@ -73,6 +76,29 @@ def _model_shift(model: DiT, time_shift: float | None) -> float:
     return default_time_shift(model.config.num_tokens, model.config.token_dim)
 
 
+def _present(baseline: Tensor) -> Tensor:
+    """[B] True where a row has a baseline (an absent one is all NaN)."""
+    return ~baseline.isnan().flatten(1).all(dim=1)
+
+
+def to_diffused(dit: DiT, x: Tensor, base: Tensor | None) -> Tensor:
+    """Normalised tokens [B, N, E] → what the flow runs on: a pair's change from its normalised baseline
+    `base`, scaled by `change_scale` (`models/dit.py`); cross-sectional rows (and a DiT without a change
+    scale) unchanged."""
+    scale = dit.config.change_scale
+    if base is None or scale is None:
+        return x
+    return torch.where(_present(base)[:, None, None], (x - base.nan_to_num(0.0)) / scale, x)
+
+
+def from_diffused(dit: DiT, x: Tensor, base: Tensor | None) -> Tensor:
+    """The inverse of `to_diffused`: the baseline plus the scaled change for pair rows."""
+    scale = dit.config.change_scale
+    if base is None or scale is None:
+        return x
+    return torch.where(_present(base)[:, None, None], base.nan_to_num(0.0) + scale * x, x)
+
+
 def _missing_interval(interval: Tensor | None, batch: int, device: torch.device) -> Tensor:
     if interval is None:
         return torch.full((batch,), math.nan, device=device)
@@ -101,8 +127,8 @@ def training_loss(
     """
     dit = _unwrap(model)
     batch, device = x0.shape[0], x0.device
-    target = dit.normalize(x0.float())
     base = None if baseline is None else dit.normalize(baseline.float())
+    target = to_diffused(dit, dit.normalize(x0.float()), base)
     interval = _missing_interval(interval, batch, device)
     drop = random_drop_mask(batch, len(CONDITION_SCHEMA) + 1, p_drop, p_drop_all, generator, device)  # [B, 7]
     cond = cond.to(device).without(drop[:, :-1])
@@ -190,4 +216,4 @@ def sample(
             x = x + dt * 0.5 * (v + velocity(x_euler, t_next))
         else:
             x = x + dt * v
-    return model.denormalize(x)
+    return model.denormalize(from_diffused(model, x, base))

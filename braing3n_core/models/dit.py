@@ -35,6 +35,14 @@ baseline-presence embedding`, fed to every block through adaLN-Zero. Longitudina
 normalised baseline tokens channel-wise to the noisy input (zeros and the learned "no baseline" flag
 when a sample has none), so cross-sectional samples and pairs train in one model.
 
+What a pair diffuses (`change_scale`): the follow-up's *change* from its baseline, (x − b) / change_scale in
+normalised token space, and the sampler adds it back to the baseline (`diffusion.py`). When the pair's
+target was the follow-up's tokens themselves, the network had to rebuild the whole baseline through every
+block to forecast a small change, and did not: on the long run's held-out pairs its forecasts moved the
+tokens 0.50–0.62 RMS from the baseline where the real follow-ups moved 0.11–0.60 (correlation with the real
+change ≈ 0.1; even its conditional mean moved 0.43–0.51), and the residual forecast lost to no-change. The
+change parametrisation makes "nothing changes" the zero of the flow, as a residual forecast is of the volume.
+
 Token normalisation statistics (per-channel mean and std of the training tokens) are buffers of this
 module, so a checkpoint carries everything needed to turn samples back into encoder tokens.
 """
@@ -69,6 +77,11 @@ from braing3n_core.models.conditions import (
 )
 from braing3n_core.presets import Preset, get_preset
 
+# The spread of a follow-up's normalised tokens around its baseline's: measured 0.43 (per channel 0.28–0.56)
+# over the long run's 186 training pairs (`runs-config/long.yaml`), so the diffused change has about the unit
+# scale of the noise, like the cross-sectional tokens.
+PAIR_CHANGE_SCALE = 0.5
+
 
 @dataclass(frozen=True)
 class DiTConfig:
@@ -81,9 +94,15 @@ class DiTConfig:
     frequency_dim: int = 256  # sinusoidal features of t before the timestep MLP
     fourier_features: int = 8  # sin/cos octaves for each continuous condition
     patch_size: int = 1  # p: each DiT token is a p×p×p block of encoder tokens
+    # A longitudinal pair diffuses the follow-up's change from its baseline, (x − baseline) / change_scale in
+    # normalised token space, not the follow-up's tokens (module docstring); None: the tokens themselves
+    # (checkpoints from before the change was introduced).
+    change_scale: float | None = PAIR_CHANGE_SCALE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
+        if self.change_scale is not None and not self.change_scale > 0:
+            raise ValueError(f"DiTConfig.change_scale={self.change_scale} must be positive (or None)")
         if self.width % 6 or self.width % self.heads:
             raise ValueError(f"DiTConfig.width={self.width} must be divisible by 6 and by heads={self.heads}")
         if self.patch_size < 1 or any(g % self.patch_size for g in self.grid):
@@ -110,7 +129,8 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DiTConfig":
-        return cls(**data)
+        # A config saved before `change_scale` existed describes a DiT whose pairs diffuse the tokens.
+        return cls(**{"change_scale": None, **data})
 
 
 class TokenMoments:

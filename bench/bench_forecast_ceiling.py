@@ -8,8 +8,8 @@ on the same held-out pairs, with the same paired tissue measure (`generation.for
 | method | the follow-up predicted as |
 |---|---|
 | `no_change` | the baseline |
-| `residual` | the residual forecast as `evaluate-generation --forecast` makes it (ab2, `--steps`, guidance) |
-| `mean` | the residual of the DiT's *conditional mean* forecast: one Euler step from t = 1, x₀ = x₁ − v(x₁, 1), which for a flow-matching model is E[tokens | baseline, conditions] — the minimum-squared-error point forecast, without the sample's unpredictable session noise |
+| `draw` | the residual of one forecast drawn from the DiT (ab2, `--steps`, unshifted time grid, guidance) |
+| `mean` | the residual of the DiT's *conditional mean* forecast (`diffusion.conditional_mean`: one Euler step from t = 1, E[tokens | baseline, conditions]), the minimum-squared-error point forecast without a draw's unpredictable detail; what `forecast` makes by default |
 | `oracle_cached` | the residual with the real follow-up's own cached tokens (what the DiT is trained to produce; the follow-up cropped to its own foreground) |
 | `oracle_aligned` | the residual with the tokens of the real follow-up moved onto the baseline's voxels first (`data.alignment.align_by_brain_mask`), then encoded |
 
@@ -49,14 +49,14 @@ from braing3n_core.generation.models import load_run_models
 from braing3n_core.generation.sampling import decode
 from braing3n_core.labels import Modality
 from braing3n_core.models.conditions import conditions_from_labels
-from braing3n_core.models.diffusion import sample
+from braing3n_core.models.diffusion import conditional_mean, sample
 from braing3n_core.site_config import load_site_configs
 from braing3n_core.stage_names import DIT
 from braing3n_core.training.centralized import prepare_sites
 from braing3n_core.training.stages import get_stage
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("no_change", "residual", "mean", "oracle_cached", "oracle_aligned")
+METHODS = ("no_change", "draw", "mean", "oracle_cached", "oracle_aligned")
 
 
 def _bootstrap(statistic, *arrays: np.ndarray, seed: int = 0, n_boot: int = 1000) -> list[float]:
@@ -93,13 +93,11 @@ def main() -> None:
             base_tokens = site.tokens.tokens(pair.baseline)[None]
             cond = conditions_from_labels([_known_at_follow_up(pair.baseline.labels, pair.years)], [modality])
             interval = torch.tensor([pair.years])
-            common = {"guidance_scale": args.guidance, "baseline": base_tokens, "interval": interval,
-                      "time_shift": FORECAST_TIME_SHIFT}
+            common = {"guidance_scale": args.guidance, "baseline": base_tokens, "interval": interval}
             tokens = {
-                "residual": sample(dit, shape, cond, steps=args.steps, generator=torch.Generator().manual_seed(0),
-                                   **common),
-                "mean": sample(dit, shape, cond, steps=1, solver="euler", generator=torch.Generator().manual_seed(0),
-                               **common),
+                "draw": sample(dit, shape, cond, steps=args.steps, generator=torch.Generator().manual_seed(0),
+                               time_shift=FORECAST_TIME_SHIFT, **common),
+                "mean": conditional_mean(dit, shape, cond, generator=torch.Generator().manual_seed(0), **common),
                 "oracle_cached": site.tokens.tokens(pair.follow_up)[None],
                 "oracle_aligned": encode_volumes(encoder, torch.from_numpy(follow)[None, None], models.device),
             }

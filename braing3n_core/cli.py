@@ -715,11 +715,12 @@ def _forecast(args: argparse.Namespace) -> int:
 
     if scan_row is not None:
         path = export_scan_forecast(Path(args.run_dir), Path(args.scan), scan_row, args.years, Path(args.out),
-                                    steps=args.steps, guidance_scale=args.guidance, seed=args.seed, device=device)
+                                    draw=args.draw, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                                    device=device)
     else:
         path = export_forecast(Path(args.run_dir), Path(args.site), args.subject, args.session, Modality(args.modality),
-                               args.years, Path(args.out), steps=args.steps, guidance_scale=args.guidance,
-                               seed=args.seed, device=device)
+                               args.years, Path(args.out), draw=args.draw, steps=args.steps,
+                               guidance_scale=args.guidance, seed=args.seed, device=device)
     record = json.loads(path.read_text())
     scores = record["scores"]
     scored = (f"PSNR vs the real follow-up {scores['forecast/psnr']:.2f} dB (baseline as-is "
@@ -1144,7 +1145,10 @@ def build_parser() -> argparse.ArgumentParser:
     fct.add_argument("--modality", required=True, choices=modalities, help="the baseline's (and forecast's) sequence")
     fct.add_argument("--years", type=float, required=True, help="interval after the baseline, in years")
     fct.add_argument("--out", required=True, metavar="DIR", help="output folder: forecast.nii.gz, forecast.png, forecast.json")
-    fct.add_argument("--steps", type=_positive_int, default=SAMPLE_STEPS, help="ODE steps")
+    fct.add_argument("--draw", action="store_true",
+                     help="one random follow-up from the DiT (an ODE from noise) instead of its conditional mean, the "
+                          "default: a draw adds detail no baseline predicts, which reads as change (README: Defaults)")
+    fct.add_argument("--steps", type=_positive_int, default=SAMPLE_STEPS, help="ODE steps of a --draw")
     fct.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
     fct.add_argument("--seed", type=int, default=0, help="the noise the ODE starts from")
     fct.add_argument("--device", default="cpu", help=_DEVICE_HELP)

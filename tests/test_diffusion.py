@@ -280,6 +280,19 @@ def test_solvers_converge_to_the_exact_flow_at_their_order(solver: str) -> None:
     assert order == pytest.approx(1.0 if solver == "euler" else 2.0, abs=0.35), (errors, order)
 
 
+def test_the_conditional_mean_is_one_step_from_noise_to_the_data_mean() -> None:
+    """For data N(μ, s²·I) the flow's velocity at t = 1 is x − μ, so one Euler step lands on μ from any noise,
+    where a draw lands on μ + s·ε."""
+    model = _GaussianFlow(TOY)
+    means = [diffusion.conditional_mean(model, (2, 12, 12), null_conditions(2), guidance_scale=1.0,
+                                        generator=torch.Generator().manual_seed(seed)) for seed in (0, 1)]
+    for mean in means:
+        torch.testing.assert_close(mean, torch.full((2, 12, 12), _GaussianFlow.mu))
+    draw = diffusion.sample(model, (2, 12, 12), null_conditions(2), steps=32, guidance_scale=1.0, time_shift=1.0,
+                            generator=torch.Generator().manual_seed(0))
+    assert (draw - _GaussianFlow.mu).std() == pytest.approx(_GaussianFlow.s, rel=0.2)
+
+
 def test_ab2_needs_half_the_network_calls_of_heun_for_the_same_error() -> None:
     model = _GaussianFlow(TOY)
     noise = torch.randn((2, 12, 12), generator=torch.Generator().manual_seed(4))

@@ -26,15 +26,18 @@ from braing3n_core.generation.models import GenerationError, GenerationModels
 from braing3n_core.generation.sampling import _synchronize, decode
 from braing3n_core.labels import Modality, ScanLabels
 from braing3n_core.models.conditions import conditions_from_labels
-from braing3n_core.models.diffusion import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, sample
+from braing3n_core.models.diffusion import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, conditional_mean, sample
 from braing3n_core.runtime import inference_autocast, inference_bf16
 
-# Forecasts integrate the flow on an unshifted time grid. The default shift (`diffusion.default_time_shift`,
-# 7.5 at `small`) spends the steps near pure noise, which suits generation from nothing; a forecast is
-# anchored by its baseline's tokens and its error lies in the low-noise detail. Measured on the long run's
-# 18 held-out pairs (ab2, 8 steps, guidance 1.5; regional change error of the residual forecast against the
-# aligned real follow-up, no-change 7.9 ml): shift 7.5 17.4 ml, shift 1 9.9 ml (Euler 9.8, Heun 9.8, ab2 at
-# 25 steps 9.5).
+# A forecast is the DiT's conditional mean of the follow-up (`diffusion.conditional_mean`, one network
+# evaluation), not a draw: a draw adds a session's unpredictable detail, which the regional measure reads as
+# change. Measured on the long run's 18 held-out pairs (DiT retrained with pairs diffusing their change;
+# regional change error of the residual forecast, no-change 7.9 ml): conditional mean 8.5 ml, a draw (ab2,
+# 8 steps) 12.0 ml; guidance 1 / 1.5 / 3 / 5 on the mean: 8.5 / 8.5 / 8.8 / 9.5 ml (bench_forecast_ceiling.py).
+# A draw (`draw=True`) integrates the flow on an unshifted time grid: the default shift
+# (`diffusion.default_time_shift`, 7.5 at `small`) spends the steps near pure noise, which suits generation
+# from nothing; a forecast is anchored by its baseline and its error lies in the low-noise detail (on the
+# same pairs with the earlier DiT: shift 7.5 17.4 ml, shift 1 9.9 ml).
 FORECAST_TIME_SHIFT = 1.0
 
 
@@ -114,11 +117,12 @@ def _forecast_scores(forecast_volume: np.ndarray, residual_volume: np.ndarray, b
 
 @torch.no_grad()
 def forecast(models: GenerationModels, site: SiteData, tokens: TokenCache, baseline: ScanRecord, years: float, *,
-             follow_up: ScanRecord | None = None, steps: int = DEFAULT_STEPS,
+             follow_up: ScanRecord | None = None, draw: bool = False, steps: int = DEFAULT_STEPS,
              guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed: int = 0) -> ForecastResult:
     """`baseline`'s scan `years` later, conditioned on the baseline's tokens, the interval and what is
     known at baseline (sex, diagnosis, sequence, field strength, the target age; not the follow-up's
-    MMSE). Scored against `follow_up`, or the site's scan at that interval when there is one."""
+    MMSE). The conditional mean, or with `draw` one sample (an ODE of `steps` steps). Scored against
+    `follow_up`, or the site's scan at that interval when there is one."""
     models.require_dit()
     if not (math.isfinite(years) and years > 0):
         raise ValueError(f"the forecast interval must be a positive number of years, got {years}")
@@ -130,7 +134,7 @@ def forecast(models: GenerationModels, site: SiteData, tokens: TokenCache, basel
     base_tokens = tokens.tokens(baseline)[None]  # [1, N, E]
     known = _known_at_follow_up(baseline.labels, years)
     predicted, volume, reconstructed = _sample_follow_up(models, base_tokens, known, Modality(baseline.modality), years,
-                                                         steps=steps, guidance_scale=guidance_scale, seed=seed)
+                                                         draw=draw, steps=steps, guidance_scale=guidance_scale, seed=seed)
     seconds = time.perf_counter() - started
     baseline_volume = preprocess_scan(baseline.path, models.preset, site.cache)[0]
     residual = residual_forecast(baseline_volume, volume, reconstructed)
@@ -139,7 +143,7 @@ def forecast(models: GenerationModels, site: SiteData, tokens: TokenCache, basel
     if follow_up is not None:
         follow_volume = preprocess_scan(follow_up.path, models.preset, site.cache)[0]
         scores = _forecast_scores(volume, residual, baseline_volume, follow_volume)
-    settings = {"steps": steps, "guidance_scale": guidance_scale, "time_shift": FORECAST_TIME_SHIFT, "seed": seed,
+    settings = {**_estimate_settings(draw, steps), "guidance_scale": guidance_scale, "seed": seed,
                 "site": site.config.site_id,
                 "subject": baseline.subject, "session": baseline.session, "modality": Modality(baseline.modality).value,
                 "years": float(years), "conditioned_age": known.age, "encoder_sha256": models.encoder_sha256,
@@ -155,20 +159,31 @@ def _known_at_follow_up(labels: ScanLabels, years: float) -> ScanLabels:
                       diagnosis=labels.diagnosis, field_strength=labels.field_strength)
 
 
+def _estimate_settings(draw: bool, steps: int) -> dict[str, Any]:
+    if draw:
+        return {"estimate": "draw", "steps": steps, "time_shift": FORECAST_TIME_SHIFT}
+    return {"estimate": "conditional mean", "steps": 1}
+
+
 def _sample_follow_up(models: GenerationModels, base_tokens: torch.Tensor, known: ScanLabels, modality: Modality,
-                      years: float, *, steps: int, guidance_scale: float, seed: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """The DiT's follow-up tokens [1, N, E] for baseline tokens [1, N, E], their decoded volume [D, H, W]
-    and the decoded baseline tokens [D, H, W] (for the residual forecast)."""
+                      years: float, *, draw: bool, steps: int, guidance_scale: float,
+                      seed: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """The DiT's follow-up tokens [1, N, E] (its conditional mean, or a draw) for baseline tokens [1, N, E],
+    their decoded volume [D, H, W] and the decoded baseline tokens [D, H, W] (for the residual forecast)."""
     dit = models.require_dit()
     try:
         cond = conditions_from_labels([known], [modality])
     except ValueError as error:  # e.g. an age past the schema's range once the interval is added
         raise GenerationError(f"cannot condition the forecast: {error}") from None
+    shape = (1, dit.config.num_tokens, dit.config.token_dim)
+    given = {"guidance_scale": guidance_scale, "baseline": base_tokens, "interval": torch.tensor([float(years)]),
+             "generator": torch.Generator().manual_seed(seed)}
     with inference_autocast(models.device):
-        predicted = sample(dit, (1, dit.config.num_tokens, dit.config.token_dim), cond, steps=steps,
-                           guidance_scale=guidance_scale, baseline=base_tokens, interval=torch.tensor([float(years)]),
-                           generator=torch.Generator().manual_seed(seed),
-                           time_shift=FORECAST_TIME_SHIFT).float().cpu()  # [1, N, E]
+        if draw:
+            predicted = sample(dit, shape, cond, steps=steps, time_shift=FORECAST_TIME_SHIFT, **given)
+        else:
+            predicted = conditional_mean(dit, shape, cond, **given)
+    predicted = predicted.float().cpu()  # [1, N, E]
     volumes = decode(models.decoder, torch.cat([predicted, base_tokens.float().cpu()]))  # [2, 1, D, H, W]
     _synchronize(models.device)
     return predicted, volumes[0, 0].numpy(), volumes[1, 0].numpy()
@@ -179,7 +194,7 @@ SCAN_SITE = "(no site)"  # site_id of the record `forecast_scan` makes for a sca
 
 @torch.no_grad()
 def forecast_scan(models: GenerationModels, scan: Path, labels: ScanLabels, modality: Modality, years: float, *,
-                  steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+                  draw: bool = False, steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
                   seed: int = 0) -> ForecastResult:
     """`forecast` for a scan that belongs to no site (a clinic's file): its tokens come from preprocessing
     and encoding it here with the run's encoder, its labels from the caller (`labels.age` is the age at
@@ -195,11 +210,11 @@ def forecast_scan(models: GenerationModels, scan: Path, labels: ScanLabels, moda
     started = time.perf_counter()
     base_tokens = encode_volumes(encoder, torch.from_numpy(baseline_volume)[None], models.device)  # [1, N, E]
     known = _known_at_follow_up(labels, years)
-    predicted, volume, reconstructed = _sample_follow_up(models, base_tokens, known, modality, years, steps=steps,
-                                                         guidance_scale=guidance_scale, seed=seed)
+    predicted, volume, reconstructed = _sample_follow_up(models, base_tokens, known, modality, years, draw=draw,
+                                                         steps=steps, guidance_scale=guidance_scale, seed=seed)
     seconds = time.perf_counter() - started
     baseline = ScanRecord(SCAN_SITE, scan.name, None, modality, scan, labels)
-    settings = {"steps": steps, "guidance_scale": guidance_scale, "time_shift": FORECAST_TIME_SHIFT, "seed": seed,
+    settings = {**_estimate_settings(draw, steps), "guidance_scale": guidance_scale, "seed": seed,
                 "site": None, "scan": str(scan),
                 "modality": modality.value, "years": float(years), "conditioned_age": known.age,
                 "encoder_sha256": models.encoder_sha256, "device": str(models.device),

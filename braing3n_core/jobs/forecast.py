@@ -19,8 +19,8 @@ from braing3n_core.site_config import SiteConfig
 
 
 def export_forecast(source: Path, site_yaml: Path, subject: str, session: str | None, modality: Modality, years: float,
-                    out: Path, *, steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-                    seed: int = 0, device: str = "cpu") -> Path:
+                    out: Path, *, draw: bool = False, steps: int = DEFAULT_STEPS,
+                    guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed: int = 0, device: str = "cpu") -> Path:
     """`braing3n forecast`: `forecast.nii.gz`, `forecast.png` and `forecast.json` (scores against the
     real follow-up when the site holds one) in `out`; returns the JSON's path. Runs where the site's
     data is: only the baseline and follow-up scans are preprocessed and encoded."""
@@ -30,7 +30,8 @@ def export_forecast(source: Path, site_yaml: Path, subject: str, session: str | 
     data = load_site(config, models.preset, prepare=False, progress=False)
     baseline = find_baseline(data, subject, session, modality)
     tokens = TokenCache(config.resolved_cache_dir, encoder, models.preset, data.cache, models.device)
-    result = forecast(models, data, tokens, baseline, years, steps=steps, guidance_scale=guidance_scale, seed=seed)
+    result = forecast(models, data, tokens, baseline, years, draw=draw, steps=steps, guidance_scale=guidance_scale,
+                      seed=seed)
     out = Path(out)
     nifti, montage = write_forecast(result, models.preset, out / "forecast.nii.gz", out / "forecast.png")
     record = {
@@ -47,13 +48,13 @@ def export_forecast(source: Path, site_yaml: Path, subject: str, session: str | 
 
 
 def export_scan_forecast(source: Path, scan: Path, row: ConditionRow, years: float, out: Path, *,
-                         steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed: int = 0,
-                         device: str = "cpu") -> Path:
+                         draw: bool = False, steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+                         seed: int = 0, device: str = "cpu") -> Path:
     """`braing3n forecast --scan`: the same three files as the site path for a scan in no site. `row`
     holds what is known at the scan (its `age` is the age at the scan, the modality the scan's; its MMSE
     is not used). The JSON has no scores: there is no real follow-up to compare with."""
     models = load_run_models(source, need_encoder=True, device=device)
-    result = forecast_scan(models, scan, row.labels(), row.modality, years, steps=steps,
+    result = forecast_scan(models, scan, row.labels(), row.modality, years, draw=draw, steps=steps,
                            guidance_scale=guidance_scale, seed=seed)
     out = Path(out)
     nifti, montage = write_forecast(result, models.preset, out / "forecast.nii.gz", out / "forecast.png")

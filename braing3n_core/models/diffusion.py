@@ -217,3 +217,22 @@ def sample(
         else:
             x = x + dt * v
     return model.denormalize(from_diffused(model, x, base))
+
+
+@torch.no_grad()
+def conditional_mean(
+    model: nn.Module,
+    shape: tuple[int, int, int],
+    cond: ConditionBatch,
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    baseline: Tensor | None = None,
+    interval: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """E[x₀ | conditions, baseline] in raw encoder tokens of `shape`: one Euler step over the whole path. At
+    t = 1 the noisy input is the noise itself, independent of x₀, so the trained velocity there is
+    E[ε − x₀ | ε, c] = ε − E[x₀ | c] and x₁ − v(x₁, 1) is the conditional mean (up to the network's error,
+    which lets it depend a little on the starting noise: `generator` fixes it). The minimum-squared-error
+    point estimate, e.g. of a follow-up, where `sample` draws one follow-up with its unpredictable detail."""
+    return sample(model, shape, cond, steps=1, guidance_scale=guidance_scale, baseline=baseline, interval=interval,
+                  generator=generator, solver="euler")

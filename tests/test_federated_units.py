@@ -492,8 +492,9 @@ def test_a_reply_is_checked_one_array_at_a_time_and_the_aggregate_converted_by_c
 
 def test_a_site_round_on_cached_tokens_loads_no_encoder(synthetic_cohort, tmp_path: Path) -> None:
     """Host memory (bench/bench_memory.py): a site holds the frozen encoder (0.8 GB at `paper`) only while it
-    encodes scans that have no cached tokens; a round on cached tokens (every round after the first) does not
-    load it, and an encoder the site does not hold is still refused up front."""
+    encodes scans that have no cached tokens — each scan in its first round that needs tokens, and in the DiT's
+    first round each follow-up whose crop differs from its baseline's (`TokenCache.pair_tokens`); a round on
+    cached tokens does not load it, and an encoder the site does not hold is still refused up front."""
     from braing3n_core.data.tokens import encoder_sha256
     from braing3n_core.federation.arrays import module_arrays
     from braing3n_core.federation.protocol import SiteDeclined
@@ -513,6 +514,8 @@ def test_a_site_round_on_cached_tokens_loads_no_encoder(synthetic_cohort, tmp_pa
     assert not first.tokens.encoder_loaded
     assert len(stage_dataset(decoder, [first], "train")) > 0  # encodes the scans: the encoder is loaded
     assert first.tokens.encoder_loaded
+    first_dit = runtime.inputs(dit, "tiny", sha)
+    assert len(stage_dataset(dit, [first_dit], "train")) > 0  # may encode pairs' follow-ups on their baselines' voxels
     again = runtime.inputs(dit, "tiny", sha)
     assert len(stage_dataset(dit, [again], "train")) > 0
     assert not again.tokens.encoder_loaded and again.tokens.encoder_sha256 == sha

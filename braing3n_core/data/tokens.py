@@ -17,6 +17,7 @@ from braing3n_core.data.bids import ScanRecord
 from braing3n_core.data.cache import ArrayCache
 from braing3n_core.data.inspection import Problem
 from braing3n_core.data.transforms import PreprocessingError, preprocess_scan, preprocessed_volume_key
+from braing3n_core.fileio import file_sha256
 from braing3n_core.models import MAEEncoder
 from braing3n_core.presets import Preset
 from braing3n_core.runtime import autocast
@@ -126,7 +127,7 @@ class TokenCache:
         return [r for r in records if r.path not in failed and self.key(r) in self.store]
 
     def pair_key(self, record: ScanRecord, baseline: ScanRecord) -> str:
-        return f"{self.key(record)}-on-{self.key(baseline).rsplit('-', 1)[-1][:16]}"
+        return f"{self.key(record)}-on-{file_sha256(baseline.path)[:16]}"
 
     def pair_tokens(self, record: ScanRecord, baseline: ScanRecord) -> torch.Tensor:
         """[N, E] tokens of `record` moved onto `baseline`'s voxels first (`alignment.align_by_brain_mask`):

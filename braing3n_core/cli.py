@@ -723,8 +723,9 @@ def _forecast(args: argparse.Namespace) -> int:
                                guidance_scale=args.guidance, seed=args.seed, device=device)
     record = json.loads(path.read_text())
     scores = record["scores"]
-    scored = (f"PSNR vs the real follow-up {scores['forecast/psnr']:.2f} dB (baseline as-is "
-              f"{scores['forecast/baseline_psnr']:.2f} dB)" if scores else record["scores_note"])
+    scored = (f"PSNR vs the real follow-up {scores['forecast/residual_psnr']:.2f} dB (baseline as-is "
+              f"{scores['forecast/baseline_psnr']:.2f} dB; the decoded forecast tokens alone "
+              f"{scores['forecast/psnr']:.2f} dB)" if scores else record["scores_note"])
     who = Path(args.scan).name if scan_row is not None else args.subject
     _say(args, f"forecast of {who} +{args.years:g} y: {path.parent / record['nifti']}; {scored}; {path}")
     return EXIT_OK
@@ -1145,9 +1146,10 @@ def build_parser() -> argparse.ArgumentParser:
     fct.add_argument("--modality", required=True, choices=modalities, help="the baseline's (and forecast's) sequence")
     fct.add_argument("--years", type=float, required=True, help="interval after the baseline, in years")
     fct.add_argument("--out", required=True, metavar="DIR", help="output folder: forecast.nii.gz, forecast.png, forecast.json")
-    fct.add_argument("--draw", action="store_true",
+    fct.add_argument("--draw", action="store_true", default=None,
                      help="one random follow-up from the DiT (an ODE from noise) instead of its conditional mean, the "
-                          "default: a draw adds detail no baseline predicts, which reads as change (README: Defaults)")
+                          "default: a draw adds detail no baseline predicts, which reads as change (README: Defaults); "
+                          "a DiT trained before pairs diffused their change draws anyway")
     fct.add_argument("--steps", type=_positive_int, default=SAMPLE_STEPS, help="ODE steps of a --draw")
     fct.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
     fct.add_argument("--seed", type=int, default=0, help="the noise the ODE starts from")

@@ -293,6 +293,14 @@ def test_the_conditional_mean_is_one_step_from_noise_to_the_data_mean() -> None:
     assert (draw - _GaussianFlow.mu).std() == pytest.approx(_GaussianFlow.s, rel=0.2)
 
 
+def test_a_forecast_draws_by_default_only_from_a_dit_trained_on_the_follow_ups_tokens() -> None:
+    from braing3n_core.generation.forecasting import draws_by_default
+
+    assert not draws_by_default(DiT(TOY))  # pairs diffuse their change: the conditional mean
+    old = DiTConfig.from_dict({k: v for k, v in TOY.to_dict().items() if k != "change_scale"})
+    assert draws_by_default(DiT(old))  # its mean regenerates the scan
+
+
 def test_ab2_needs_half_the_network_calls_of_heun_for_the_same_error() -> None:
     model = _GaussianFlow(TOY)
     noise = torch.randn((2, 12, 12), generator=torch.Generator().manual_seed(4))

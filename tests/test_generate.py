@@ -259,7 +259,9 @@ def test_forecast_cli_scores_against_the_real_follow_up(runs, tmp_path: Path, ca
     assert record["split"] in {"train", "val", "test"} and record["site_file"] == str(runs["site"].resolve())
     nifti_checks(out / record["nifti"])
     assert (out / record["montage"]).read_bytes()[:8] == PNG_MAGIC
-    assert f"{scores['forecast/psnr']:.2f} dB" in capsys.readouterr().out
+    assert record["settings"]["estimate"] == "conditional mean"  # the default, for a DiT trained on pair changes
+    # the message quotes the file it wrote (the residual forecast), then the decoded tokens alone
+    assert f"follow-up {scores['forecast/residual_psnr']:.2f} dB" in capsys.readouterr().out
 
     # an interval with no real scan: written, not scored, and the JSON says why
     assert main(["forecast", str(runs["run"]), "--site", str(runs["site"]), "--subject", base.subject, "--modality",

@@ -27,6 +27,7 @@ from braing3n_core.generation.sampling import _synchronize, decode
 from braing3n_core.labels import Modality, ScanLabels
 from braing3n_core.models.conditions import conditions_from_labels
 from braing3n_core.models.diffusion import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, conditional_mean, sample
+from braing3n_core.models.dit import DiT
 from braing3n_core.runtime import inference_autocast, inference_bf16
 
 # A forecast is the DiT's conditional mean of the follow-up (`diffusion.conditional_mean`, one network
@@ -37,8 +38,15 @@ from braing3n_core.runtime import inference_autocast, inference_bf16
 # A draw (`draw=True`) integrates the flow on an unshifted time grid: the default shift
 # (`diffusion.default_time_shift`, 7.5 at `small`) spends the steps near pure noise, which suits generation
 # from nothing; a forecast is anchored by its baseline and its error lies in the low-noise detail (on the
-# same pairs with the earlier DiT: shift 7.5 17.4 ml, shift 1 9.9 ml).
+# same pairs with the earlier DiT: shift 7.5 17.4 ml, shift 1 9.9 ml). A DiT trained before pairs diffused
+# their change (`DiTConfig.change_scale` None) draws by default: its conditional mean regenerates the scan
+# instead of editing the baseline (11.8 ml against 10.0 for its draws on the same pairs).
 FORECAST_TIME_SHIFT = 1.0
+
+
+def draws_by_default(dit: DiT) -> bool:
+    """Whether a forecast from `dit` is a draw when the caller does not say (module comment above)."""
+    return dit.config.change_scale is None
 
 
 @dataclass
@@ -117,12 +125,13 @@ def _forecast_scores(forecast_volume: np.ndarray, residual_volume: np.ndarray, b
 
 @torch.no_grad()
 def forecast(models: GenerationModels, site: SiteData, tokens: TokenCache, baseline: ScanRecord, years: float, *,
-             follow_up: ScanRecord | None = None, draw: bool = False, steps: int = DEFAULT_STEPS,
+             follow_up: ScanRecord | None = None, draw: bool | None = None, steps: int = DEFAULT_STEPS,
              guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed: int = 0) -> ForecastResult:
     """`baseline`'s scan `years` later, conditioned on the baseline's tokens, the interval and what is
     known at baseline (sex, diagnosis, sequence, field strength, the target age; not the follow-up's
-    MMSE). The conditional mean, or with `draw` one sample (an ODE of `steps` steps). Scored against
-    `follow_up`, or the site's scan at that interval when there is one."""
+    MMSE). The conditional mean, or with `draw` one sample (an ODE of `steps` steps); `draw` None: as
+    `draws_by_default` says for the run's DiT. Scored against `follow_up`, or the site's scan at that
+    interval when there is one."""
     models.require_dit()
     if not (math.isfinite(years) and years > 0):
         raise ValueError(f"the forecast interval must be a positive number of years, got {years}")
@@ -133,8 +142,9 @@ def forecast(models: GenerationModels, site: SiteData, tokens: TokenCache, basel
     started = time.perf_counter()
     base_tokens = tokens.tokens(baseline)[None]  # [1, N, E]
     known = _known_at_follow_up(baseline.labels, years)
-    predicted, volume, reconstructed = _sample_follow_up(models, base_tokens, known, Modality(baseline.modality), years,
-                                                         draw=draw, steps=steps, guidance_scale=guidance_scale, seed=seed)
+    predicted, volume, reconstructed, draw = _sample_follow_up(models, base_tokens, known, Modality(baseline.modality),
+                                                               years, draw=draw, steps=steps,
+                                                               guidance_scale=guidance_scale, seed=seed)
     seconds = time.perf_counter() - started
     baseline_volume = preprocess_scan(baseline.path, models.preset, site.cache)[0]
     residual = residual_forecast(baseline_volume, volume, reconstructed)
@@ -166,11 +176,13 @@ def _estimate_settings(draw: bool, steps: int) -> dict[str, Any]:
 
 
 def _sample_follow_up(models: GenerationModels, base_tokens: torch.Tensor, known: ScanLabels, modality: Modality,
-                      years: float, *, draw: bool, steps: int, guidance_scale: float,
-                      seed: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+                      years: float, *, draw: bool | None, steps: int, guidance_scale: float,
+                      seed: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray, bool]:
     """The DiT's follow-up tokens [1, N, E] (its conditional mean, or a draw) for baseline tokens [1, N, E],
-    their decoded volume [D, H, W] and the decoded baseline tokens [D, H, W] (for the residual forecast)."""
+    their decoded volume [D, H, W], the decoded baseline tokens [D, H, W] (for the residual forecast) and
+    whether it drew."""
     dit = models.require_dit()
+    draw = draws_by_default(dit) if draw is None else draw
     try:
         cond = conditions_from_labels([known], [modality])
     except ValueError as error:  # e.g. an age past the schema's range once the interval is added
@@ -186,7 +198,7 @@ def _sample_follow_up(models: GenerationModels, base_tokens: torch.Tensor, known
     predicted = predicted.float().cpu()  # [1, N, E]
     volumes = decode(models.decoder, torch.cat([predicted, base_tokens.float().cpu()]))  # [2, 1, D, H, W]
     _synchronize(models.device)
-    return predicted, volumes[0, 0].numpy(), volumes[1, 0].numpy()
+    return predicted, volumes[0, 0].numpy(), volumes[1, 0].numpy(), draw
 
 
 SCAN_SITE = "(no site)"  # site_id of the record `forecast_scan` makes for a scan that belongs to no site
@@ -194,7 +206,7 @@ SCAN_SITE = "(no site)"  # site_id of the record `forecast_scan` makes for a sca
 
 @torch.no_grad()
 def forecast_scan(models: GenerationModels, scan: Path, labels: ScanLabels, modality: Modality, years: float, *,
-                  draw: bool = False, steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+                  draw: bool | None = None, steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
                   seed: int = 0) -> ForecastResult:
     """`forecast` for a scan that belongs to no site (a clinic's file): its tokens come from preprocessing
     and encoding it here with the run's encoder, its labels from the caller (`labels.age` is the age at
@@ -210,8 +222,8 @@ def forecast_scan(models: GenerationModels, scan: Path, labels: ScanLabels, moda
     started = time.perf_counter()
     base_tokens = encode_volumes(encoder, torch.from_numpy(baseline_volume)[None], models.device)  # [1, N, E]
     known = _known_at_follow_up(labels, years)
-    predicted, volume, reconstructed = _sample_follow_up(models, base_tokens, known, modality, years, draw=draw,
-                                                         steps=steps, guidance_scale=guidance_scale, seed=seed)
+    predicted, volume, reconstructed, draw = _sample_follow_up(models, base_tokens, known, modality, years, draw=draw,
+                                                               steps=steps, guidance_scale=guidance_scale, seed=seed)
     seconds = time.perf_counter() - started
     baseline = ScanRecord(SCAN_SITE, scan.name, None, modality, scan, labels)
     settings = {**_estimate_settings(draw, steps), "guidance_scale": guidance_scale, "seed": seed,

@@ -19,7 +19,7 @@ from braing3n_core.site_config import SiteConfig
 
 
 def export_forecast(source: Path, site_yaml: Path, subject: str, session: str | None, modality: Modality, years: float,
-                    out: Path, *, draw: bool = False, steps: int = DEFAULT_STEPS,
+                    out: Path, *, draw: bool | None = None, steps: int = DEFAULT_STEPS,
                     guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed: int = 0, device: str = "cpu") -> Path:
     """`braing3n forecast`: `forecast.nii.gz`, `forecast.png` and `forecast.json` (scores against the
     real follow-up when the site holds one) in `out`; returns the JSON's path. Runs where the site's
@@ -48,7 +48,7 @@ def export_forecast(source: Path, site_yaml: Path, subject: str, session: str | 
 
 
 def export_scan_forecast(source: Path, scan: Path, row: ConditionRow, years: float, out: Path, *,
-                         draw: bool = False, steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+                         draw: bool | None = None, steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
                          seed: int = 0, device: str = "cpu") -> Path:
     """`braing3n forecast --scan`: the same three files as the site path for a scan in no site. `row`
     holds what is known at the scan (its `age` is the age at the scan, the modality the scan's; its MMSE

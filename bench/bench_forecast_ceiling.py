@@ -11,7 +11,7 @@ on the same held-out pairs, with the same paired tissue measure (`generation.for
 | `draw` | the residual of one forecast drawn from the DiT (ab2, `--steps`, unshifted time grid, guidance) |
 | `mean` | the residual of the DiT's *conditional mean* forecast (`diffusion.conditional_mean`: one Euler step from t = 1, E[tokens | baseline, conditions]), the minimum-squared-error point forecast without a draw's unpredictable detail; what `forecast` makes by default |
 | `oracle_cached` | the residual with the real follow-up's own cached tokens (what the DiT is trained to produce; the follow-up cropped to its own foreground) |
-| `oracle_aligned` | the residual with the tokens of the real follow-up moved onto the baseline's voxels first (`data.alignment.align_by_brain_mask`), then encoded |
+| `oracle_aligned` | the residual with the tokens of the real follow-up moved onto the baseline's voxels first, then encoded (`TokenCache.pair_tokens`: what the DiT now trains on) |
 
 The two oracles are ceilings no DiT can pass through this decoder: if they do not beat no-change, a
 better DiT cannot either. Prints one summary line; writes bench/results/forecast_ceiling[-NAME].json.
@@ -34,14 +34,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_average, machine_info
 
-from braing3n_core.data.tokens import encode_volumes
 from braing3n_core.data.transforms import preprocess_scan
 from braing3n_core.evaluation.tissue import REGIONS
 from braing3n_core.generation.forecast_eval import (
     HELD_OUT_SPLITS,
     aligned_follow_up,
     baseline_tissue,
+    change_errors,
     longitudinal_pairs,
+    truth_of,
     truth_volumes,
 )
 from braing3n_core.generation.forecasting import FORECAST_TIME_SHIFT, _known_at_follow_up, residual_forecast
@@ -99,7 +100,7 @@ def main() -> None:
                                time_shift=FORECAST_TIME_SHIFT, **common),
                 "mean": conditional_mean(dit, shape, cond, generator=torch.Generator().manual_seed(0), **common),
                 "oracle_cached": site.tokens.tokens(pair.follow_up)[None],
-                "oracle_aligned": encode_volumes(encoder, torch.from_numpy(follow)[None, None], models.device),
+                "oracle_aligned": site.tokens.pair_tokens(pair.follow_up, pair.baseline)[None],
             }
             names = list(tokens)
             decoded = decode(models.decoder, torch.cat([tokens[n].float().cpu() for n in names] + [base_tokens.float()]))
@@ -110,14 +111,12 @@ def main() -> None:
             changes = {"no_change": dict.fromkeys(REGIONS, 0.0)} | {n: tissue.change(v) for n, v in volumes.items()}
             row: dict[str, Any] = {"site": site.data.config.site_id, "subject": pair.baseline.subject,
                                    "years": pair.years, "actual": actual,
-                                   "error": {m: float(np.mean([abs(changes[m][r] - actual[r]) for r in REGIONS]))
-                                             for m in METHODS}}
-            before, after = (truth.get((r.subject, r.session or "", modality.value)) for r in (pair.baseline, pair.follow_up))
+                                   "error": {m: change_errors(changes[m], actual)["mean"] for m in METHODS}}
+            before, after = truth_of(truth, pair.baseline), truth_of(truth, pair.follow_up)
             if before is not None and after is not None:
                 true_change = {r: after[r] - before[r] for r in REGIONS}
                 changes["measured"] = actual
-                row["truth_error"] = {m: float(np.mean([abs(changes[m][r] - true_change[r]) for r in REGIONS]))
-                                      for m in (*METHODS, "measured")}
+                row["truth_error"] = {m: change_errors(changes[m], true_change)["mean"] for m in (*METHODS, "measured")}
             rows.append(row)
             print(f"{row['site']} {row['subject']} {pair.years:.1f} y: "
                   + " ".join(f"{m} {row['error'][m]:.1f}" for m in METHODS), file=sys.stderr, flush=True)

@@ -211,14 +211,16 @@ def truth_volumes(data_root: Path) -> dict[tuple[str, str, str], dict[str, float
     return out
 
 
-def _truth_of(truth: Mapping[tuple[str, str, str], dict[str, float]], record: ScanRecord) -> dict[str, float] | None:
+def truth_of(truth: Mapping[tuple[str, str, str], dict[str, float]], record: ScanRecord) -> dict[str, float] | None:
+    """The scan's true volumes from `truth_volumes`, or None."""
     return truth.get((record.subject, record.session or "", Modality(record.modality).value))
 
 
 # --- a site's side -----------------------------------------------------------------------------------------------
 
 
-def _errors(predicted: Mapping[str, float], actual: Mapping[str, float]) -> dict[str, float]:
+def change_errors(predicted: Mapping[str, float], actual: Mapping[str, float]) -> dict[str, float]:
+    """|predicted − actual| change per region, and their `mean` (the figure every table quotes)."""
     errors = {region: abs(predicted[region] - actual[region]) for region in REGIONS}
     return {**errors, "mean": float(np.mean([errors[r] for r in REGIONS]))}
 
@@ -244,13 +246,13 @@ def pair_scores(models: GenerationModels, site: SiteInputs, pair: ScanPair, tren
     changes = {m: tissue.change(v) for m, v in volumes.items() if m != "no_change"}
     changes["no_change"] = dict.fromkeys(REGIONS, 0.0)
     changes["trend"] = trend.change(pair)
-    out: dict[str, Any] = {"change": {m: _errors(changes[m], actual) for m in METHODS},
+    out: dict[str, Any] = {"change": {m: change_errors(changes[m], actual) for m in METHODS},
                            "voxel": {m: _voxel_scores(volumes[m], follow) for m in VOLUME_METHODS}}
-    true_before, true_after = _truth_of(truth, pair.baseline), _truth_of(truth, pair.follow_up)
+    true_before, true_after = truth_of(truth, pair.baseline), truth_of(truth, pair.follow_up)
     if true_before is not None and true_after is not None:
         true_change = {r: true_after[r] - true_before[r] for r in REGIONS}
-        out["truth"] = {m: _errors(changes[m], true_change) for m in METHODS}
-        out["truth"]["measured"] = _errors(actual, true_change)
+        out["truth"] = {m: change_errors(changes[m], true_change) for m in METHODS}
+        out["truth"]["measured"] = change_errors(actual, true_change)
     return out
 
 

@@ -12,9 +12,14 @@ on the same held-out pairs, with the same paired tissue measure (`generation.for
 | `mean` | the residual of the DiT's *conditional mean* forecast (`diffusion.conditional_mean`: one Euler step from t = 1, E[tokens | baseline, conditions]), the minimum-squared-error point forecast without a draw's unpredictable detail; what `forecast` makes by default |
 | `oracle_cached` | the residual with the real follow-up's own cached tokens (what the DiT is trained to produce; the follow-up cropped to its own foreground) |
 | `oracle_aligned` | the residual with the tokens of the real follow-up moved onto the baseline's voxels first, then encoded (`TokenCache.pair_tokens`: what the DiT now trains on) |
+| `token_trend` | the residual of baseline tokens + interval × the annual token change of the pair's (modality, diagnosis) cell, least squares through the origin over every training pair the DiT trains on, pooled over sites; a cell of < 3 pairs takes its modality's, then all pairs' |
+| `token_trend_pooled` | the same per modality only (all diagnoses pooled) |
+| `token_trend_rank1` | `token_trend`'s rate projected on its modality's pooled direction (one pattern per modality, one gain per cell) |
+| `token_trend_sites` | what the DiT's trend buffer holds (`DiTConfig.trend`): each site's sums without its cells of < 3 subjects (`site_change_trend`), merged, with the model's fallbacks; no network |
 
 The two oracles are ceilings no DiT can pass through this decoder: if they do not beat no-change, a
-better DiT cannot either. Prints one summary line; writes bench/results/forecast_ceiling[-NAME].json.
+better DiT cannot either. The token trends are population forecasts with no network: the prior the DiT's
+flow now starts from. `--no-dit` scores the oracles and trends of a run whose DiT is not trained yet. Prints one summary line; writes bench/results/forecast_ceiling[-NAME].json.
 
     python bench/bench_forecast_ceiling.py --run runs/long --sites runs/long-cohort/sites/*.yaml --name long
 """
@@ -22,6 +27,7 @@ better DiT cannot either. Prints one summary line; writes bench/results/forecast
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -45,19 +51,57 @@ from braing3n_core.generation.forecast_eval import (
     truth_of,
     truth_volumes,
 )
+from braing3n_core.federation.site_round import site_change_trend
 from braing3n_core.generation.forecasting import FORECAST_TIME_SHIFT, _known_at_follow_up, residual_forecast
 from braing3n_core.generation.models import load_run_models
 from braing3n_core.generation.sampling import decode
-from braing3n_core.labels import Modality
+from braing3n_core.labels import DIAGNOSES, MODALITIES, Modality
+from braing3n_core.models import ChangeTrendSums
 from braing3n_core.models.conditions import conditions_from_labels
 from braing3n_core.models.diffusion import conditional_mean, sample
 from braing3n_core.site_config import load_site_configs
 from braing3n_core.stage_names import DIT
 from braing3n_core.training.centralized import prepare_sites
+from braing3n_core.training.examples import longitudinal_pairs as dit_pairs
 from braing3n_core.training.stages import get_stage
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("no_change", "draw", "mean", "oracle_cached", "oracle_aligned")
+METHODS = ("no_change", "draw", "mean", "oracle_cached", "oracle_aligned", "token_trend", "token_trend_pooled",
+           "token_trend_rank1", "token_trend_sites")
+
+
+def token_trends(sites) -> dict[tuple[str, str], torch.Tensor]:
+    """The annual change of the encoder tokens [N, E] per (modality, diagnosis), per (modality, "*") and
+    ("*", "*"): least squares through the origin over every training pair the DiT trains on (the follow-up
+    on the baseline's voxels)."""
+    sums: dict[tuple[str, str], list] = {}
+    for site in sites:
+        records = site.tokens.ensure(list(site.data.splits["train"]))
+        for later, earlier in dit_pairs(records):
+            follow, base = records[later], records[earlier]
+            years = follow.labels.age - base.labels.age
+            change = site.tokens.pair_tokens(follow, base).double() - site.tokens.tokens(base).double()
+            modality = Modality(base.modality).value
+            for key in ((modality, str(base.labels.diagnosis)), (modality, "*"), ("*", "*")):
+                total = sums.setdefault(key, [torch.zeros_like(change), 0.0, 0])
+                total[0] += change * years
+                total[1] += years**2
+                total[2] += 1
+    print("token trend pairs: " + ", ".join(f"{k} {v[2]}" for k, v in sorted(sums.items())), file=sys.stderr)
+    return {key: (total / weight).float() for key, (total, weight, count) in sums.items() if count >= 3}
+
+
+def trend_rate(trends, modality: str, diagnosis: str, by_diagnosis: bool) -> torch.Tensor:
+    keys = ([(modality, diagnosis)] if by_diagnosis else []) + [(modality, "*"), ("*", "*")]
+    return next(trends[k] for k in keys if k in trends)
+
+
+def rank1_rate(trends, modality: str, diagnosis: str) -> torch.Tensor:
+    """The (modality, diagnosis) rate projected on its modality's pooled direction: one [N, E] pattern per
+    modality and one gain per cell."""
+    pattern = trend_rate(trends, modality, "", False)
+    full = trend_rate(trends, modality, diagnosis, True)
+    return pattern * (full * pattern).sum() / (pattern * pattern).sum()
 
 
 def _bootstrap(statistic, *arrays: np.ndarray, seed: int = 0, n_boot: int = 1000) -> list[float]:
@@ -75,14 +119,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--guidance", type=float, default=1.5)
     parser.add_argument("--name", default="")
+    parser.add_argument("--no-dit", action="store_true", help="score the oracles and token trends only (no DiT yet)")
     args = parser.parse_args()
     load_before = load_average()
     started = time.perf_counter()
-    models = load_run_models(args.run, need_encoder=True)
-    dit, encoder = models.require_dit(), models.require_encoder("the aligned oracle")
+    models = load_run_models(args.run, need_encoder=True, need_dit=not args.no_dit)
+    dit, encoder = models.dit, models.require_encoder("the aligned oracle")
+    methods = tuple(m for m in METHODS if not (args.no_dit and m in ("draw", "mean")))
     site_files = args.sites or sorted(str(p) for p in (args.run / "cohort" / "sites").glob("*.yaml"))
     sites = prepare_sites(load_site_configs(site_files), models.preset, get_stage(DIT), encoder, models.device)
-    shape = (1, dit.config.num_tokens, dit.config.token_dim)
+    shape = (1, models.preset.num_tokens, models.preset.mae.width)
+    trends = token_trends(sites)
+    # What the DiT's buffer holds (`DiT.change_trend`), in raw token units: each site's sums without its cells
+    # of fewer than 3 subjects, merged, with the model's fallbacks.
+    site_sums = [site_change_trend(get_stage(DIT), site, shape[1], shape[2]) for site in sites]
+    federated = functools.reduce(ChangeTrendSums.merge, site_sums)
+    print(f"federated trend: {int(federated.pairs.sum())} pairs in {int((federated.pairs > 0).sum())} cells",
+          file=sys.stderr)
+    federated_rates = federated.rates(torch.ones(shape[2]))
     rows: list[dict[str, Any]] = []
     for site in sites:
         truth = truth_volumes(site.data.config.data_root)
@@ -95,12 +149,21 @@ def main() -> None:
             cond = conditions_from_labels([_known_at_follow_up(pair.baseline.labels, pair.years)], [modality])
             interval = torch.tensor([pair.years])
             common = {"guidance_scale": args.guidance, "baseline": base_tokens, "interval": interval}
-            tokens = {
+            tokens = {} if dit is None else {
                 "draw": sample(dit, shape, cond, steps=args.steps, generator=torch.Generator().manual_seed(0),
                                time_shift=FORECAST_TIME_SHIFT, **common),
                 "mean": conditional_mean(dit, shape, cond, generator=torch.Generator().manual_seed(0), **common),
+            }
+            tokens |= {
                 "oracle_cached": site.tokens.tokens(pair.follow_up)[None],
                 "oracle_aligned": site.tokens.pair_tokens(pair.follow_up, pair.baseline)[None],
+                "token_trend": base_tokens + pair.years * trend_rate(trends, modality.value,
+                                                                     str(pair.baseline.labels.diagnosis), True)[None],
+                "token_trend_pooled": base_tokens + pair.years * trend_rate(trends, modality.value, "", False)[None],
+                "token_trend_sites": base_tokens + pair.years * federated_rates[
+                    MODALITIES.index(modality), DIAGNOSES.index(pair.baseline.labels.diagnosis)][None],
+                "token_trend_rank1": base_tokens + pair.years * rank1_rate(trends, modality.value,
+                                                                           str(pair.baseline.labels.diagnosis))[None],
             }
             names = list(tokens)
             decoded = decode(models.decoder, torch.cat([tokens[n].float().cpu() for n in names] + [base_tokens.float()]))
@@ -111,24 +174,24 @@ def main() -> None:
             changes = {"no_change": dict.fromkeys(REGIONS, 0.0)} | {n: tissue.change(v) for n, v in volumes.items()}
             row: dict[str, Any] = {"site": site.data.config.site_id, "subject": pair.baseline.subject,
                                    "years": pair.years, "actual": actual,
-                                   "error": {m: change_errors(changes[m], actual)["mean"] for m in METHODS}}
+                                   "error": {m: change_errors(changes[m], actual)["mean"] for m in methods}}
             before, after = truth_of(truth, pair.baseline), truth_of(truth, pair.follow_up)
             if before is not None and after is not None:
                 true_change = {r: after[r] - before[r] for r in REGIONS}
                 changes["measured"] = actual
-                row["truth_error"] = {m: change_errors(changes[m], true_change)["mean"] for m in (*METHODS, "measured")}
+                row["truth_error"] = {m: change_errors(changes[m], true_change)["mean"] for m in (*methods, "measured")}
             rows.append(row)
             print(f"{row['site']} {row['subject']} {pair.years:.1f} y: "
-                  + " ".join(f"{m} {row['error'][m]:.1f}" for m in METHODS), file=sys.stderr, flush=True)
-    errors = {m: np.array([row["error"][m] for row in rows]) for m in METHODS}
+                  + " ".join(f"{m} {row['error'][m]:.1f}" for m in methods), file=sys.stderr, flush=True)
+    errors = {m: np.array([row["error"][m] for row in rows]) for m in methods}
     base = errors["no_change"]
     summary = {m: {"mean_ml": float(errors[m].mean()), "ci": _bootstrap(np.mean, errors[m]),
                    "vs_no_change": float(1 - errors[m].sum() / base.sum()),
                    "vs_no_change_ci": _bootstrap(lambda e, b: 1 - e.sum() / b.sum(), errors[m], base)}
-               for m in METHODS}
+               for m in methods}
     with_truth = [row for row in rows if "truth_error" in row]
     truth_summary = {m: float(np.mean([row["truth_error"][m] for row in with_truth]))
-                     for m in (*METHODS, "measured")} if with_truth else {}
+                     for m in (*methods, "measured")} if with_truth else {}
     result = {"benchmark": "forecast_ceiling", "run": str(args.run), "steps": args.steps, "guidance": args.guidance,
               "time_shift": FORECAST_TIME_SHIFT, "n_pairs": len(rows), "summary": summary, "truth": truth_summary,
               "pairs": rows, "seconds": time.perf_counter() - started, "machine": machine_info(load_before)}
@@ -136,7 +199,7 @@ def main() -> None:
     out = RESULTS / f"forecast_ceiling{'-' + args.name if args.name else ''}.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"forecast ceiling ({len(rows)} held-out pairs): regional change error vs no-change "
-          + ", ".join(f"{m} {summary[m]['mean_ml']:.1f} ml ({100 * summary[m]['vs_no_change']:+.0f} %)" for m in METHODS)
+          + ", ".join(f"{m} {summary[m]['mean_ml']:.1f} ml ({100 * summary[m]['vs_no_change']:+.0f} %)" for m in methods)
           + f" -> {out}")
 
 

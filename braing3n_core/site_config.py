@@ -66,6 +66,11 @@ class SitePrivacyConfig(StrictModel):
     ```
     A stage left out of `stages` uses `default_stage`. The ledger (`braing3n_core.privacy.ledger`) lives
     at `ledger` or, by default, beside the cache folder (not inside it: clearing a cache must never reset ε).
+
+    `min_subjects_per_cell` holds whether or not DP is enabled: a per-cell sum the site sends outside the
+    trained weights (the DiT's trend: each (modality, diagnosis) cell's token change over its pairs) must
+    come from at least that many subjects, else the cell is withheld. With `enabled`, the site sends no such
+    sums at all (they would be released outside ε).
     """
 
     enabled: bool = False
@@ -75,6 +80,7 @@ class SitePrivacyConfig(StrictModel):
     stages: dict[StageName, StagePrivacyConfig] = Field(default_factory=dict)
     default_stage: StagePrivacyConfig = StagePrivacyConfig(noise_multiplier=1.0)
     ledger: Path | None = None
+    min_subjects_per_cell: int = Field(3, ge=1)
 
     def stage(self, name: str) -> StagePrivacyConfig:
         return self.stages.get(name, self.default_stage)  # type: ignore[call-overload]

@@ -67,10 +67,11 @@ from braing3n_core.federation.protocol import (
     TokenMomentsQuery,
     TrainRequest,
     moments_to_arrays,
+    trend_to_arrays,
 )
 from braing3n_core.federation.replies import update_norm
 from braing3n_core.federation.site_journal import JournalEntry, SiteJournal, journal_path
-from braing3n_core.federation.site_round import evaluate_site, site_token_moments, train_site_round
+from braing3n_core.federation.site_round import evaluate_site, site_change_trend, site_token_moments, train_site_round
 from braing3n_core.generation.evaluation import site_generation_scores
 from braing3n_core.generation.forecast_eval import TrendModel, site_forecast_scores, trend_census
 from braing3n_core.generation.models import GenerationModels
@@ -221,8 +222,12 @@ def _install_encoder(msg: Message, query: Query, config: ConfigRecord, runtime: 
 def _token_moments(msg: Message, query: Query, config: ConfigRecord, runtime: SiteRuntime) -> Message:
     stage = get_stage(DIT)
     asked = TokenMomentsQuery.from_config(config)
-    moments = site_token_moments(stage, runtime.inputs(stage, query.preset, query.encoder_sha256), asked.token_dim)
-    return _reply(msg, SiteReply(site_id=runtime.site_id), moments_to_arrays(moments), {NUM_EXAMPLES: float(moments.count)})
+    site = runtime.inputs(stage, query.preset, query.encoder_sha256)
+    moments = site_token_moments(stage, site, asked.token_dim)
+    arrays = moments_to_arrays(moments)
+    if asked.num_tokens > 0:
+        arrays |= trend_to_arrays(site_change_trend(stage, site, asked.num_tokens, asked.token_dim))
+    return _reply(msg, SiteReply(site_id=runtime.site_id), arrays, {NUM_EXAMPLES: float(moments.count)})
 
 
 def _probe_census(msg: Message, query: Query, config: ConfigRecord, runtime: SiteRuntime) -> Message:

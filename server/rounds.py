@@ -8,8 +8,8 @@ after the last checkpointed round of the first unfinished stage; finished stages
 skipped.
 
 Wire discipline: a stage's messages carry only that stage's weights (fp32) and a `TrainRequest`. Before
-the DiT's first round, a `token_moments` query gathers per-site token sums (count, Σ, Σ²) to set the
-DiT's token statistics.
+the DiT's first round, a `token_moments` query gathers per-site token sums (count, Σ, Σ²) and the pairs'
+trend sums to set the DiT's token statistics and trend (buffers that then travel with its weights).
 
 A round counts when at least `min_sites` replies pass screening; otherwise the run stops with a
 `FederationError` (the previous round's checkpoint stays the resume point).
@@ -17,13 +17,13 @@ A round counts when at least `min_sites` replies pass screening; otherwise the r
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp.strategy import Strategy
 
@@ -32,15 +32,19 @@ from braing3n_core.federation.protocol import (
     Action,
     EvaluateRequest,
     FaultDrill,
+    ProtocolError,
     Record,
     SecureRound,
     TokenMomentsQuery,
     TrainRequest,
     moments_from_arrays,
+    trend_from_arrays,
 )
 from braing3n_core.federation.replies import weighted_mean
 from braing3n_core.federation.run_config import StageRunConfig
 from braing3n_core.federation.run_folder import RoundCheckpoint
+from braing3n_core.labels import DIAGNOSES, MODALITIES
+from braing3n_core.models import ChangeTrendSums, DiT, TokenMoments
 from braing3n_core.presets import get_preset
 from braing3n_core.runtime import seed_everything
 from braing3n_core.stage_names import DIT
@@ -80,7 +84,7 @@ def run_stage(federation: Federation, spec: StageRunConfig) -> None:
         strategy = federation.client_dp.wrap(strategy, spec.name)
     if last is None:
         if spec.name == DIT:
-            model.set_token_statistics(*token_statistics(federation, model.config.token_dim))
+            set_data_statistics(federation, model)
         arrays, start = module_arrays(model), 1
     else:
         arrays, start = last.model, last.server_round + 1
@@ -112,23 +116,39 @@ def run_stage(federation: Federation, spec: StageRunConfig) -> None:
     federation.write_state()
 
 
-def token_statistics(federation: Federation, token_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The DiT's per-channel token mean and std from every site's token sums (aggregates only)."""
-    replies = federation.query(Action.TOKEN_MOMENTS, DIT, TokenMomentsQuery(token_dim=token_dim))
-    parts = []
+def set_data_statistics(federation: Federation, dit: DiT) -> None:
+    """The DiT's per-channel token mean and std and, when it has one, its pairs' trend, from every site's
+    sums (aggregates only). Under client-level DP or secure aggregation of the DiT stage the trend is not
+    asked for: its sums would reach the server outside what those layers protect."""
+    config = dit.config
+    layers = federation.config
+    trend = config.trend and not (layers.client_dp.applies_to(DIT) or layers.secure_aggregation.applies_to(DIT))
+    query = TokenMomentsQuery(token_dim=config.token_dim, num_tokens=config.num_tokens if trend else 0)
+    replies = federation.query(Action.TOKEN_MOMENTS, DIT, query)
+    moments, trends = [], []
     for reply in replies:
         arrays = {k: v.numpy() for k, v in reply.content[Record.ARRAYS].items()}
-        if any(not np.all(np.isfinite(v)) for v in arrays.values()) or arrays["total"].shape != (token_dim,):
-            federation.run.log(DIT, 0, reply_site(reply, federation.node_sites), "rejected", reason="bad token moments")
+        site = reply_site(reply, federation.node_sites)
+        if any(not np.all(np.isfinite(v)) for v in arrays.values()) or arrays["total"].shape != (config.token_dim,):
+            federation.run.log(DIT, 0, site, "rejected", reason="bad token moments")
             continue
-        parts.append(moments_from_arrays(arrays))
-    if len(parts) < federation.config.min_sites:
-        raise FederationError(f"token statistics from {len(parts)} sites; min_sites is {federation.config.min_sites}")
-    merged = parts[0]
-    for part in parts[1:]:
-        merged = merged.merge(part)
-    federation.run.log(DIT, 0, "aggregate", "token_moments", sites=len(parts), tokens=merged.count)
-    return merged.mean_std()
+        moments.append(moments_from_arrays(arrays))
+        if trend:
+            try:
+                trends.append(trend_from_arrays(arrays))
+            except (KeyError, ProtocolError) as error:
+                federation.run.log(DIT, 0, site, "rejected", reason=f"bad trend sums: {error}")
+    if len(moments) < federation.config.min_sites:
+        raise FederationError(f"token statistics from {len(moments)} sites; min_sites is {federation.config.min_sites}")
+    merged = functools.reduce(TokenMoments.merge, moments)
+    federation.run.log(DIT, 0, "aggregate", "token_moments", sites=len(moments), tokens=merged.count)
+    dit.set_token_statistics(*merged.mean_std())
+    if trends:
+        sums = functools.reduce(ChangeTrendSums.merge, trends)
+        dit.set_change_trend(sums.rates(dit.token_std))
+        cells = {f"{m.value}|{d}": int(sums.pairs[i, j]) for i, m in enumerate(MODALITIES)
+                 for j, d in enumerate(DIAGNOSES) if sums.pairs[i, j] > 0}
+        federation.run.log(DIT, 0, "aggregate", "change_trend", sites=len(trends), pairs=int(sums.pairs.sum()), cells=cells)
 
 
 # --- client-level DP (server/privacy.py) --------------------------------------------------------------------

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from braing3n_core.labels import DIAGNOSES, Modality, ScanLabels
-from braing3n_core.models import DiT, DiTConfig, TokenMoments, diffusion
+from braing3n_core.labels import DIAGNOSES, MODALITIES, Modality, ScanLabels
+from braing3n_core.models import ChangeTrendSums, DiT, DiTConfig, TokenMoments, diffusion
 from braing3n_core.models.conditions import (
     CONDITION_SCHEMA,
     ConditionBatch,
@@ -21,6 +21,7 @@ from braing3n_core.models.conditions import (
 )
 
 TOY = DiTConfig(grid=(2, 3, 2), token_dim=12, width=48, depth=2, heads=4, mlp_dim=192)
+MODALITY_INDEX = {m.value: i for i, m in enumerate(MODALITIES)}
 
 
 def test_schema_declares_six_variables() -> None:
@@ -232,7 +233,7 @@ def test_a_pair_diffuses_its_change_from_the_baseline() -> None:
     same = baseline[1::2]
     cond = null_conditions(32)
     interval = torch.ones(32)
-    loss = {scale: diffusion.training_loss(DiT(DiTConfig(**{**TOY.to_dict(), "change_scale": scale})), same, cond,
+    loss = {scale: diffusion.training_loss(DiT(DiTConfig(**{**TOY.to_dict(), "change_scale": scale, "trend": bool(scale)})), same, cond,
                                            baseline=same, interval=interval, p_drop=0.0, p_drop_all=0.0,
                                            generator=torch.Generator().manual_seed(1)).item()
             for scale in (TOY.change_scale, None)}
@@ -243,7 +244,76 @@ def test_a_pair_diffuses_its_change_from_the_baseline() -> None:
                                 interval=interval, generator=torch.Generator().manual_seed(5))
     noise = torch.randn((32, 12, 12), generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(forecast, same + TOY.change_scale * 2.0 * noise)
-    assert DiTConfig.from_dict({k: v for k, v in TOY.to_dict().items() if k != "change_scale"}).change_scale is None
+    assert DiTConfig.from_dict({k: v for k, v in TOY.to_dict().items() if k not in ("change_scale", "trend")}).change_scale is None
+
+
+def test_the_trend_fits_each_cell_by_least_squares_and_falls_back_where_a_cell_is_thin() -> None:
+    """Σ Δ·t / Σ t² per (modality, diagnosis) cell in normalised units; a cell of fewer than 3 pairs takes its
+    modality's slope, a modality without 3 pairs the slope of all pairs; a site drops every cell whose pairs
+    come from fewer than 3 subjects."""
+    t1, flair = MODALITY_INDEX["T1w"], MODALITY_INDEX["FLAIR"]
+    cn, ad = DIAGNOSES.index("CN"), DIAGNOSES.index("AD")
+    sums = ChangeTrendSums(2, 3)
+    for subject, years in enumerate((1.0, 2.0, 4.0)):  # T1w CN: change 0.5 per year, exactly
+        sums.add(t1, cn, torch.full((2, 3), 0.5 * years), years, f"cn-{subject}")
+    sums.add(t1, ad, torch.full((2, 3), 3.0), 1.0, "ad-0")  # one T1w AD pair
+    sums.add(flair, ad, torch.full((2, 3), 9.0), 1.0, "ad-0")  # one FLAIR pair
+    sums.add(t1, -1, torch.full((2, 3), 99.0), 1.0, "unknown")  # no diagnosis: in no cell
+    std = torch.tensor([1.0, 2.0, 4.0])
+    rates = sums.rates(std)
+    assert rates.shape == (len(MODALITY_INDEX), len(DIAGNOSES), 2, 3)
+    torch.testing.assert_close(rates[t1, cn], 0.5 / std.expand(2, 3))
+    t1_slope = (0.5 * (1 + 4 + 16) + 3.0) / (1 + 4 + 16 + 1)  # T1w over all its diagnoses: AD has 1 pair
+    torch.testing.assert_close(rates[t1, ad], (t1_slope / std.expand(2, 3)).float())
+    all_slope = (0.5 * 21 + 3.0 + 9.0) / 23  # FLAIR has 1 pair: all pairs
+    torch.testing.assert_close(rates[flair, cn], (all_slope / std.expand(2, 3)).float())
+
+    sent = sums.without_small_cells(3)  # the AD cells are one subject's change
+    assert sent.pairs[t1, cn] == 3 and sent.pairs[t1, ad] == 0 and sent.pairs[flair, ad] == 0
+    assert float(sent.change_years[t1, ad].abs().sum()) == 0.0
+    merged = sent.merge(sent)
+    torch.testing.assert_close(merged.rates(std)[t1, cn], rates[t1, cn])  # the same slope from twice the pairs
+    assert ChangeTrendSums(2, 3).rates(std).abs().sum() == 0  # no pairs: no trend
+
+
+def test_a_pair_diffuses_its_deviation_from_its_cells_trend() -> None:
+    """With a trend set, a follow-up exactly on its cell's trend is the flow's zero (loss at init ≈ 1, as a
+    pair without change is without a trend), whatever conditions the dropout hides from the network; the
+    untrained forecast is the baseline + interval × the cell's rate + change_scale × the noise; rows with an
+    unknown diagnosis, and cross-sectional rows, get no trend."""
+    torch.manual_seed(0)
+    model = DiT(TOY)
+    rates = 0.3 * torch.randn(len(MODALITY_INDEX), len(DIAGNOSES), 12, 12, generator=torch.Generator().manual_seed(1))
+    model.set_change_trend(rates)
+    labels = [ScanLabels(age=70.0, diagnosis=DIAGNOSES[i % 4]) for i in range(32)]
+    modalities = [list(Modality)[i % 3] for i in range(32)]
+    cond = conditions_from_labels(labels, modalities)
+    interval = torch.linspace(0.5, 4.0, 32)
+    baseline = torch.randn(32, 12, 12, generator=torch.Generator().manual_seed(2))
+    on_trend = baseline + interval[:, None, None] * rates[cond.modality, cond.diagnosis]  # token stats 0 / 1
+    loss = {name: diffusion.training_loss(dit, on_trend, cond, baseline=baseline, interval=interval, p_drop=drop,
+                                          p_drop_all=drop, generator=torch.Generator().manual_seed(3)).item()
+            for name, dit, drop in (("trend", model, 0.0), ("trend, conditions dropped", model, 1.0),
+                                    ("no trend", DiT(TOY), 0.0))}
+    assert loss["trend"] == pytest.approx(1.0, abs=0.1) and loss["trend, conditions dropped"] == pytest.approx(loss["trend"])
+    assert loss["no trend"] > 1.5 * loss["trend"], loss
+
+    forecast = diffusion.sample(model, (32, 12, 12), cond, steps=2, guidance_scale=1.5, baseline=baseline,
+                                interval=interval, generator=torch.Generator().manual_seed(5))
+    noise = torch.randn((32, 12, 12), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(forecast, on_trend + TOY.change_scale * noise)
+    unknown = conditions_from_labels([ScanLabels(age=70.0)] * 32, modalities)
+    torch.testing.assert_close(model.expected_change(unknown, interval), torch.zeros(32, 12, 12))
+    torch.testing.assert_close(model.expected_change(cond, torch.full((32,), math.nan)), torch.zeros(32, 12, 12))
+    cross_sectional = diffusion.sample(model, (32, 12, 12), cond, steps=2, guidance_scale=1.0,
+                                       generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(cross_sectional, noise)
+
+    # A DiT saved before the trend existed has none, and loads without the buffer.
+    old = DiTConfig.from_dict({k: v for k, v in TOY.to_dict().items() if k != "trend"})
+    assert not old.trend and "change_trend" not in DiT(old).state_dict() and DiT(old).expected_change(cond, interval) is None
+    with pytest.raises(ValueError, match="needs a change_scale"):
+        DiTConfig(**{**TOY.to_dict(), "change_scale": None})
 
 
 class _GaussianFlow(DiT):
@@ -297,7 +367,7 @@ def test_a_forecast_draws_by_default_only_from_a_dit_trained_on_the_follow_ups_t
     from braing3n_core.generation.forecasting import draws_by_default
 
     assert not draws_by_default(DiT(TOY))  # pairs diffuse their change: the conditional mean
-    old = DiTConfig.from_dict({k: v for k, v in TOY.to_dict().items() if k != "change_scale"})
+    old = DiTConfig.from_dict({k: v for k, v in TOY.to_dict().items() if k not in ("change_scale", "trend")})
     assert draws_by_default(DiT(old))  # its mean regenerates the scan
 
 

@@ -80,7 +80,9 @@ def kill_hard(wrapper: subprocess.Popen, run_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def resumed_run(synthetic_cohort, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("federated-e2e")
-    sites = write_site_yamls(synthetic_cohort, root / "sites", settings={"site-a": {"workers": 2}})
+    # Cells of one subject's pairs count towards the DiT's trend here: this small cohort has no cell of 3.
+    sites = write_site_yamls(synthetic_cohort, root / "sites", settings={"site-a": {"workers": 2}},
+                             privacy={site: {"min_subjects_per_cell": 1} for site in ("site-a", "site-b")})
     config = root / "run.yaml"
     config.write_text(yaml.safe_dump(RUN))
     run_dir = root / "run"
@@ -108,7 +110,7 @@ def resumed_run(synthetic_cohort, tmp_path_factory) -> dict:
     resumed_started = time.perf_counter()
     result = simulate(sites, config, run_dir, resume=True, echo=False)
     return {"dir": run_dir, "committed": committed, "committed_rounds": committed_rounds, "result": result,
-            "first_home": first_home,
+            "first_home": first_home, "sites": sites,
             "first_seconds": killed_after, "resume_seconds": time.perf_counter() - resumed_started}
 
 
@@ -133,6 +135,35 @@ def test_all_stages_reach_their_final_round_after_a_kill(resumed_run) -> None:
     from braing3n_core.data.tokens import encoder_sha256
 
     assert dit.meta["encoder_sha256"] == encoder_sha256(encoder) == state["encoder_sha256"]
+
+
+def test_the_dits_trend_is_fitted_from_the_sites_pair_sums(resumed_run) -> None:
+    """The DiT's trend buffer is what the sites' pair sums give, fitted on the server before round 1 (computed
+    here again from the same scans and encoder), and it travels unchanged with every round's weights."""
+    import torch
+
+    from braing3n_core.federation.site_round import site_change_trend
+    from braing3n_core.presets import get_preset
+    from braing3n_core.site_config import load_site_configs
+    from braing3n_core.stage_names import DIT
+    from braing3n_core.training.centralized import prepare_sites
+    from braing3n_core.training.stages import get_stage
+
+    run_dir = resumed_run["dir"]
+    final = load_checkpoint(run_dir / "checkpoints/dit/final.json").tensors
+    encoder = load_encoder(run_dir / "checkpoints/mae/final.json")
+    preset = get_preset("tiny")
+    sites = prepare_sites(load_site_configs(resumed_run["sites"]), preset, get_stage(DIT), encoder, torch.device("cpu"))
+    sums = [site_change_trend(get_stage(DIT), site, preset.num_tokens, preset.mae.width) for site in sites]
+    merged = sums[0].merge(sums[1])
+    assert merged.pairs.sum() > 0, "no longitudinal pairs: the test checks nothing"
+    torch.testing.assert_close(final["model.change_trend"], merged.rates(final["model.token_std"]), rtol=1e-4, atol=1e-6)
+    assert final["model.change_trend"].abs().sum() > 0
+    for round_ in (1, 2):
+        rates = load_checkpoint(run_dir / f"checkpoints/dit/round-000{round_}.json").tensors["model.change_trend"]
+        assert torch.equal(rates, final["model.change_trend"])
+    logged = [r for r in records(run_dir) if r["kind"] == "change_trend"]
+    assert len(logged) == 1 and logged[0]["sites"] == 2 and logged[0]["pairs"] == int(merged.pairs.sum())
 
 
 def test_no_completed_round_was_lost_or_repeated(resumed_run) -> None:

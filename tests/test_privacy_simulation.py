@@ -136,6 +136,9 @@ def test_client_level_dp_epsilon_and_untouched_token_statistics(dp_run) -> None:
     for name in ("model.token_mean", "model.token_std"):
         assert torch.equal(rounds[0].tensors[name], rounds[1].tensors[name])
     assert bool((rounds[1].tensors["model.token_std"] > 0).all())
+    # Under client-level DP the sites are not asked for the trend's pair sums (they would be released outside ε).
+    assert float(rounds[1].tensors["model.change_trend"].abs().sum()) == 0.0
+    assert not [r for r in records(dp_run["dir"]) if r["kind"] == "change_trend"]
 
 
 def test_privacy_figure_draws_every_site(dp_run) -> None:

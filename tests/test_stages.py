@@ -170,3 +170,45 @@ def test_a_pairs_target_tokens_are_the_follow_up_on_the_baselines_voxels(trained
     assert torch.allclose(pair, expected, atol=1e-5)
     assert not torch.allclose(pair, cache.tokens(follow_up), atol=1e-3)
     assert torch.equal(cache.pair_tokens(baseline, baseline), cache.tokens(baseline))  # nothing to move
+
+
+def test_a_sites_trend_sums_hold_only_cells_of_enough_subjects_and_nothing_under_privacy(trained_run: Path,
+                                                                                        site_configs) -> None:
+    """The sums a site sends for the DiT's trend equal Σ Δ·t and Σ t² over its training pairs, per
+    (modality, diagnosis) cell, for the cells of at least `privacy.min_subjects_per_cell` subjects (3 by
+    default: in this small cohort, none; 1: every cell) and nothing when the site trains under DP."""
+    from braing3n_core.federation.site_round import site_change_trend
+
+    encoder = load_encoder(trained_run / "checkpoints/mae/step-000006.json")
+    stage = get_stage("dit")
+    kept_cells = {1: 0, 3: 0}
+    for config in site_configs:
+        data = load_site(config, TINY)
+        tokens = TokenCache(config.resolved_cache_dir, encoder, TINY, data.cache)
+        dataset = stage_dataset(stage, [SiteInputs(data, tokens)], "train")
+        expected: dict[tuple[int, int], list] = {}  # cell → [Σ Δ·t, Σ t², pairs, subjects]
+        for later, earlier in dataset.pairs:
+            follow_up, baseline = dataset.records[later], dataset.records[earlier]
+            cell = (int(dataset.conditions.modality[later]), int(dataset.conditions.diagnosis[later]))
+            years = follow_up.labels.age - baseline.labels.age
+            change = tokens.pair_tokens(follow_up, baseline).double() - tokens.tokens(baseline).double()
+            entry = expected.setdefault(cell, [0.0, 0.0, 0, set()])
+            entry[0], entry[1], entry[2] = entry[0] + change * years, entry[1] + years**2, entry[2] + 1
+            entry[3].add(follow_up.subject)
+
+        def site_with(**privacy) -> SiteInputs:
+            changed = config.model_copy(update={"privacy": config.privacy.model_copy(update=privacy)})
+            return SiteInputs(dataclasses.replace(data, config=changed), tokens)
+
+        for threshold in (1, 3):
+            sent = site_change_trend(stage, site_with(min_subjects_per_cell=threshold), TINY.num_tokens, TINY.mae.width)
+            for (m, d), (change_years, years_sq, pairs, subjects) in expected.items():
+                if len(subjects) >= threshold:
+                    kept_cells[threshold] += 1
+                    torch.testing.assert_close(sent.change_years[m, d], change_years, rtol=1e-5, atol=1e-6)
+                    assert (float(sent.years_sq[m, d]), int(sent.pairs[m, d])) == (pytest.approx(years_sq), pairs)
+                else:
+                    assert float(sent.pairs[m, d]) == 0.0 and float(sent.change_years[m, d].abs().sum()) == 0.0
+        private = site_with(enabled=True, min_subjects_per_cell=1)
+        assert float(site_change_trend(stage, private, TINY.num_tokens, TINY.mae.width).pairs.sum()) == 0.0
+    assert kept_cells[1] > kept_cells[3], kept_cells  # some cells are of one or two subjects, and were withheld

@@ -15,7 +15,7 @@ payload class here, one handler in `client/app.py` and one caller in `server/`.
 | evaluate, stage `probes` | `ProbeRoundRequest` | `arrays` | `metrics` (scores and additive sums), `site` |
 | query `hello` | `Query` | — | `metrics` (problems), `site` (`Hello`) |
 | query `install_encoder` | `Query` + `InstallEncoder` | `encoder` | `metrics` |
-| query `token_moments` | `Query` + `TokenMomentsQuery` | — | `arrays` (count, Σ, Σ²), `metrics` |
+| query `token_moments` | `Query` + `TokenMomentsQuery` | — | `arrays` (count, Σ, Σ²; with `num_tokens`, the pairs' trend sums per cell), `metrics` |
 | query `probe_census` | `Query` | — | `arrays` (feature sums, ridge moments), `metrics`, `site` (`ProbeCensus`) |
 | query `privacy_audit` | `Query` + `PrivacyAuditQuery` | `synthetic`, `dit` (optional) | `metrics`, `site` (`AuditReply`) |
 | query `generation_scores` | `Query` + `GenerationScoresQuery` | `features` (generated), `arrays` (probe heads) | `arrays` (moment and kernel sums), `metrics`, `site` (`ScoresReply`) |
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from braing3n_core.federation.arrays import Arrays
-from braing3n_core.models import TokenMoments
+from braing3n_core.models import ChangeTrendSums, TokenMoments
 
 DECLINED = 4001  # Error code of a clean refusal (vs Flower's own codes for crashes)
 NUM_EXAMPLES = "num-examples"  # the metric every reply carries: FedAvg's weight n_k
@@ -235,6 +235,7 @@ class InstallEncoder(Payload):
 @dataclass(frozen=True, kw_only=True)
 class TokenMomentsQuery(Payload):
     token_dim: int
+    num_tokens: int = 0  # > 0: also the pairs' trend sums (`ChangeTrendSums`) over this many tokens
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -359,6 +360,23 @@ class NodeSettings(Payload):
 def moments_to_arrays(moments: TokenMoments) -> Arrays:
     return {"count": np.array([moments.count], dtype=np.float64), "total": moments.total.numpy(),
             "total_sq": moments.total_sq.numpy()}
+
+
+def trend_to_arrays(sums: ChangeTrendSums) -> Arrays:
+    # float32 on the wire: sums over a handful of pairs per cell lose nothing a trend can use, at half the bytes
+    return {"trend_change_years": sums.change_years.float().numpy(), "trend_years_sq": sums.years_sq.numpy(),
+            "trend_pairs": sums.pairs.numpy()}
+
+
+def trend_from_arrays(arrays: Mapping[str, np.ndarray]) -> ChangeTrendSums:
+    change_years = torch.from_numpy(np.asarray(arrays["trend_change_years"], dtype=np.float64))
+    sums = ChangeTrendSums(*change_years.shape[2:])
+    if change_years.shape != sums.change_years.shape:
+        raise ProtocolError(f"trend sums of shape {list(change_years.shape)}, expected {list(sums.change_years.shape)}")
+    sums.change_years = change_years
+    sums.years_sq = torch.from_numpy(np.asarray(arrays["trend_years_sq"], dtype=np.float64)).reshape(sums.years_sq.shape)
+    sums.pairs = torch.from_numpy(np.asarray(arrays["trend_pairs"], dtype=np.float64)).reshape(sums.pairs.shape)
+    return sums
 
 
 def moments_from_arrays(arrays: Mapping[str, np.ndarray]) -> TokenMoments:

@@ -2,7 +2,8 @@
 
 `train_site_round` runs `local_steps` steps from the global weights (a fresh AdamW per round, FedProx when
 asked, subject-level DP-SGD with the site's ledger when the site's config enables privacy);
-`evaluate_site` gives the stage's validation metrics; `site_token_moments` the DiT's token sums.
+`evaluate_site` gives the stage's validation metrics; `site_token_moments` the DiT's token sums and
+`site_change_trend` its pairs' trend sums.
 
 A site with `workers: N` > 1 trains data-parallel: this process (the one that talks to Flower) prepares
 the round — data checked, token cache filled, ledger checked — and hands one picklable `RoundJob` to N
@@ -26,7 +27,7 @@ from torch.utils.data import Dataset
 
 from braing3n_core.federation.arrays import Arrays
 from braing3n_core.federation.protocol import RoundParams, SiteDeclined
-from braing3n_core.models import TokenMoments
+from braing3n_core.models import ChangeTrendSums, TokenMoments
 from braing3n_core.privacy.dp import (
     DPRound,
     OwnExamples,
@@ -43,7 +44,7 @@ from braing3n_core.runtime import infinite, round_seed
 from braing3n_core.site_config import ComputeConfig
 from braing3n_core.training.compute import prepare_network
 from braing3n_core.training.data_parallel import ParallelGroup, check_replicas, share_loader, shuffled_batches
-from braing3n_core.training.examples import SiteInputs, token_moments
+from braing3n_core.training.examples import SiteInputs, change_trend_sums, token_moments
 from braing3n_core.training.loop import (
     ProximalTerm,
     TrainResult,
@@ -255,3 +256,14 @@ def site_token_moments(dit_stage: Stage, site: SiteInputs, token_dim: int) -> To
     if len(dataset) == 0:
         raise SiteDeclined(f"site {site.data.config.site_id}: no usable training scans for token statistics")
     return token_moments(dataset, token_dim)
+
+
+def site_change_trend(dit_stage: Stage, site: SiteInputs, num_tokens: int, token_dim: int) -> ChangeTrendSums:
+    """The trend sums over the site's DiT training pairs, without the cells of fewer subjects than the site's
+    `privacy.min_subjects_per_cell`; empty at a site whose config enables privacy (DP-SGD bounds what its
+    weights say of a subject, and these sums are outside that bound)."""
+    privacy = site.data.config.privacy
+    if privacy.enabled:
+        return ChangeTrendSums(num_tokens, token_dim)
+    sums = change_trend_sums(stage_dataset(dit_stage, [site], "train"), num_tokens, token_dim)
+    return sums.without_small_cells(privacy.min_subjects_per_cell)

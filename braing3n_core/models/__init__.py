@@ -12,11 +12,12 @@ Opacus-supported layers (Linear, LayerNorm, GroupNorm, Conv3d, Embedding).
 """
 
 from braing3n_core.models.decoder import CNNDecoder, DecoderConfig, DecoderLoss, ssim_3d
-from braing3n_core.models.dit import DiT, DiTConfig, TokenMoments
+from braing3n_core.models.dit import ChangeTrendSums, DiT, DiTConfig, TokenMoments
 from braing3n_core.models.mae import MAEConfig, MAEEncoder, MAEOutput, MaskedAutoencoder
 
 __all__ = [
     "CNNDecoder",
+    "ChangeTrendSums",
     "DecoderConfig",
     "DecoderLoss",
     "DiT",

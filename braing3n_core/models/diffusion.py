@@ -16,9 +16,10 @@ Choice: rectified flow / flow matching with velocity prediction, sampled with He
 * Time shift (from the representation-autoencoder work on diffusing encoder tokens): a sample with
   more numbers (N·E) keeps more of its signal at a given noise level, so uniform timesteps are shifted
   towards noise, t' = s·t / (1 + (s − 1)·t) with s = √(N·E / 4096), both in training and sampling.
-* A longitudinal pair's flow runs on the follow-up's scaled change from its baseline (`to_diffused`,
-  `DiTConfig.change_scale`), and the sampler adds the baseline back (`from_diffused`): "no change" is the
-  flow's zero, so a forecast moves the baseline only as far as the network has learned it should.
+* A longitudinal pair's flow runs on the follow-up's scaled change from its baseline minus the expected
+  change of its (modality, diagnosis) cell over the interval (`to_diffused`, `DiTConfig.change_scale` and
+  `trend`), and the sampler adds both back (`from_diffused`): the population trend is the flow's zero, so a
+  forecast departs from it only as far as the network has learned it should.
 * Classifier-free guidance: v = v_uncond + w·(v_cond − v_uncond), where "uncond" marks the six
   variables and the interval as missing but keeps the baseline scan (forecasting is always conditioned
   on the subject). Training drops each variable with p = 0.1 and all of them with p = 0.1.
@@ -81,22 +82,28 @@ def _present(baseline: Tensor) -> Tensor:
     return ~baseline.isnan().flatten(1).all(dim=1)
 
 
-def to_diffused(dit: DiT, x: Tensor, base: Tensor | None) -> Tensor:
+def _anchor(base: Tensor, expected: Tensor | None) -> Tensor:
+    """Where a pair's diffused change is measured from: the normalised baseline plus the trend's change."""
+    anchor = base.nan_to_num(0.0)
+    return anchor if expected is None else anchor + expected.to(anchor.dtype)
+
+
+def to_diffused(dit: DiT, x: Tensor, base: Tensor | None, expected: Tensor | None = None) -> Tensor:
     """Normalised tokens [B, N, E] → what the flow runs on: a pair's change from its normalised baseline
-    `base`, scaled by `change_scale` (`models/dit.py`); cross-sectional rows (and a DiT without a change
-    scale) unchanged."""
+    `base` less the trend's `expected` change (`DiT.expected_change`), scaled by `change_scale`
+    (`models/dit.py`); cross-sectional rows (and a DiT without a change scale) unchanged."""
     scale = dit.config.change_scale
     if base is None or scale is None:
         return x
-    return torch.where(_present(base)[:, None, None], (x - base.nan_to_num(0.0)) / scale, x)
+    return torch.where(_present(base)[:, None, None], (x - _anchor(base, expected)) / scale, x)
 
 
-def from_diffused(dit: DiT, x: Tensor, base: Tensor | None) -> Tensor:
-    """The inverse of `to_diffused`: the baseline plus the scaled change for pair rows."""
+def from_diffused(dit: DiT, x: Tensor, base: Tensor | None, expected: Tensor | None = None) -> Tensor:
+    """The inverse of `to_diffused`: the baseline plus the trend plus the scaled change for pair rows."""
     scale = dit.config.change_scale
     if base is None or scale is None:
         return x
-    return torch.where(_present(base)[:, None, None], base.nan_to_num(0.0) + scale * x, x)
+    return torch.where(_present(base)[:, None, None], _anchor(base, expected) + scale * x, x)
 
 
 def _missing_interval(interval: Tensor | None, batch: int, device: torch.device) -> Tensor:
@@ -128,8 +135,9 @@ def training_loss(
     dit = _unwrap(model)
     batch, device = x0.shape[0], x0.device
     base = None if baseline is None else dit.normalize(baseline.float())
-    target = to_diffused(dit, dit.normalize(x0.float()), base)
     interval = _missing_interval(interval, batch, device)
+    # The trend follows the pair's own labels; the condition dropout below only hides them from the network.
+    target = to_diffused(dit, dit.normalize(x0.float()), base, dit.expected_change(cond.to(device), interval))
     drop = random_drop_mask(batch, len(CONDITION_SCHEMA) + 1, p_drop, p_drop_all, generator, device)  # [B, 7]
     cond = cond.to(device).without(drop[:, :-1])
     interval = torch.where(drop[:, -1], torch.full_like(interval, math.nan), interval)
@@ -180,6 +188,7 @@ def sample(
     cond = cond.to(device)
     interval = _missing_interval(interval, batch, device)
     base = None if baseline is None else model.normalize(baseline.to(device).float())
+    expected = model.expected_change(cond, interval)
     guided = guidance_scale != 1.0
     if guided:  # one batched call evaluates both branches
         cond_in = ConditionBatch.cat([cond, null_conditions(batch, device)])
@@ -216,7 +225,7 @@ def sample(
             x = x + dt * 0.5 * (v + velocity(x_euler, t_next))
         else:
             x = x + dt * v
-    return model.denormalize(from_diffused(model, x, base))
+    return model.denormalize(from_diffused(model, x, base, expected))
 
 
 @torch.no_grad()

@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from braing3n_core.labels import DIAGNOSES, MODALITIES
 from braing3n_core.models.blocks import (
     MLP,
     Attention,
@@ -81,6 +82,9 @@ from braing3n_core.presets import Preset, get_preset
 # over the long run's 186 training pairs (`runs-config/long.yaml`), so the diffused change has about the unit
 # scale of the noise, like the cross-sectional tokens.
 PAIR_CHANGE_SCALE = 0.5
+# A trend cell needs this many pairs, else it falls back to its modality's pairs, then to all pairs (a site
+# also withholds its cells of fewer subjects than its `privacy.min_subjects_per_cell`, 3 by default).
+MIN_TREND_PAIRS = 3
 
 
 @dataclass(frozen=True)
@@ -98,11 +102,16 @@ class DiTConfig:
     # normalised token space, not the follow-up's tokens (module docstring); None: the tokens themselves
     # (checkpoints from before the change was introduced).
     change_scale: float | None = PAIR_CHANGE_SCALE
+    # A pair diffuses its change minus its (modality, diagnosis) cell's trend × interval (module docstring);
+    # False: the change itself (checkpoints from before the trend was introduced).
+    trend: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
         if self.change_scale is not None and not self.change_scale > 0:
             raise ValueError(f"DiTConfig.change_scale={self.change_scale} must be positive (or None)")
+        if self.trend and self.change_scale is None:
+            raise ValueError("DiTConfig.trend needs a change_scale (the trend shifts a pair's diffused change)")
         if self.width % 6 or self.width % self.heads:
             raise ValueError(f"DiTConfig.width={self.width} must be divisible by 6 and by heads={self.heads}")
         if self.patch_size < 1 or any(g % self.patch_size for g in self.grid):
@@ -129,8 +138,9 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DiTConfig":
-        # A config saved before `change_scale` existed describes a DiT whose pairs diffuse the tokens.
-        return cls(**{"change_scale": None, **data})
+        # A config saved before `change_scale` (or `trend`) existed describes a DiT whose pairs diffuse the
+        # tokens (or their change without a trend).
+        return cls(**{"change_scale": None, "trend": False, **data})
 
 
 class TokenMoments:
@@ -165,6 +175,65 @@ class TokenMoments:
         mean = self.total / self.count
         var = (self.total_sq / self.count - mean * mean).clamp_min(0.0) * self.count / (self.count - 1)
         return mean.float(), var.sqrt().clamp_min(floor).float()
+
+
+class ChangeTrendSums:
+    """Sums over longitudinal pairs per (modality, diagnosis) cell, mergeable across sites: Σ Δ·t of the token
+    change Δ = follow-up − baseline (raw encoder tokens [N, E]) times the interval t in years, Σ t² and the
+    number of pairs; `rates` fits each cell's annual change by least squares through the origin."""
+
+    def __init__(self, num_tokens: int, dim: int) -> None:
+        cells = (len(MODALITIES), len(DIAGNOSES))
+        self.change_years = torch.zeros(*cells, num_tokens, dim, dtype=torch.float64)  # [M, D, N, E] Σ Δ·t
+        self.years_sq = torch.zeros(cells, dtype=torch.float64)  # [M, D] Σ t²
+        self.pairs = torch.zeros(cells, dtype=torch.float64)  # [M, D]
+        self._subjects: dict[tuple[int, int], set[str]] = {}
+
+    def add(self, modality: int, diagnosis: int, change: Tensor, years: float, subject: str) -> ChangeTrendSums:
+        """One pair (change [N, E]) of `subject`; a pair with an unknown modality or diagnosis (−1) counts in
+        no cell. Returns self."""
+        if modality < 0 or diagnosis < 0 or not years > 0:
+            return self
+        self.change_years[modality, diagnosis] += change.detach().to("cpu", torch.float64) * years
+        self.years_sq[modality, diagnosis] += years**2
+        self.pairs[modality, diagnosis] += 1
+        self._subjects.setdefault((modality, diagnosis), set()).add(subject)
+        return self
+
+    def without_small_cells(self, min_subjects: int) -> ChangeTrendSums:
+        """The sums with every cell of pairs from fewer than `min_subjects` subjects emptied (what a site
+        sends: no cell that is one or two people's change)."""
+        kept = ChangeTrendSums(*self.change_years.shape[2:])
+        for (m, d), subjects in self._subjects.items():
+            if len(subjects) >= min_subjects:
+                kept.change_years[m, d] = self.change_years[m, d]
+                kept.years_sq[m, d], kept.pairs[m, d] = self.years_sq[m, d], self.pairs[m, d]
+                kept._subjects[(m, d)] = set(subjects)
+        return kept
+
+    def merge(self, other: ChangeTrendSums) -> ChangeTrendSums:
+        merged = ChangeTrendSums(*self.change_years.shape[2:])
+        merged.change_years = self.change_years + other.change_years
+        merged.years_sq, merged.pairs = self.years_sq + other.years_sq, self.pairs + other.pairs
+        return merged
+
+    def rates(self, token_std: Tensor, min_pairs: int = MIN_TREND_PAIRS) -> Tensor:
+        """[M, D, N, E] annual change in normalised token units (÷ the per-channel std): each cell's own
+        least-squares slope when it has `min_pairs` pairs, else its modality's over all diagnoses, else all
+        pairs', else zero (no trend)."""
+        def slope(change_years: Tensor, years_sq: Tensor, pairs: Tensor) -> Tensor | None:
+            return change_years / years_sq if pairs >= min_pairs and years_sq > 0 else None
+
+        pooled = slope(self.change_years.sum((0, 1)), self.years_sq.sum(), self.pairs.sum())
+        out = torch.zeros(self.change_years.shape, dtype=torch.float64)
+        for m in range(out.shape[0]):
+            by_modality = slope(self.change_years[m].sum(0), self.years_sq[m].sum(), self.pairs[m].sum())
+            for d in range(out.shape[1]):
+                rate = slope(self.change_years[m, d], self.years_sq[m, d], self.pairs[m, d])
+                rate = next((r for r in (rate, by_modality, pooled) if r is not None), None)
+                if rate is not None:
+                    out[m, d] = rate
+        return (out / token_std.double()).float()
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -282,6 +351,8 @@ class DiT(nn.Module):
         # Persistent: the statistics are part of the trained model (set once from the training tokens).
         self.register_buffer("token_mean", torch.zeros(dim))
         self.register_buffer("token_std", torch.ones(dim))
+        if config.trend:  # [M, D, N, E] annual change per (modality, diagnosis), normalised (`ChangeTrendSums`)
+            self.register_buffer("change_trend", torch.zeros(len(MODALITIES), len(DIAGNOSES), config.num_tokens, dim))
         self.activation_checkpointing = False  # a site's compute setting, not part of the architecture
         self.initialize_weights()
 
@@ -320,6 +391,25 @@ class DiT(nn.Module):
             raise ValueError(f"token statistics must be two [{dim}] tensors with std > 0")
         self.token_mean.copy_(mean)
         self.token_std.copy_(std)
+
+    def set_change_trend(self, rates: Tensor) -> None:
+        """The pairs' trend, [M, D, N, E] annual change in normalised units (`ChangeTrendSums.rates`)."""
+        if not self.config.trend:
+            raise ValueError("this DiT has no trend (DiTConfig.trend is False)")
+        if rates.shape != self.change_trend.shape or not bool(rates.isfinite().all()):
+            raise ValueError(f"the change trend must be a finite {list(self.change_trend.shape)} tensor, got {list(rates.shape)}")
+        self.change_trend.copy_(rates)
+
+    def expected_change(self, cond: ConditionBatch, interval: Tensor) -> Tensor | None:
+        """The trend's change over `interval` [B] years for each row's (modality, diagnosis), [B, N, E] in
+        normalised units; zero where the interval, modality or diagnosis is missing. None without a trend."""
+        if not self.config.trend:
+            return None
+        modality, diagnosis = cond.modality.to(interval.device), cond.diagnosis.to(interval.device)
+        known = (modality >= 0) & (diagnosis >= 0) & interval.isfinite()  # [B]
+        rates = self.change_trend[modality.clamp_min(0), diagnosis.clamp_min(0)]  # [B, N, E]
+        years = torch.where(known, interval, torch.zeros_like(interval)).to(rates.dtype)
+        return rates * years[:, None, None]
 
     def normalize(self, tokens: Tensor) -> Tensor:  # encoder tokens [B, N, E] -> diffusion space
         return (tokens - self.token_mean) / self.token_std

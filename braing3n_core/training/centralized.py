@@ -47,7 +47,7 @@ from braing3n_core.training.checkpoints import (
 )
 from braing3n_core.training.compute import prepare_network
 from braing3n_core.training.data_parallel import ParallelGroup, check_replicas, share_loader, shuffled_batches
-from braing3n_core.training.examples import SiteInputs, token_moments
+from braing3n_core.training.examples import SiteInputs, change_trend_sums, token_moments
 from braing3n_core.training.loop import evaluate, make_loader, make_optimizer, train_steps
 from braing3n_core.training.process_group import DataParallelError, WorkerPlan, run_data_parallel
 from braing3n_core.training.stages import Stage, get_stage, stage_dataset
@@ -128,6 +128,9 @@ def train_centralized(configs: Sequence[SiteConfig], options: TrainOptions) -> P
     model = initial_model(stage, preset, options.seed).to(device)
     if stage.name == "dit":
         model.set_token_statistics(*token_moments(train_set, model.config.token_dim).mean_std())
+        if model.config.trend:
+            sums = change_trend_sums(train_set, model.config.num_tokens, model.config.token_dim)
+            model.set_change_trend(sums.rates(model.token_std))
     optimizer = make_optimizer(model, lr, weight_decay)
     start_step = 0
     resumed = latest_checkpoint(ckpt_dir, STEP_PREFIX) if options.resume else None

@@ -16,7 +16,7 @@ from braing3n_core.data.bids import ScanRecord
 from braing3n_core.data.datasets import SiteData
 from braing3n_core.data.tokens import TokenCache
 from braing3n_core.data.transforms import preprocess_scan
-from braing3n_core.models import TokenMoments
+from braing3n_core.models import ChangeTrendSums, TokenMoments
 from braing3n_core.models.conditions import ConditionBatch, conditions_from_labels
 
 Batch = dict[str, Tensor]
@@ -116,3 +116,18 @@ def token_moments(dataset: Dataset, token_dim: int) -> TokenMoments:
         for record in part.records:
             moments.add(part.tokens.tokens(record))
     return moments
+
+
+def change_trend_sums(dataset: Dataset, num_tokens: int, token_dim: int) -> ChangeTrendSums:
+    """The trend sums over a DiT dataset's longitudinal pairs, each in the cell of the conditions it trains
+    with (the follow-up's modality and diagnosis); the change is the follow-up on the baseline's voxels
+    less the baseline, in raw encoder tokens."""
+    sums = ChangeTrendSums(num_tokens, token_dim)
+    parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
+    for part in parts:
+        for later, earlier in part.pairs:
+            follow_up, baseline = part.records[later], part.records[earlier]
+            change = part.tokens.pair_tokens(follow_up, baseline) - part.tokens.tokens(baseline)  # [N, E]
+            sums.add(int(part.conditions.modality[later]), int(part.conditions.diagnosis[later]), change,
+                     follow_up.labels.age - baseline.labels.age, follow_up.subject)
+    return sums

@@ -108,6 +108,10 @@ def _aggregates(config: RunConfig) -> list[str]:
             "per-round metrics: losses, validation scores, example counts, seconds, update norms"]
     if any(s.name == "dit" for s in config.stages):
         said.append("token sums before the DiT's first round: count, Σ and Σ² per token channel")
+        if not (config.client_dp.applies_to("dit") or config.secure_aggregation.applies_to("dit")):
+            said.append("with them, for the DiT's trend: the token change × interval summed over the training pairs of "
+                        "each (modality, diagnosis) cell of at least privacy.min_subjects_per_cell subjects (none from "
+                        "a site whose privacy is enabled)")
     if config.probes.enabled:
         said.append("linear-probe heads and, once, label counts, summed probe features (count, Σ, Σ²) and, for the age "
                     "and MMSE probes, the second moments of the probe features (XᵀX, Xᵀy) of labelled train/val scans, per fold of subjects")

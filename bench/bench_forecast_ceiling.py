@@ -42,6 +42,7 @@ from common import load_average, machine_info
 
 from braing3n_core.data.transforms import preprocess_scan
 from braing3n_core.evaluation.tissue import REGIONS
+from braing3n_core.federation.site_round import site_change_trend
 from braing3n_core.generation.forecast_eval import (
     HELD_OUT_SPLITS,
     aligned_follow_up,
@@ -51,7 +52,6 @@ from braing3n_core.generation.forecast_eval import (
     truth_of,
     truth_volumes,
 )
-from braing3n_core.federation.site_round import site_change_trend
 from braing3n_core.generation.forecasting import FORECAST_TIME_SHIFT, _known_at_follow_up, residual_forecast
 from braing3n_core.generation.models import load_run_models
 from braing3n_core.generation.sampling import decode

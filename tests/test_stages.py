@@ -196,7 +196,7 @@ def test_a_sites_trend_sums_hold_only_cells_of_enough_subjects_and_nothing_under
             entry[0], entry[1], entry[2] = entry[0] + change * years, entry[1] + years**2, entry[2] + 1
             entry[3].add(follow_up.subject)
 
-        def site_with(**privacy) -> SiteInputs:
+        def site_with(config=config, data=data, tokens=tokens, **privacy) -> SiteInputs:
             changed = config.model_copy(update={"privacy": config.privacy.model_copy(update=privacy)})
             return SiteInputs(dataclasses.replace(data, config=changed), tokens)
 

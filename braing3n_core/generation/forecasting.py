@@ -32,9 +32,11 @@ from braing3n_core.runtime import inference_autocast, inference_bf16
 
 # A forecast is the DiT's conditional mean of the follow-up (`diffusion.conditional_mean`, one network
 # evaluation), not a draw: a draw adds a session's unpredictable detail, which the regional measure reads as
-# change. Measured on the long run's 18 held-out pairs (DiT retrained with pairs diffusing their change;
-# regional change error of the residual forecast, no-change 7.9 ml): conditional mean 8.5 ml, a draw (ab2,
-# 8 steps) 12.0 ml; guidance 1 / 1.5 / 3 / 5 on the mean: 8.5 / 8.5 / 8.8 / 9.5 ml (bench_forecast_ceiling.py).
+# change. Measured on the long run's 18 held-out pairs (regional change error of the residual forecast,
+# no-change 7.9 ml; bench_forecast_ceiling.py): the DiT whose pairs diffuse their deviation from the federated
+# trend (`DiTConfig.trend`), conditional mean 5.3 ml (+33 %), a draw (ab2, 8 steps) 7.4 ml; the same run's DiT
+# without the trend, mean 8.5 ml, draw 11.9 ml; guidance 1 / 1.5 / 3 / 5 on that DiT's mean: 8.5 / 8.5 / 8.8 /
+# 9.5 ml.
 # A draw (`draw=True`) integrates the flow on an unshifted time grid: the default shift
 # (`diffusion.default_time_shift`, 7.5 at `small`) spends the steps near pure noise, which suits generation
 # from nothing; a forecast is anchored by its baseline and its error lies in the low-noise detail (on the

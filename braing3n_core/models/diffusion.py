@@ -137,7 +137,8 @@ def training_loss(
     base = None if baseline is None else dit.normalize(baseline.float())
     interval = _missing_interval(interval, batch, device)
     # The trend follows the pair's own labels; the condition dropout below only hides them from the network.
-    target = to_diffused(dit, dit.normalize(x0.float()), base, dit.expected_change(cond.to(device), interval))
+    expected = None if base is None else dit.expected_change(cond.to(device), interval)
+    target = to_diffused(dit, dit.normalize(x0.float()), base, expected)
     drop = random_drop_mask(batch, len(CONDITION_SCHEMA) + 1, p_drop, p_drop_all, generator, device)  # [B, 7]
     cond = cond.to(device).without(drop[:, :-1])
     interval = torch.where(drop[:, -1], torch.full_like(interval, math.nan), interval)
@@ -188,7 +189,7 @@ def sample(
     cond = cond.to(device)
     interval = _missing_interval(interval, batch, device)
     base = None if baseline is None else model.normalize(baseline.to(device).float())
-    expected = model.expected_change(cond, interval)
+    expected = None if base is None else model.expected_change(cond, interval)  # [B, N, E]: only a forecast needs it
     guided = guidance_scale != 1.0
     if guided:  # one batched call evaluates both branches
         cond_in = ConditionBatch.cat([cond, null_conditions(batch, device)])

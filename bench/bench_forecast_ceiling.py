@@ -19,7 +19,9 @@ on the same held-out pairs, with the same paired tissue measure (`generation.for
 
 The two oracles are ceilings no DiT can pass through this decoder: if they do not beat no-change, a
 better DiT cannot either. The token trends are population forecasts with no network: the prior the DiT's
-flow now starts from. `--no-dit` scores the oracles and trends of a run whose DiT is not trained yet. Prints one summary line; writes bench/results/forecast_ceiling[-NAME].json.
+flow now starts from (`ChangeTrendSums`; each cell keyed by the follow-up's conditions, as the DiT trains).
+`--no-dit` scores the oracles and trends of a run whose DiT is not trained yet. Prints one summary line;
+writes bench/results/forecast_ceiling[-NAME].json.
 
     python bench/bench_forecast_ceiling.py --run runs/long --sites runs/long-cohort/sites/*.yaml --name long
 """
@@ -62,46 +64,31 @@ from braing3n_core.models.diffusion import conditional_mean, sample
 from braing3n_core.site_config import load_site_configs
 from braing3n_core.stage_names import DIT
 from braing3n_core.training.centralized import prepare_sites
-from braing3n_core.training.examples import longitudinal_pairs as dit_pairs
-from braing3n_core.training.stages import get_stage
+from braing3n_core.training.examples import change_trend_sums
+from braing3n_core.training.stages import get_stage, stage_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("no_change", "draw", "mean", "oracle_cached", "oracle_aligned", "token_trend", "token_trend_pooled",
            "token_trend_rank1", "token_trend_sites")
 
 
-def token_trends(sites) -> dict[tuple[str, str], torch.Tensor]:
-    """The annual change of the encoder tokens [N, E] per (modality, diagnosis), per (modality, "*") and
-    ("*", "*"): least squares through the origin over every training pair the DiT trains on (the follow-up
-    on the baseline's voxels)."""
-    sums: dict[tuple[str, str], list] = {}
-    for site in sites:
-        records = site.tokens.ensure(list(site.data.splits["train"]))
-        for later, earlier in dit_pairs(records):
-            follow, base = records[later], records[earlier]
-            years = follow.labels.age - base.labels.age
-            change = site.tokens.pair_tokens(follow, base).double() - site.tokens.tokens(base).double()
-            modality = Modality(base.modality).value
-            for key in ((modality, str(base.labels.diagnosis)), (modality, "*"), ("*", "*")):
-                total = sums.setdefault(key, [torch.zeros_like(change), 0.0, 0])
-                total[0] += change * years
-                total[1] += years**2
-                total[2] += 1
-    print("token trend pairs: " + ", ".join(f"{k} {v[2]}" for k, v in sorted(sums.items())), file=sys.stderr)
-    return {key: (total / weight).float() for key, (total, weight, count) in sums.items() if count >= 3}
-
-
-def trend_rate(trends, modality: str, diagnosis: str, by_diagnosis: bool) -> torch.Tensor:
-    keys = ([(modality, diagnosis)] if by_diagnosis else []) + [(modality, "*"), ("*", "*")]
-    return next(trends[k] for k in keys if k in trends)
-
-
-def rank1_rate(trends, modality: str, diagnosis: str) -> torch.Tensor:
-    """The (modality, diagnosis) rate projected on its modality's pooled direction: one [N, E] pattern per
-    modality and one gain per cell."""
-    pattern = trend_rate(trends, modality, "", False)
-    full = trend_rate(trends, modality, diagnosis, True)
-    return pattern * (full * pattern).sum() / (pattern * pattern).sum()
+def trend_rates(sites, num_tokens: int, dim: int) -> dict[str, torch.Tensor]:
+    """Each token-trend method's annual change [M, D, N, E] in raw token units, all fitted by
+    `ChangeTrendSums.rates` (least squares through the origin, a cell of < 3 pairs falling back to its
+    modality's, then to all pairs') over the training pairs the DiT trains on."""
+    stage, ones = get_stage(DIT), torch.ones(dim)
+    pooled = functools.reduce(ChangeTrendSums.merge, [
+        change_trend_sums(stage_dataset(stage, [site], "train"), num_tokens, dim) for site in sites])
+    held = functools.reduce(ChangeTrendSums.merge, [site_change_trend(stage, site, num_tokens, dim) for site in sites])
+    by_modality = ChangeTrendSums(num_tokens, dim)  # every cell holds its modality's pairs, all diagnoses
+    by_modality.change_years[:] = pooled.change_years.sum(1, keepdim=True)
+    by_modality.years_sq[:], by_modality.pairs[:] = pooled.years_sq.sum(1, keepdim=True), pooled.pairs.sum(1, keepdim=True)
+    per_cell, per_modality = pooled.rates(ones), by_modality.rates(ones)
+    gain = (per_cell * per_modality).sum((2, 3), keepdim=True) / (per_modality**2).sum((2, 3), keepdim=True).clamp_min(1e-12)
+    print(f"token trends: {int(pooled.pairs.sum())} training pairs; as the DiT holds them {int(held.pairs.sum())} "
+          f"in {int((held.pairs > 0).sum())} cells", file=sys.stderr)
+    return {"token_trend": per_cell, "token_trend_pooled": per_modality, "token_trend_rank1": gain * per_modality,
+            "token_trend_sites": held.rates(ones)}
 
 
 def _bootstrap(statistic, *arrays: np.ndarray, seed: int = 0, n_boot: int = 1000) -> list[float]:
@@ -129,14 +116,7 @@ def main() -> None:
     site_files = args.sites or sorted(str(p) for p in (args.run / "cohort" / "sites").glob("*.yaml"))
     sites = prepare_sites(load_site_configs(site_files), models.preset, get_stage(DIT), encoder, models.device)
     shape = (1, models.preset.num_tokens, models.preset.mae.width)
-    trends = token_trends(sites)
-    # What the DiT's buffer holds (`DiT.change_trend`), in raw token units: each site's sums without its cells
-    # of fewer than 3 subjects, merged, with the model's fallbacks.
-    site_sums = [site_change_trend(get_stage(DIT), site, shape[1], shape[2]) for site in sites]
-    federated = functools.reduce(ChangeTrendSums.merge, site_sums)
-    print(f"federated trend: {int(federated.pairs.sum())} pairs in {int((federated.pairs > 0).sum())} cells",
-          file=sys.stderr)
-    federated_rates = federated.rates(torch.ones(shape[2]))
+    trends = trend_rates(sites, shape[1], shape[2])
     rows: list[dict[str, Any]] = []
     for site in sites:
         truth = truth_volumes(site.data.config.data_root)
@@ -157,13 +137,9 @@ def main() -> None:
             tokens |= {
                 "oracle_cached": site.tokens.tokens(pair.follow_up)[None],
                 "oracle_aligned": site.tokens.pair_tokens(pair.follow_up, pair.baseline)[None],
-                "token_trend": base_tokens + pair.years * trend_rate(trends, modality.value,
-                                                                     str(pair.baseline.labels.diagnosis), True)[None],
-                "token_trend_pooled": base_tokens + pair.years * trend_rate(trends, modality.value, "", False)[None],
-                "token_trend_sites": base_tokens + pair.years * federated_rates[
-                    MODALITIES.index(modality), DIAGNOSES.index(pair.baseline.labels.diagnosis)][None],
-                "token_trend_rank1": base_tokens + pair.years * rank1_rate(trends, modality.value,
-                                                                           str(pair.baseline.labels.diagnosis))[None],
+                **{name: base_tokens + pair.years * rates[MODALITIES.index(modality),
+                                                          DIAGNOSES.index(pair.baseline.labels.diagnosis)][None]
+                   for name, rates in trends.items()},
             }
             names = list(tokens)
             decoded = decode(models.decoder, torch.cat([tokens[n].float().cpu() for n in names] + [base_tokens.float()]))

@@ -95,7 +95,7 @@ class ComputeConfig(StrictModel):
       pin_memory: true               # page-locked batches, copied to the GPU asynchronously (CUDA only)
       activation_checkpointing: true # recompute transformer blocks / decoder stages in backward: less memory
       compile: false                 # torch.compile each block (CUDA; the first steps pay the compilation)
-      channels_last: true            # the decoder's 3D convolutions in NDHWC (CUDA's fast layout)
+      channels_last: true            # the decoder's 3D convolutions in NDHWC (faster on CUDA and CPU)
     ```
     """
 
@@ -103,7 +103,7 @@ class ComputeConfig(StrictModel):
     pin_memory: bool = Field(True, description="page-locked host batches (used on CUDA only)")
     activation_checkpointing: bool = Field(False, description="recompute blocks in the backward pass")
     compile: bool = Field(False, description="torch.compile each transformer block and decoder stage")
-    channels_last: bool = Field(True, description="NDHWC memory layout for the decoder (used on CUDA only)")
+    channels_last: bool = Field(True, description="NDHWC memory layout for the decoder (faster than NCDHW on CUDA and on CPU)")
 
 
 class ApprovalConfig(StrictModel):

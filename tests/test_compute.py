@@ -91,9 +91,19 @@ def test_channels_last_decoder_computes_the_same_volumes_and_gradients() -> None
     assert all(v.is_contiguous() for v in trainable_state(decoder).values())
 
 
-def test_channels_last_is_for_cuda_and_compile_wraps_each_block_in_place() -> None:
+def test_channels_last_is_the_decoder_default_and_compile_wraps_each_block_in_place() -> None:
     decoder = prepare_network(CNNDecoder(DecoderConfig.from_preset(TINY)), ComputeConfig(), torch.device("cpu"))
-    assert decoder.memory_format == torch.contiguous_format  # CPU: the layout stays as it is
+    assert decoder.memory_format == torch.channels_last_3d  # on CPU too: oneDNN's NDHWC kernels are faster
+    assert decoder.stem.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    maps = []  # every up-sampling stage's output: NDHWC feature maps (a batch of 2: one volume is both layouts)
+    for stage in decoder.stages:
+        stage.register_forward_hook(lambda _module, _inputs, output: maps.append(output))
+    volume = decoder(torch.randn(2, TINY.num_tokens, TINY.mae.width))
+    assert maps and all(m.is_contiguous(memory_format=torch.channels_last_3d) and not m.is_contiguous() for m in maps)
+    assert volume.is_contiguous()  # the volume it returns is a plain NCDHW tensor
+    plain = prepare_network(CNNDecoder(DecoderConfig.from_preset(TINY)), ComputeConfig(channels_last=False),
+                            torch.device("cpu"))
+    assert plain.memory_format == torch.contiguous_format and plain.stem.weight.is_contiguous()
     dit = DiT(DiTConfig.from_preset(TINY))
     keys = list(dit.state_dict())
     units = compile_units(dit)

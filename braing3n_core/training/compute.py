@@ -6,8 +6,8 @@ None of them changes the function a network computes, only its speed and memory 
   or memory-efficient kernels on CUDA;
 - `activation_checkpointing`: transformer blocks and the decoder's up-sampling stages keep only their
   inputs and recompute the rest in the backward pass (`models.blocks.run_block`);
-- `channels_last` (CUDA): the decoder's weights and feature maps in NDHWC, the layout of cuDNN's fast
-  bf16 3D convolutions;
+- `channels_last`: the decoder's weights and feature maps in NDHWC, the layout of cuDNN's fast bf16 3D
+  convolutions, and on CPU of oneDNN's faster ones (`models.decoder.CNNDecoder.use_memory_format`);
 - `compile`: `torch.compile` of each transformer block and decoder stage in place (`nn.Module.compile`), so
   parameter names, checkpoints and what travels are unchanged; the first steps pay the compilation.
 """
@@ -30,11 +30,9 @@ def prepare_network(model: nn.Module, compute: ComputeConfig, device: torch.devi
     for module in model.modules():
         if hasattr(module, "activation_checkpointing"):
             module.activation_checkpointing = compute.activation_checkpointing
-    if device.type == "cuda" and compute.channels_last:
-        for module in model.modules():
-            if isinstance(module, CNNDecoder):
-                module.memory_format = torch.channels_last_3d
-                module.to(memory_format=torch.channels_last_3d)
+    for module in model.modules():
+        if isinstance(module, CNNDecoder):
+            module.use_memory_format(torch.channels_last_3d if compute.channels_last else torch.contiguous_format)
     if compute.compile:
         for unit in compile_units(model):
             unit.compile()

@@ -1,14 +1,16 @@
-"""Does a wider decoder buy reconstruction PSNR per second? (issue 15: the demo's 24 dB target.)
+"""Does a wider decoder, or a larger learning rate, buy reconstruction PSNR per second? (issue 15: the
+demo's 24 dB target.)
 
 The `small` decoder (108 k parameters) and wider ones train on the same frozen encoder's tokens (a trained
 run's, default the demo's), pooled over its sites' training scans, from the same seed, each for the same
-wall-clock seconds. They train in alternating blocks, so a change of machine load falls on every variant
+wall-clock seconds. A variant `name@lr` (e.g. `small@3e-3`) is that size at its own learning rate. They train in alternating blocks, so a change of machine load falls on every variant
 alike, and each is scored on the sites' validation scans (PSNR inside the brain, SSIM) after every few
 blocks: a curve of PSNR against training seconds per variant.
 
-    python bench/bench_decoder_size.py --run runs/demo --seconds 300
+    python bench/bench_decoder_size.py --run runs/demo --seconds 300 [--variants small,2x,4x,small@3e-3]
+                                       [--results bench/results/decoder_size.json]
 
-Prints one summary line and writes bench/results/decoder_size.json.
+Prints one summary line and writes the results JSON.
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ VARIANTS: dict[str, dict] = {  # overrides of the `small` preset's decoder
 STEPS_PER_CALL = 1  # a block ends within one step of its seconds
 
 
+def _variant(name: str, default_lr: float) -> tuple[dict, float]:
+    """`size` or `size@lr` -> (the size's decoder overrides, learning rate)."""
+    size, _, lr = name.partition("@")
+    if size not in VARIANTS:
+        raise SystemExit(f"unknown decoder size {size!r} in variant {name!r}; known: {', '.join(VARIANTS)}")
+    return VARIANTS[size], float(lr) if lr else default_lr
+
+
 def _forever(loader) -> Iterator:
     while True:
         yield from loader
@@ -57,7 +67,9 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--lr", type=float, default=1e-3, help="the demo's decoder learning rate")
     parser.add_argument("--batch-size", type=int, default=2, help="the demo's decoder batch size")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
+    variants = {name: _variant(name, args.lr) for name in args.variants.split(",")}
     torch.manual_seed(0)
     load_before = load_average()
     device = torch.device("cpu")
@@ -69,10 +81,10 @@ def main() -> None:
     val = make_loader(stage_dataset(stage, sites, "val", train=False), args.batch_size, shuffle=False, seed=0)
 
     runs = {}
-    for name in args.variants.split(","):
+    for name, (overrides, lr) in variants.items():
         torch.manual_seed(0)
-        model = CNNDecoder(DecoderConfig.from_preset(models.preset, **VARIANTS[name])).to(device)
-        runs[name] = {"model": model, "optimizer": make_optimizer(model, args.lr, 0.0), "batches": _forever(train),
+        model = CNNDecoder(DecoderConfig.from_preset(models.preset, **overrides)).to(device)
+        runs[name] = {"model": model, "optimizer": make_optimizer(model, lr, 0.0), "lr": lr, "batches": _forever(train),
                       "generator": torch.Generator().manual_seed(0), "seconds": 0.0, "steps": 0, "curve": [],
                       "parameters": sum(p.numel() for p in model.parameters())}
     blocks = round(args.seconds / args.block)
@@ -81,7 +93,7 @@ def main() -> None:
             deadline = time.perf_counter() + args.block
             while time.perf_counter() < deadline:
                 result = train_steps(stage, run["model"], run["batches"], run["optimizer"], STEPS_PER_CALL,
-                                     lambda _step: args.lr, device, generator=run["generator"])
+                                     lambda _step, lr=run["lr"]: lr, device, generator=run["generator"])
                 run["seconds"] += result.seconds
                 run["steps"] += result.steps
             if block % args.evaluate_every == 0 or block == blocks:
@@ -98,18 +110,18 @@ def main() -> None:
         "machine": machine_info(load_before, device),
         "settings": {"seconds_per_variant": args.seconds, "block_seconds": args.block, "lr": args.lr,
                      "batch_size": args.batch_size, "train_examples": len(train.dataset), "val_examples": len(val.dataset)},
-        "variants": {name: {"overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in VARIANTS[name].items()},
-                            "parameters": run["parameters"], "steps_per_second": run["steps"] / max(run["seconds"], 1e-9),
+        "variants": {name: {"overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in variants[name][0].items()},
+                            "lr": run["lr"], "parameters": run["parameters"], "steps_per_second": run["steps"] / max(run["seconds"], 1e-9),
                             "curve": run["curve"], "final": run["curve"][-1]}
                      for name, run in runs.items()},
     }
     if base is not None:
         out["psnr_gain_db_vs_small"] = {name: run["curve"][-1]["psnr"] - base["psnr"] for name, run in runs.items()}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=1) + "\n")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(out, indent=1) + "\n")
     summary = " ".join(f"{name}({run['parameters'] / 1e3:.0f}k) {run['curve'][-1]['psnr']:.2f} dB/{run['steps']} steps"
                        for name, run in runs.items())
-    print(f"decoder_size: {args.seconds:.0f} s each, val PSNR {summary} -> {RESULTS}")
+    print(f"decoder_size: {args.seconds:.0f} s each, val PSNR {summary} -> {args.results}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import _thread
 import json
 import re
 import shlex
+import signal
 import threading
 from pathlib import Path
 
@@ -131,12 +132,17 @@ def said(ran: list[tuple[list[str], str, str]], *words: str, stream: int = 1) ->
 
 
 def test_the_live_site_status_runs_until_ctrl_c(operator, capsys: pytest.CaptureFixture[str]) -> None:
+    # `interrupt_main` does nothing while SIGINT is ignored, and code an earlier test ran in the same pytest
+    # worker can leave it so (a full run hung here until its timeout with the worker's SIGINT ignored): give
+    # the test the handler a terminal's `braing3n` has, whatever ran before.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     ctrl_c = threading.Timer(1.5, _thread.interrupt_main)  # what Ctrl-C does: KeyboardInterrupt in the main thread
     ctrl_c.start()
     try:
         code = main(_argv(LIVE_STATUS, operator))
     finally:
         ctrl_c.cancel()
+        signal.signal(signal.SIGINT, previous)
     out = capsys.readouterr().out
     assert code == 0, out
     assert re.search(r"site site-a · data .* messages answered", out) and "approval: required" in out

@@ -17,7 +17,7 @@ the decoder's validation PSNR / SSIM, and (with `--with-dit`) the DiT's validati
 
 Prints one summary line; writes bench/results/privacy.json (with the load average: the machine is shared).
 
-    python bench/bench_privacy.py [--timing-preset small] [--preset tiny] [--sites 4] [--subjects 16]
+    python bench/bench_privacy.py [--timing-preset small] [--timing-stages mae,decoder,dit] [--preset tiny] [--sites 4] [--subjects 16]
                                   [--rounds 6] [--local-steps 4] [--epsilons 1,8,inf] [--with-dit]
 """
 
@@ -235,6 +235,7 @@ def main() -> int:
     parser.add_argument("--timing-preset", default="small", help="preset for the step-time ratio (default small)")
     parser.add_argument("--timing-steps", type=int, default=4, help="steps per timed block")
     parser.add_argument("--timing-blocks", type=int, default=3, help="alternating blocks per mode")
+    parser.add_argument("--timing-stages", default=",".join(STAGE_NAMES), help="stages whose step time is compared")
     parser.add_argument("--preset", default="tiny", help="preset for the privacy–utility table (default tiny)")
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--subjects", type=int, default=16, help="subjects per site")
@@ -253,7 +254,8 @@ def main() -> int:
     started = time.perf_counter()
 
     timing = {} if args.skip_timing else {
-        s: time_steps(s, get_preset(args.timing_preset), args.timing_steps, args.timing_blocks) for s in STAGE_NAMES}
+        s: time_steps(s, get_preset(args.timing_preset), args.timing_steps, args.timing_blocks)
+        for s in args.timing_stages.split(",")}
     torch.set_num_threads(1)  # the utility runs are many small steps; one thread wastes no spin-waits
     table = {}
     if not args.skip_utility:

@@ -136,12 +136,19 @@ def test_conv3d_per_sample_gradients_match_opacus_unfold_sampler() -> None:
     from braing3n_core.privacy.dp import conv3d_grad_sample
 
     generator = torch.Generator().manual_seed(0)
-    for layer in (torch.nn.Conv3d(3, 4, 3, padding=1), torch.nn.Conv3d(4, 2, 3, stride=2, dilation=1, padding=1)):
-        x = torch.randn(5, layer.in_channels, 8, 10, 6, generator=generator)
-        g = torch.randn(5, layer.out_channels, *layer(x).shape[2:], generator=generator)
-        ours, theirs = conv3d_grad_sample(layer, [x], g), compute_conv_grad_sample(layer, [x], g)
-        for param in (layer.weight, layer.bias):
-            torch.testing.assert_close(ours[param], theirs[param], atol=1e-4, rtol=1e-4)
+    layers = (torch.nn.Conv3d(3, 4, 3, padding=1), torch.nn.Conv3d(4, 2, 3, stride=2, dilation=1, padding=1),
+              torch.nn.Conv3d(4, 6, 3, padding=2, dilation=2, groups=2))
+    for layer in layers:
+        for batch in (1, 5):
+            for layout in (torch.contiguous_format, torch.channels_last_3d):  # the decoder's maps are NDHWC
+                x = torch.randn(batch, layer.in_channels, 8, 10, 6, generator=generator)
+                g = torch.randn(batch, layer.out_channels, *layer(x).shape[2:], generator=generator)
+                x, g = x.contiguous(memory_format=layout), g.contiguous(memory_format=layout)
+                ours, theirs = conv3d_grad_sample(layer, [x], g), compute_conv_grad_sample(layer, [x], g)
+                for param in (layer.weight, layer.bias):
+                    torch.testing.assert_close(ours[param], theirs[param], atol=1e-4, rtol=1e-4)
+    empty = conv3d_grad_sample(layers[0], [torch.zeros(0, 3, 8, 10, 6)], torch.zeros(0, 4, 8, 10, 6))
+    assert empty[layers[0].weight].shape == (0, *layers[0].weight.shape)
 
 
 def test_an_empty_poisson_draw_still_steps_with_noise_only(site) -> None:

@@ -45,18 +45,18 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_stages import matmul_peak, random_init_encoder, timed_steps  # noqa: E402
-from bench.common import cohort_sites, count_flops, load_average, machine_info  # noqa: E402
-from braing3n_core.data.datasets import load_site  # noqa: E402
-from braing3n_core.data.tokens import TokenCache  # noqa: E402
-from braing3n_core.fileio import atomic_write_json  # noqa: E402
-from braing3n_core.models import CNNDecoder  # noqa: E402
-from braing3n_core.presets import get_preset  # noqa: E402
-from braing3n_core.runtime import infinite, seed_everything  # noqa: E402
-from braing3n_core.site_config import SiteConfig  # noqa: E402
-from braing3n_core.training.examples import SiteInputs  # noqa: E402
-from braing3n_core.training.loop import make_loader, make_optimizer, train_steps  # noqa: E402
-from braing3n_core.training.stages import get_stage, stage_dataset  # noqa: E402
+from bench.bench_stages import matmul_peak, random_init_encoder, timed_steps
+from bench.common import cohort_sites, count_flops, load_average, machine_info
+from braing3n_core.data.datasets import load_site
+from braing3n_core.data.tokens import TokenCache
+from braing3n_core.fileio import atomic_write_json
+from braing3n_core.models import CNNDecoder
+from braing3n_core.presets import get_preset
+from braing3n_core.runtime import infinite, seed_everything
+from braing3n_core.site_config import SiteConfig
+from braing3n_core.training.examples import SiteInputs
+from braing3n_core.training.loop import make_loader, make_optimizer, train_steps
+from braing3n_core.training.stages import get_stage, stage_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decoder_step.json"
 LAYOUTS = {"ncdhw": torch.contiguous_format, "channels_last": torch.channels_last_3d}
@@ -101,7 +101,7 @@ def _op_bytes(event: Any) -> int:
     return sum(sizes) + max(sizes, default=0)
 
 
-def build(preset, train_set, layout: torch.memory_format, seed: int) -> tuple[CNNDecoder, torch.optim.Optimizer]:
+def build(preset, layout: torch.memory_format, seed: int) -> tuple[CNNDecoder, torch.optim.Optimizer]:
     seed_everything(seed)
     stage = get_stage("decoder")
     decoder = stage.build(preset)
@@ -114,7 +114,7 @@ def layout_comparison(preset, train_set, batch_size: int, args: argparse.Namespa
     stage = get_stage("decoder")
     state = {}
     for name, layout in LAYOUTS.items():
-        decoder, optimizer = build(preset, train_set, layout, args.seed)
+        decoder, optimizer = build(preset, layout, args.seed)
         batches = infinite(make_loader(train_set, batch_size, True, args.seed))
         timed_steps(stage, decoder, batches, optimizer, args.warmup, torch.device("cpu"), args.seed)
         state[name] = (decoder, optimizer, batches)
@@ -144,9 +144,12 @@ def profiled_step(preset, train_set, batch_size: int, args: argparse.Namespace, 
     """Self CPU seconds per category over `args.steps` profiled steps of the default layout, the
     convolutions' own fraction of peak, and the roofline fraction of everything else."""
     stage = get_stage("decoder")
-    decoder, optimizer = build(preset, train_set, torch.channels_last_3d, args.seed)
+    decoder, optimizer = build(preset, torch.channels_last_3d, args.seed)
     batches = infinite(make_loader(train_set, batch_size, True, args.seed))
-    lr = lambda _: stage.defaults.lr  # noqa: E731
+
+    def lr(_step: int) -> float:
+        return stage.defaults.lr
+
     train_steps(stage, decoder, batches, optimizer, args.warmup, lr, torch.device("cpu"),
                 generator=torch.Generator().manual_seed(args.seed))
     conv_flops = count_flops(lambda: train_steps(stage, decoder, batches, optimizer, 1, lr, torch.device("cpu"),

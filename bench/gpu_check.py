@@ -12,7 +12,7 @@ What runs (per preset):
    the median step time give the achieved FLOP/s, reported as a fraction of the bf16 matmul peak measured
    first (a loop of 8192² products). Peak memory: `torch.cuda.max_memory_allocated` over the timed steps.
    With activation checkpointing too (`compute.activation_checkpointing`): the memory it saves, the time
-   it costs. The decoder runs channels-last (`compute.channels_last`, the default on CUDA).
+   it costs. The decoder runs channels-last (`compute.channels_last`, the default on every device).
 2. **Data-parallel**: the MAE's steps on one worker per visible GPU (NCCL), started the way a site starts
    them (`training.process_group`), global batch = per-GPU batch × GPUs; volumes/s of the group and the
    start-up cost of the group. With one GPU this still runs the launcher and NCCL, but no all-reduce.

@@ -75,7 +75,7 @@ def test_checkpointing_reaches_every_transformer_stack_and_decoder_stage() -> No
 def test_channels_last_decoder_computes_the_same_volumes_and_gradients() -> None:
     tokens = torch.randn(2, TINY.num_tokens, TINY.mae.width, generator=torch.Generator().manual_seed(1))
     results = []
-    for memory_format in (torch.contiguous_format, torch.channels_last_3d):  # what `channels_last` does on CUDA
+    for memory_format in (torch.contiguous_format, torch.channels_last_3d):  # `channels_last: false` / true
         torch.manual_seed(0)
         decoder = CNNDecoder(DecoderConfig.from_preset(TINY, channels=(8, 8, 8), latent_channels=4))
         decoder.memory_format = memory_format

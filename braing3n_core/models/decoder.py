@@ -200,7 +200,6 @@ class CNNDecoder(nn.Module):
         # A site's compute settings, not part of the architecture: checkpointed up-sampling stages, and the
         # memory layout of weights and feature maps (`use_memory_format`).
         self.activation_checkpointing = False
-        self.memory_format = torch.contiguous_format
         self._init_weights()
         self.use_memory_format(torch.channels_last_3d)
 
